@@ -1,0 +1,1 @@
+"""Checkpoint -> validated ONNX model package (graphs + tokenizer.json + notellm.json manifest)."""
