@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.cli", "run / replay / backfill the streaming worker (Kafka -> ONNX -> Milvus + tags)"),
+    "demo": ("worker.demo", "end-to-end demo: local Kafka + milvus-lite + SmolLM2 ONNX worker on real notes"),
     "similar": ("worker.similar", "print the nearest notes of a note id (via a running worker or Milvus)"),
     "smoke": ("worker.smoke", "check the local stack: Kafka round trip + milvus-lite upsert/search"),
     "export": ("export.cli", "export a NoteLLM checkpoint to a validated ONNX package"),

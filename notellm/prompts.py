@@ -1,0 +1,350 @@
+"""The NoteLLM note-compression prompt (light: imports only the standard library; the worker uses it).
+
+Prompt shape, as in the NoteLLM paper (Zhang et al., 2024):
+
+    <Instruction> <Input Note> The compression word is:"[EMB]". <Output Guidance>"<Output>"
+
+- category task:  instruction "Extract the note information in json format, compress it into one word for
+  recommendation, and generate the category of the note.", input {"title", "topic", "content"},
+  guidance "The category is:".
+- hashtags task:  "... and generate <j> topics of the note.", input {"title", "content"},
+  guidance "The <j> topics are:".
+
+The output is written between double quotes, like the compression word: ``The category is:"Movies"``
+then EOS; hashtags as ``The 3 topics are:"comedy, romance, paris"``. Generation stops at EOS or at the
+closing quote, whichever comes first.
+
+Token ids are built segment by segment and concatenated (this module owns the rule, so the torch model,
+the exporter's validation and the ONNX worker produce identical ids):
+
+    instruction_ids = encode(instruction)
+    note_ids        = encode(" " + input_json + ' The compression word is:"')
+    prefix_ids      = instruction_ids + note_ids          # the note vector is read at its LAST token
+    continuation    = [EMB id] + encode('". ' + guidance + '"')
+    target_ids      = encode(output + '"') + [EOS]        # training only
+
+The instruction segment is identical for every note of a task, so its key/value cache can be shared.
+Title, topic and content are truncated by tokens (defaults 20 / 16 / 80) *before* the JSON is built, so
+the JSON stays well formed. ``PROMPT_VERSION`` names this whole rule and goes into every manifest.
+
+Tokenizers: anything with ``encode``/``decode`` works (a ``tokenizers.Tokenizer`` or a Hugging Face
+tokenizer) through :func:`as_text_tokenizer`; special tokens are never added implicitly.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal, Protocol, Sequence
+
+PROMPT_VERSION = "notellm-prompt-v1"
+EMB_TOKEN = "[EMB]"
+COMPRESSION_LEAD = ' The compression word is:"'
+OUTPUT_QUOTE = '"'
+
+Task = Literal["category", "hashtags"]
+TASKS: tuple[str, ...] = ("category", "hashtags")
+
+_INSTRUCTION_HEAD = "Extract the note information in json format, compress it into one word for recommendation"
+CATEGORY_INSTRUCTION = f"{_INSTRUCTION_HEAD}, and generate the category of the note."
+CATEGORY_GUIDANCE = "The category is:"
+
+
+def hashtag_instruction(j: int) -> str:
+    return f"{_INSTRUCTION_HEAD}, and generate {j} topics of the note."
+
+
+def hashtag_guidance(j: int) -> str:
+    return f"The {j} topics are:"
+
+
+@dataclass(frozen=True)
+class NoteText:
+    """The text of one note. Any object with these attributes is accepted wherever a note is expected."""
+
+    title: str
+    content: str
+    topic: str | None = None
+
+
+class NoteLike(Protocol):
+    title: str
+    content: str
+    topic: str | None
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Everything that shapes a prompt; stored in the model's ``notellm.json`` and the ONNX manifest."""
+
+    max_title_tokens: int = 20
+    max_topic_tokens: int = 16
+    max_content_tokens: int = 80
+    num_topics: int = 3  # j used at inference for the hashtags task
+    version: str = PROMPT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "PromptConfig":
+        d = dict(d or {})
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        cfg = cls(**known)
+        if cfg.version != PROMPT_VERSION:
+            raise ValueError(f"prompt version {cfg.version!r} is not supported by this code ({PROMPT_VERSION!r})")
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+class TextTokenizer:
+    """Uniform adapter: ``encode(text) -> list[int]`` (no special tokens added), ``decode(ids) -> str``,
+    ``token_id(token) -> int | None``. Wraps a ``tokenizers.Tokenizer`` or a Hugging Face tokenizer."""
+
+    def __init__(self, tok: Any):
+        self.raw = tok
+        # A tokenizers.Tokenizer returns an Encoding (with .ids); a HF tokenizer returns a list.
+        self._hf = hasattr(tok, "convert_tokens_to_ids")
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        out = self.raw.encode(text, add_special_tokens=False)
+        return list(out.ids) if hasattr(out, "ids") else list(out)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if not self._hf and hasattr(self.raw, "encode_batch"):
+            encs = self.raw.encode_batch(list(texts), add_special_tokens=False)
+            return [list(e.ids) if t else [] for e, t in zip(encs, texts)]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.raw.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        if self._hf:
+            i = self.raw.convert_tokens_to_ids(token)
+            unk = getattr(self.raw, "unk_token_id", None)
+            return None if i is None or (i == unk and token != getattr(self.raw, "unk_token", None)) else int(i)
+        i = self.raw.token_to_id(token)
+        return None if i is None else int(i)
+
+
+def as_text_tokenizer(tok: Any) -> TextTokenizer:
+    return tok if isinstance(tok, TextTokenizer) else TextTokenizer(tok)
+
+
+def truncate_tokens(tok: Any, text: str | None, max_tokens: int) -> str:
+    """The longest token prefix of ``text`` with at most ``max_tokens`` tokens, decoded back to text
+    (a multi-byte character cut in half is dropped)."""
+    if not text:
+        return ""
+    t = as_text_tokenizer(tok)
+    ids = t.encode(text)
+    if len(ids) <= max_tokens:
+        return text
+    return t.decode(ids[:max_tokens]).rstrip("\ufffd")
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class PromptParts:
+    """The text pieces of one prompt.
+
+    ``instruction + note_text`` is the prefix ending in ``The compression word is:"``; ``continuation``
+    starts with ``[EMB]`` and ends with the opening quote of the output; ``target`` (training only) is the
+    output followed by its closing quote (EOS is appended as a token id, not text)."""
+
+    task: str
+    instruction: str
+    note_text: str
+    continuation: str
+    target: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.instruction + self.note_text
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.continuation + (self.target or "")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def instruction_for(task: str, j: int) -> str:
+    _check_task(task)
+    return CATEGORY_INSTRUCTION if task == "category" else hashtag_instruction(j)
+
+
+def continuation_for(task: str, j: int) -> str:
+    _check_task(task)
+    guidance = CATEGORY_GUIDANCE if task == "category" else hashtag_guidance(j)
+    return f'{EMB_TOKEN}". {guidance}{OUTPUT_QUOTE}'
+
+
+def note_json(tok: Any, note: NoteLike, task: str, cfg: PromptConfig = PromptConfig()) -> str:
+    """The note as JSON, fields truncated by tokens first (hashtags task: no topic field)."""
+    _check_task(task)
+    t = as_text_tokenizer(tok)
+    d: dict[str, str] = {"title": truncate_tokens(t, note.title, cfg.max_title_tokens)}
+    if task == "category":
+        d["topic"] = truncate_tokens(t, getattr(note, "topic", None) or "", cfg.max_topic_tokens)
+    d["content"] = truncate_tokens(t, note.content, cfg.max_content_tokens)
+    return json.dumps(d, ensure_ascii=False)
+
+
+def build_prompt(tok: Any, note: NoteLike, task: str = "category", cfg: PromptConfig = PromptConfig(),
+                 *, j: int | None = None, target: str | None = None) -> PromptParts:
+    """The prompt text pieces for one note. ``j`` = number of topics (hashtags task; default
+    ``cfg.num_topics``); ``target`` = the output text (without quotes), for training."""
+    j = cfg.num_topics if j is None else j
+    return PromptParts(
+        task=task,
+        instruction=instruction_for(task, j),
+        note_text=" " + note_json(tok, note, task, cfg) + COMPRESSION_LEAD,
+        continuation=continuation_for(task, j),
+        target=None if target is None else target + OUTPUT_QUOTE,
+    )
+
+
+def category_target(category: str) -> str:
+    return " ".join(str(category).replace('"', "'").split())
+
+
+def hashtags_target(hashtags: Iterable[str], j: int) -> str:
+    tags = dedupe_tags(hashtags)[:j]
+    return ", ".join(tags)
+
+
+def training_parts(tok: Any, note: NoteLike, task: str, cfg: PromptConfig = PromptConfig(), *,
+                   category: str | None = None, hashtags: Sequence[str] | None = None,
+                   j: int | None = None) -> PromptParts:
+    """Full CSFT training text pieces: prefix, ``[EMB]". <guidance>"`` continuation and the target
+    (the category, or the note's first ``j`` distinct hashtags; ``j`` defaults to
+    ``min(len(hashtags), cfg.num_topics)``). Raises ValueError when the note has no such label."""
+    if task == "category":
+        if not category or not category_target(category):
+            raise ValueError("category task needs a non-empty category")
+        return build_prompt(tok, note, task, cfg, target=category_target(category))
+    _check_task(task)
+    tags = dedupe_tags(hashtags or [])
+    if not tags:
+        raise ValueError("hashtags task needs at least one hashtag")
+    j = min(len(tags), cfg.num_topics) if j is None else min(j, len(tags))
+    return build_prompt(tok, note, task, cfg, j=j, target=hashtags_target(tags, j))
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of one prompt. The note vector is read at ``len(prefix_ids) - 1``; the [EMB] token sits
+    at ``len(prefix_ids)`` of ``prefix_ids + continuation_ids``."""
+
+    instruction_len: int
+    prefix_ids: list[int]
+    continuation_ids: list[int]
+    target_ids: list[int] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prefix_ids + self.continuation_ids + self.target_ids
+
+    @property
+    def emb_position(self) -> int:
+        return len(self.prefix_ids)
+
+
+class PromptEncoder:
+    """Turns notes into token ids under one tokenizer + config. Caches the per-task constant segments."""
+
+    def __init__(self, tok: Any, cfg: PromptConfig = PromptConfig(), *, eos_token_id: int | None = None):
+        self.tok = as_text_tokenizer(tok)
+        self.cfg = cfg
+        emb = self.tok.token_id(EMB_TOKEN)
+        if emb is None:
+            raise ValueError(f"the tokenizer has no {EMB_TOKEN} token: add it first (NoteLLM.from_base does)")
+        self.emb_token_id = emb
+        self.eos_token_id = eos_token_id
+        self._const: dict[tuple[str, str, int], list[int]] = {}
+
+    def _cached(self, kind: str, task: str, j: int) -> list[int]:
+        key = (kind, task, j)
+        if key not in self._const:
+            if kind == "instruction":
+                self._const[key] = self.tok.encode(instruction_for(task, j))
+            else:
+                cont = continuation_for(task, j)
+                assert cont.startswith(EMB_TOKEN)
+                self._const[key] = [self.emb_token_id] + self.tok.encode(cont[len(EMB_TOKEN):])
+        return self._const[key]
+
+    def instruction_ids(self, task: str, j: int | None = None) -> list[int]:
+        return list(self._cached("instruction", task, self.cfg.num_topics if j is None else j))
+
+    def continuation_ids(self, task: str, j: int | None = None) -> list[int]:
+        return list(self._cached("continuation", task, self.cfg.num_topics if j is None else j))
+
+    def note_ids(self, note: NoteLike, task: str) -> list[int]:
+        return self.tok.encode(" " + note_json(self.tok, note, task, self.cfg) + COMPRESSION_LEAD)
+
+    def encode(self, note: NoteLike, task: str = "category", *, j: int | None = None,
+               target: str | None = None) -> EncodedPrompt:
+        """Ids of one prompt; with ``target`` (output text without quotes) also the target ids + EOS."""
+        j = self.cfg.num_topics if j is None else j
+        instr = self._cached("instruction", task, j)
+        prefix = instr + self.note_ids(note, task)
+        target_ids: list[int] = []
+        if target is not None:
+            if self.eos_token_id is None:
+                raise ValueError("encoding a target needs eos_token_id")
+            target_ids = self.tok.encode(target + OUTPUT_QUOTE) + [self.eos_token_id]
+        return EncodedPrompt(len(instr), prefix, list(self._cached("continuation", task, j)), target_ids)
+
+    def encode_parts(self, parts: PromptParts) -> EncodedPrompt:
+        """Ids of prompt pieces from :func:`build_prompt` / :func:`training_parts`."""
+        instr = self.tok.encode(parts.instruction)
+        prefix = instr + self.tok.encode(parts.note_text)
+        cont = parts.continuation
+        assert cont.startswith(EMB_TOKEN)
+        cont_ids = [self.emb_token_id] + self.tok.encode(cont[len(EMB_TOKEN):])
+        target_ids: list[int] = []
+        if parts.target is not None:
+            if self.eos_token_id is None:
+                raise ValueError("encoding a target needs eos_token_id")
+            target_ids = self.tok.encode(parts.target) + [self.eos_token_id]
+        return EncodedPrompt(len(instr), prefix, cont_ids, target_ids)
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def cut_output(text: str) -> str:
+    """The generated output up to (not including) the closing quote."""
+    i = text.find(OUTPUT_QUOTE)
+    return text if i < 0 else text[:i]
+
+
+def parse_category(text: str) -> str | None:
+    """A clean category string from generated text (None when empty)."""
+    s = cut_output(text).replace("\n", " ")
+    s = " ".join(s.split()).strip(" .,;:'`#")
+    return s or None
+
+
+def dedupe_tags(tags: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for t in tags:
+        t = " ".join(str(t).replace('"', " ").split()).strip(" .,;:'`").lstrip("#").strip()
+        if t and t.lower() not in seen:
+            seen.add(t.lower())
+            out.append(t)
+    return out
+
+
+def parse_hashtags(text: str, limit: int | None = None) -> list[str]:
+    """A de-duplicated hashtag list from generated text (split on commas, semicolons, '#', newlines)."""
+    parts = re.split(r"[,;\n#]|\s{2,}", cut_output(text))
+    tags = dedupe_tags(parts)
+    return tags if limit is None else tags[:limit]

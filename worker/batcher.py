@@ -1,0 +1,135 @@
+"""Micro-batcher. Pure: feed records and a clock, get closed batches. No Kafka, no threads.
+
+A batch closes when the next note would exceed `max_notes` records or the padded token budget
+(`(notes) * longest prompt > max_tokens`), or when `linger_s` has passed since its first record —
+whichever comes first. A note_id seen twice in one batch keeps the later record (a later tombstone
+deletes, a later note replaces). Offsets are tracked per partition for every record, including the
+ones replaced or dead-lettered, so committing a batch covers everything it consumed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from worker.records import Batch, DeadLetter, Note, Record, Tombstone
+
+
+class Batcher:
+    def __init__(self, *, max_notes: int, max_tokens: int, linger_s: float,
+                 token_count: Callable[[Note], int]) -> None:
+        if max_notes < 1 or max_tokens < 1 or linger_s < 0:
+            raise ValueError("max_notes and max_tokens must be >= 1, linger_s >= 0")
+        self.max_notes = max_notes
+        self.max_tokens = max_tokens
+        self.linger_s = linger_s
+        self._token_count = token_count
+        self._seq = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._latest: dict[str, Note | Tombstone] = {}  # note_id -> latest record (insertion-ordered)
+        self._dead: list[DeadLetter] = []
+        self._offsets: dict[int, int] = {}
+        self._records = 0
+        self._opened_at: float | None = None
+        self._longest = 0
+        self._n_notes = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Records in the open batch."""
+        return self._records
+
+    def deadline(self) -> float | None:
+        """Clock time at which the open batch lingers out (None when empty)."""
+        return None if self._opened_at is None else self._opened_at + self.linger_s
+
+    # -- feeding -------------------------------------------------------------------------------
+    def add(self, record: Record, now: float) -> list[Batch]:
+        """Add one record; return the batches this closed (usually none, at most two)."""
+        closed: list[Batch] = []
+        if self._opened_at is not None and now >= self._opened_at + self.linger_s:
+            closed.append(self._close(now, "linger"))
+        tokens = 0
+        if isinstance(record, Note):
+            tokens = record.tokens or self._token_count(record)
+            if record.tokens != tokens:
+                from dataclasses import replace
+                record = replace(record, tokens=tokens)
+            if self._records and self._would_overflow(record.note_id, tokens):
+                closed.append(self._close(now, "tokens" if self._records < self.max_notes else "notes"))
+        elif self._records >= self.max_notes:
+            closed.append(self._close(now, "notes"))
+        self._put(record, now)
+        if self._records >= self.max_notes:
+            closed.append(self._close(now, "notes"))
+        elif isinstance(record, Note) and self._n_notes * self._longest >= self.max_tokens:
+            closed.append(self._close(now, "tokens"))
+        return closed
+
+    def _would_overflow(self, note_id: str, tokens: int) -> bool:
+        if self._records + 1 > self.max_notes:
+            return True
+        n = self._n_notes + (0 if isinstance(self._latest.get(note_id), Note) else 1)
+        return n * max(self._longest, tokens) > self.max_tokens
+
+    def _put(self, record: Record, now: float) -> None:
+        if self._opened_at is None:
+            self._opened_at = now
+        self._records += 1
+        p, o = record.partition, record.offset
+        if o + 1 > self._offsets.get(p, -1):
+            self._offsets[p] = o + 1
+        if isinstance(record, DeadLetter):
+            self._dead.append(record)
+            return
+        prev = self._latest.pop(record.note_id, None)
+        if isinstance(prev, Note):
+            self._n_notes -= 1
+        self._latest[record.note_id] = record
+        if isinstance(record, Note):
+            self._n_notes += 1
+            # Longest prompt among the notes kept (recomputed only when a replaced note was the longest).
+            if isinstance(prev, Note) and prev.tokens >= self._longest:
+                self._longest = max((r.tokens for r in self._latest.values() if isinstance(r, Note)), default=0)
+            self._longest = max(self._longest, record.tokens)
+
+    def poll(self, now: float) -> Batch | None:
+        """Close the open batch if it has lingered long enough."""
+        if self._opened_at is not None and now >= self._opened_at + self.linger_s:
+            return self._close(now, "linger")
+        return None
+
+    def flush(self, now: float) -> Batch | None:
+        """Close the open batch now, whatever its size (shutdown, rebalance)."""
+        return self._close(now, "flush") if self._records else None
+
+    def drop_partitions(self, partitions: Iterable[int]) -> int:
+        """Abandon the open batch's records of `partitions` (revoked: the next owner re-reads them).
+        Returns how many records were dropped."""
+        drop = set(partitions)
+        if not drop or not self._records:
+            return 0
+        keep = [r for r in self._latest.values() if r.partition not in drop]
+        dead = [d for d in self._dead if d.partition not in drop]
+        offsets = {p: o for p, o in self._offsets.items() if p not in drop}
+        opened, before = self._opened_at, self._records
+        self._reset()
+        for r in [*keep, *dead]:
+            self._put(r, opened)  # type: ignore[arg-type]
+        if self._records:
+            self._offsets = offsets  # also covers records replaced inside the batch
+        else:
+            self._reset()
+        return before - self._records
+
+    # -- closing -------------------------------------------------------------------------------
+    def _close(self, now: float, reason: str) -> Batch:
+        notes = [r for r in self._latest.values() if isinstance(r, Note)]
+        tombs = [r for r in self._latest.values() if isinstance(r, Tombstone)]
+        self._seq += 1
+        b = Batch(seq=self._seq, notes=notes, tombstones=tombs, dead=self._dead, offsets=self._offsets,
+                  records=self._records, padded_tokens=len(notes) * self._longest,
+                  opened_at=self._opened_at if self._opened_at is not None else now, closed_at=now, reason=reason)
+        self._reset()
+        return b

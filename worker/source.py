@@ -1,0 +1,240 @@
+"""Source: owns the Kafka consumer (poll, pause/resume, rebalance callbacks) and turns bytes into
+`Note` / `Tombstone` / `DeadLetter`. Nothing downstream sees raw bytes.
+
+Two modes: `subscribe` (a consumer group member, the live worker) and `assign` (explicit start
+offsets and optional end offsets, for replay/backfill; the source reports `exhausted` once every
+partition reached its end).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Callable, Iterable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+import schemas
+from worker.records import DeadLetter, Note, Record, Tombstone
+
+_validate_note = schemas.validator("note.v1")
+
+
+def decode(msg, max_bytes: int) -> Record:
+    """One Kafka message -> Note | Tombstone | DeadLetter. Never raises."""
+    key, value = msg.key(), msg.value()
+    topic, part, off = msg.topic(), msg.partition(), msg.offset()
+    ts_type, ts = msg.timestamp()
+    ts_ms = ts if ts_type != 0 and ts >= 0 else None
+
+    def dead(kind: str, why: str) -> DeadLetter:
+        return DeadLetter(key=key, value=value, error_kind=kind, error_message=why, topic=topic,
+                          partition=part, offset=off, timestamp_ms=ts_ms)
+
+    key_text: str | None = None
+    if key is not None:
+        try:
+            key_text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return dead("bad_key", "message key is not valid UTF-8")
+    if value is None:
+        if not key_text:
+            return dead("bad_key", "tombstone without a note_id key")
+        return Tombstone(note_id=key_text, partition=part, offset=off, timestamp_ms=ts_ms)
+    if len(value) > max_bytes:
+        return dead("too_large", f"value is {len(value)} bytes, over max_note_bytes={max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return dead("not_utf8", f"value is not valid UTF-8: {e}")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        return dead("not_json", f"value is not JSON: {e}")
+    try:
+        _validate_note(doc)
+    except schemas.SchemaError as e:
+        return dead("schema_violation", f"{e}" + (f" (at {e.path})" if e.path else ""))
+    note_id = doc["note_id"]
+    if key_text is not None and key_text != note_id:
+        return dead("bad_key", f"key {key_text!r} differs from note_id {note_id!r}")
+    tags = doc.get("hashtags")
+    return Note(note_id=note_id, title=doc["title"], content=doc["content"], author_id=doc["author_id"],
+                published_at=int(doc["published_at"]), topic=doc.get("topic"), category=doc.get("category"),
+                hashtags=tuple(tags) if tags is not None else None, partition=part, offset=off,
+                timestamp_ms=ts_ms, size=len(value))
+
+
+class KafkaSource:
+    """The consumer. Callbacks run on the polling thread (inside `poll`)."""
+
+    def __init__(self, consumer_config: dict, topic: str, *, max_note_bytes: int,
+                 on_assign: Callable[[list[int]], None] | None = None,
+                 on_revoke: Callable[[list[int], bool], None] | None = None,
+                 on_stats: Callable[[dict], None] | None = None,
+                 start_offsets: dict[int, int] | None = None,
+                 end_offsets: dict[int, int] | None = None,
+                 log=None) -> None:
+        self.topic = topic
+        self.max_note_bytes = max_note_bytes
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_stats = on_stats
+        self._log = log
+        self._lock = threading.Lock()
+        self._assigned: set[int] = set()
+        self._paused = False
+        self._end = dict(end_offsets or {})
+        self._done: set[int] = set()
+        conf = dict(consumer_config)
+        if on_stats is not None:
+            conf.setdefault("statistics.interval.ms", 5000)
+            conf["stats_cb"] = self._stats
+        conf["error_cb"] = self._error
+        self.consumer = Consumer(conf)
+        self.manual = start_offsets is not None
+        if self.manual:
+            tps = [TopicPartition(topic, p, o) for p, o in sorted(start_offsets.items())]
+            # Partitions whose range is empty are done before they start.
+            for p, o in start_offsets.items():
+                if p in self._end and o >= self._end[p]:
+                    self._done.add(p)
+            tps = [tp for tp in tps if tp.partition not in self._done]
+            self.consumer.assign(tps)
+            with self._lock:
+                self._assigned = {tp.partition for tp in tps} | self._done
+            if on_assign:
+                on_assign(sorted(self._assigned))
+        else:
+            self.consumer.subscribe([topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb,
+                                    on_lost=self._lost_cb)
+
+    # -- callbacks (polling thread) --------------------------------------------------------------
+    def _assign_cb(self, consumer, partitions) -> None:
+        parts = [tp.partition for tp in partitions]
+        with self._lock:
+            self._assigned |= set(parts)
+        if self._paused and partitions:
+            consumer.pause(partitions)  # stay consistent with a paused source
+        if self._on_assign:
+            self._on_assign(parts)
+
+    def _revoke_cb(self, consumer, partitions, lost: bool = False) -> None:
+        parts = [tp.partition for tp in partitions]
+        if self._on_revoke:
+            self._on_revoke(parts, lost)  # finishes in-flight work while the partitions are still ours
+        with self._lock:
+            self._assigned -= set(parts)
+
+    def _lost_cb(self, consumer, partitions) -> None:
+        self._revoke_cb(consumer, partitions, lost=True)
+
+    def _stats(self, raw: str) -> None:
+        try:
+            self._on_stats(json.loads(raw))  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - stats are best effort
+            pass
+
+    def _error(self, err: KafkaError) -> None:
+        if self._log is not None:
+            self._log.warning("kafka_error", error=str(err), fatal=err.fatal(), retriable=err.retriable())
+
+    # -- state -----------------------------------------------------------------------------------
+    def assigned(self) -> set[int]:
+        with self._lock:
+            return set(self._assigned)
+
+    @property
+    def exhausted(self) -> bool:
+        """Manual mode with end offsets: every partition read to its end."""
+        return self.manual and bool(self._end) and self._done >= set(self._end)
+
+    # -- polling ---------------------------------------------------------------------------------
+    def poll(self, timeout: float, max_messages: int = 500) -> list[Record]:
+        out: list[Record] = []
+        for msg in self.consumer.consume(num_messages=max_messages, timeout=timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                if self._log is not None:
+                    self._log.warning("consume_error", error=str(err))
+                continue
+            p = msg.partition()
+            if self._end:
+                end = self._end.get(p)
+                if p in self._done or (end is not None and msg.offset() >= end):
+                    self._finish_partition(p)
+                    continue
+            out.append(decode(msg, self.max_note_bytes))
+            if self._end and p in self._end and msg.offset() + 1 >= self._end[p]:
+                self._finish_partition(p)
+        return out
+
+    def _finish_partition(self, p: int) -> None:
+        if p not in self._done:
+            self._done.add(p)
+            self.consumer.pause([TopicPartition(self.topic, p)])
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.consumer.pause(self.consumer.assignment())
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            tps = [tp for tp in self.consumer.assignment() if tp.partition not in self._done]
+            if tps:
+                self.consumer.resume(tps)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def commit(self, offsets: dict[int, int]) -> list[TopicPartition]:
+        """Synchronous commit of partition -> next offset. Only checkpoint.py calls this."""
+        tps = [TopicPartition(self.topic, p, o) for p, o in sorted(offsets.items())]
+        if not tps:
+            return []
+        return self.consumer.commit(offsets=tps, asynchronous=False) or []
+
+    def close(self) -> None:
+        self.consumer.close()  # enable.auto.commit=false: closing never commits
+
+
+def parse_offsets(spec: str) -> dict[int, int]:
+    """'0:10,1:0,2:5' -> {0: 10, 1: 0, 2: 5}."""
+    out: dict[int, int] = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        p, _, o = part.partition(":")
+        out[int(p)] = int(o)
+    return out
+
+
+def partitions_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+    md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if md is None or md.error is not None:
+        raise RuntimeError(f"topic {topic!r} not found: {getattr(md, 'error', None)}")
+    return sorted(md.partitions)
+
+
+def watermarks(consumer: Consumer, topic: str, partitions: Iterable[int], timeout: float = 10.0) -> dict[int, tuple[int, int]]:
+    return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in partitions}
+
+
+def offsets_for_time(consumer: Consumer, topic: str, partitions: Iterable[int], ts_ms: int, timeout: float = 10.0) -> dict[int, int]:
+    """First offset at or after ts_ms per partition (the high watermark when none)."""
+    parts = list(partitions)
+    res = consumer.offsets_for_times([TopicPartition(topic, p, ts_ms) for p in parts], timeout=timeout)
+    out = {}
+    for tp in res:
+        if tp.offset < 0:
+            out[tp.partition] = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=timeout)[1]
+        else:
+            out[tp.partition] = tp.offset
+    return out
+
+
+__all__ = ["KafkaSource", "decode", "parse_offsets", "partitions_of", "watermarks", "offsets_for_time", "OFFSET_BEGINNING"]
