@@ -1,0 +1,59 @@
+"""scripts/kafka itself: start is idempotent, status tells the truth, stop ends only its own broker."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _kafka(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "scripts" / "kafka"), *args], capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_second_broker_lifecycle(tmp_path, kafka_bootstrap):
+    port = _free_port_pair()
+    env = {**os.environ, "NOTELLM_KAFKA_DIR": str(tmp_path / "k"), "NOTELLM_KAFKA_PORT": str(port)}
+    assert _kafka("status", env=env).returncode == 3  # stopped
+    first = _kafka("start", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"127.0.0.1:{port}"
+    try:
+        pid = int((tmp_path / "k" / "kafka.pid").read_text())
+        again = _kafka("start", env=env)  # idempotent
+        assert again.returncode == 0 and "already running" in again.stderr
+        assert int((tmp_path / "k" / "kafka.pid").read_text()) == pid
+        st = _kafka("status", env=env)
+        assert st.returncode == 0 and f"pid={pid}" in st.stdout
+        # A real client sees the broker.
+        from confluent_kafka.admin import AdminClient
+
+        md = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=20)
+        assert list(md.brokers.values())[0].port == port
+        # Starting on a port someone else holds is refused with a clear message.
+        clash = _kafka("start", env={**env, "NOTELLM_KAFKA_DIR": str(tmp_path / "other")})
+        assert clash.returncode != 0 and "already in use" in clash.stderr
+    finally:
+        stop = _kafka("stop", env=env)
+    assert stop.returncode == 0, stop.stderr
+    assert _kafka("status", env=env).returncode == 3
+    # The session's main broker is untouched.
+    from confluent_kafka.admin import AdminClient
+
+    assert AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=20).brokers
