@@ -58,12 +58,21 @@ def _atomic_save(target: Path, save_fn) -> None:
     """Write into a temp folder next to ``target`` then rename, so a crash never leaves half a cache."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         save_fn(tmp)
         (tmp / _COMPLETE).write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if (target / _COMPLETE).exists():  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if target.exists():  # a leftover without the marker
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _COMPLETE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost a race to a complete copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

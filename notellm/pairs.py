@@ -26,7 +26,7 @@ from notellm.data import Click, Dataset
 DAY = 86400.0
 __all__ = [
     "DAY", "cooccurrence_scores", "select_pairs", "build_pairs", "Split", "time_split", "limit_pairs",
-    "unordered_unique", "batch_pairs", "exposure_buckets",
+    "unordered_unique", "batch_pairs", "exposure_buckets", "SplitConfig", "Experiment", "make_experiment",
 ]
 
 
@@ -219,3 +219,64 @@ def exposure_buckets(notes: Iterable[str], train_counts: Counter) -> dict[str, s
         c = train_counts.get(n, 0)
         out[n] = "unseen" if c == 0 else ("low" if c < median else "high")
     return out
+
+
+@dataclass
+class SplitConfig:
+    """Everything that decides which pairs train and which test; saved with a trained model so that
+    `notellm eval` rebuilds the very same split."""
+
+    test_fraction: float = 0.2
+    window_days: float = 7.0
+    lower: float | None = None
+    upper: float | None = None
+    top_t: int = 10
+    max_train_notes: int | None = None  # restrict train pairs to a random note set (see limit_pairs)
+    max_train_pairs: int | None = None  # random subsample of the (unordered, de-duplicated) train pairs
+    max_test_notes: int | None = None   # candidate pool cap (see limit_pairs)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SplitConfig":
+        d = dict(d or {})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Experiment:
+    split: Split
+    train_pairs: list[tuple[str, str, float]]  # what training (and the fine-tuned SBERT) uses
+    test_pairs: list[tuple[str, str, float]]   # what evaluation uses
+    config: SplitConfig
+
+    @property
+    def test_notes(self) -> list[str]:
+        return sorted({x for p in self.test_pairs for x in p[:2]})
+
+    def summary(self) -> dict:
+        s = self.split.summary()
+        tn = self.test_notes
+        s.update({"used_train_pairs": len(self.train_pairs),
+                  "used_train_notes": len({x for p in self.train_pairs for x in p[:2]}),
+                  "used_test_pairs": len(self.test_pairs), "used_test_notes": len(tn),
+                  "used_test_notes_unseen": sum(1 for n in tn if self.split.train_counts.get(n, 0) == 0)})
+        return s
+
+
+def make_experiment(ds: Dataset, cfg: SplitConfig) -> Experiment:
+    """Time split + the seeded subsamples of train pairs and test notes (deterministic for a config)."""
+    sp = time_split(ds, test_fraction=cfg.test_fraction, window=cfg.window_days * DAY, lower=cfg.lower,
+                    upper=cfg.upper, top_t=cfg.top_t)
+    train = unordered_unique(sp.train_pairs)
+    if cfg.max_train_notes is not None:
+        train = limit_pairs(train, cfg.max_train_notes, cfg.seed)
+    if cfg.max_train_pairs is not None and len(train) > cfg.max_train_pairs:
+        rng = random.Random(cfg.seed)
+        train = sorted(rng.sample(train, cfg.max_train_pairs))
+    test = sp.test_pairs
+    if cfg.max_test_notes is not None:
+        test = limit_pairs(test, cfg.max_test_notes, cfg.seed)
+    return Experiment(sp, train, test, cfg)

@@ -109,6 +109,9 @@ class ModelSettings(BaseModel):
     # "auto": CUDA when onnxruntime-gpu sees a GPU, else CPU. Or "cpu" / "cuda".
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default")
+    # "process": the encoder runs in a child process (its Python parts never wait for the worker's
+    # GIL); "thread": in the worker process (tests that share one encoder object).
+    isolation: Literal["process", "thread"] = "process"
 
 
 class BatchSettings(BaseModel):
@@ -118,6 +121,18 @@ class BatchSettings(BaseModel):
     max_batch_tokens: int = Field(4096, ge=16, description="padded tokens per batch (n * longest prompt)")
     linger_ms: int = Field(50, ge=0)
     max_note_bytes: int = Field(64 * 1024, ge=256)
+
+
+class RetrySettings(BaseModel):
+    """Transient sink failures: exponential backoff with jitter, bounded by `budget_s`; after that the
+    worker exits non-zero without committing (the batch is re-read on restart)."""
+
+    model_config = _frozen
+
+    initial_s: float = Field(0.2, gt=0)
+    max_wait_s: float = Field(5.0, gt=0)
+    budget_s: float = Field(120.0, gt=0)
+    flush_timeout_s: float = Field(30.0, gt=0, description="producer delivery wait per flush")
 
 
 class HttpSettings(BaseModel):
@@ -149,6 +164,7 @@ class Settings(BaseSettings):
     milvus: MilvusSettings = MilvusSettings()
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
+    retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     worker_version: str = __version__

@@ -7,6 +7,7 @@ batch the encoder rejects as a whole is split so one poisonous note goes to the 
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
@@ -15,6 +16,10 @@ import numpy as np
 from worker.records import Batch, DeadLetter, Encoded, Note
 
 Task = Literal["category", "hashtags", "both"]
+
+
+class EncoderUnavailable(RuntimeError):
+    """The encoder cannot run at all (e.g. its process died): fatal for the worker, not for a note."""
 
 
 @runtime_checkable
@@ -30,21 +35,24 @@ class Encoder(Protocol):
 
 
 def note_text(note: Note) -> Any:
-    """The prompt-facing view of a note (notellm.prompts.NoteText when available)."""
-    try:
-        from notellm.prompts import NoteText
-    except ImportError:  # pragma: no cover - prompts.py is part of the package
-        return note
-    return NoteText(title=note.title, content=note.content, topic=note.topic)
+    """The prompt-facing view of a note: notellm.prompts accepts any object with title/content/topic,
+    which a worker Note has."""
+    return note
 
 
 def load_encoder(model_dir, *, device: str = "auto", intra_op_threads: int = 0, max_batch_notes: int = 32,
-                 max_batch_tokens: int = 4096, max_new_tokens: int = 16) -> Encoder:
+                 max_batch_tokens: int = 4096, max_new_tokens: int = 16, isolation: str = "thread",
+                 log: tuple[str, str] | None = None) -> Encoder:
+    kw = dict(device=device, intra_op_threads=intra_op_threads, max_batch_notes=max_batch_notes,
+              max_batch_tokens=max_batch_tokens, max_new_tokens=max_new_tokens)
+    if isolation == "process":
+        from worker.encoder_process import ProcessEncoder
+
+        lf, ll = log or (None, None)
+        return ProcessEncoder(model_dir, log_format=lf, log_level=ll, **kw)
     from worker.encoder import OnnxNoteEncoder
 
-    return OnnxNoteEncoder(model_dir, device=device, intra_op_threads=intra_op_threads,
-                           max_batch_notes=max_batch_notes, max_batch_tokens=max_batch_tokens,
-                           max_new_tokens=max_new_tokens)
+    return OnnxNoteEncoder(model_dir, **kw)
 
 
 def _run(encoder: Encoder, notes: list[Note], generate: str):
@@ -64,14 +72,21 @@ def encode_batch(encoder: Encoder, batch: Batch, generate: str, *, worker_versio
     try:
         emb, cats, tags = _run(encoder, notes, generate)
         failed: list[DeadLetter] = []
+    except EncoderUnavailable:
+        raise  # the encoder itself is gone: not the notes' fault, never dead-letter them for it
     except Exception:
         # Isolate the poisonous note(s): encode one by one, dead-letter the ones that still fail.
         rows, cats, tags, keep, failed = [], [], [], [], []
         for n in notes:
             try:
                 e, c, t = _run(encoder, [n], generate)
+            except EncoderUnavailable:
+                raise
             except Exception as exc:  # noqa: BLE001 - any encoder failure of one note is that note's
-                failed.append(DeadLetter(key=n.note_id.encode(), value=None, error_kind="encode_failed",
+                value = json.dumps({"schema_version": "note.v1", "note_id": n.note_id, "title": n.title,
+                                    "content": n.content, "topic": n.topic, "author_id": n.author_id,
+                                    "published_at": n.published_at}).encode()
+                failed.append(DeadLetter(key=n.note_id.encode(), value=value, error_kind="encode_failed",
                                          error_message=f"{type(exc).__name__}: {exc}", topic=topic,
                                          partition=n.partition, offset=n.offset, timestamp_ms=n.timestamp_ms))
                 continue

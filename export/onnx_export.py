@@ -1,0 +1,328 @@
+"""NoteLLM (torch) -> ONNX model package, validated before it reports success.
+
+The package (a directory):
+
+- ``model.onnx`` (+ ``model.onnx.data``): ONE "step" graph serving prefill and greedy decode with one copy
+  of the weights.
+    inputs   input_ids [B, S] int64, attention_mask [B, P+S] int64 (1 = real token, over past + new),
+             past_key_values.{i}.key / .value [B, kv_heads, P, head_dim] (P = 0: prefill)
+    outputs  note_vector [B, d] float32 (L2-normalised projection of the LAST position's hidden state),
+             logits [B, V] (last position), present.{i}.key / .value [B, kv_heads, P+S, head_dim]
+  The 4-D additive attention mask (causal + padding, filled with the dtype's finfo.min) and the position
+  ids (cumsum(mask) - 1, the rule Hugging Face generate uses) are computed inside the graph, so left
+  padding — or padding in the middle, after a shared cached prefix — just works.
+- ``tokenizer.json`` (``tokenizers`` format, [EMB] included)
+- ``notellm.json``: the manifest (see :func:`build_manifest`), written only once validation passed.
+
+Export runs torch.onnx.export(dynamo=True) on an unmodified Hugging Face model under a small wrapper.
+``dtype="fp16"`` exports the half-precision module; ``quantize="int8"`` rewrites the fp32 graph's MatMuls
+with weight-only 8-bit MatMulNBits (block 128), activations stay float.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from notellm.model import NoteLLM
+from notellm.prompts import EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION
+
+log = logging.getLogger("notellm.export")
+
+MANIFEST_FILE = "notellm.json"
+GRAPH_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+PACKAGE_FORMAT = "notellm-onnx/1"
+OPSET = 20
+INT8_BLOCK_SIZE = 128
+
+
+class StepGraph(nn.Module):
+    """The exported wrapper: one decoding step over any number of new tokens with an optional past."""
+
+    def __init__(self, model: NoteLLM):
+        super().__init__()
+        self.decoder = model.lm.get_decoder()
+        self.head = model.lm.get_output_embeddings()
+        self.proj = model.proj
+        self.num_layers = int(model.lm.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        from transformers.cache_utils import DynamicCache
+
+        S = input_ids.shape[1]
+        L = attention_mask.shape[1]
+        P = L - S
+        dtype = self.proj.weight.dtype
+        mask = attention_mask.to(torch.int64)
+        pos = mask.cumsum(-1) - 1
+        pos = pos.masked_fill(mask == 0, 1)
+        position_ids = pos[:, P:]
+        q_idx = torch.arange(S, device=input_ids.device) + P
+        k_idx = torch.arange(L, device=input_ids.device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # [S, L]
+        allowed = causal[None, None, :, :] & (mask[:, None, None, :] > 0)  # [B, 1, S, L]
+        zero = torch.zeros((), dtype=dtype, device=input_ids.device)
+        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=input_ids.device)
+        mask4d = torch.where(allowed, zero, neg)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.decoder(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
+                           cache=cache, use_cache=True)
+        last = out.last_hidden_state[:, -1, :]
+        logits = self.head(last).float()
+        vec = F.normalize(self.proj(last).float(), dim=-1)
+        presents: list[torch.Tensor] = []
+        for layer in cache.layers:
+            presents += [layer.keys, layer.values]
+        return (vec, logits, *presents)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask"]
+    outputs = ["note_vector", "logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def _kv_geometry(model: NoteLLM) -> tuple[int, int, int]:
+    cfg = model.lm.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return int(cfg.num_hidden_layers), kv, head_dim
+
+
+def export_step_graph(model: NoteLLM, path: Path, *, dtype: str = "fp32") -> list[str]:
+    """Export the step graph of ``model`` to ``path`` (external weight data next to it)."""
+    from torch.export import Dim
+
+    tdtype = torch.float16 if dtype == "fp16" else torch.float32
+    layers, kv_heads, head_dim = _kv_geometry(model)
+    m = model
+    if tdtype != next(model.parameters()).dtype:
+        import copy
+
+        m = copy.deepcopy(model).to(tdtype)
+    wrapper = StepGraph(m).eval()
+    # Example sizes that are neither 0 nor 1, so the exporter keeps every axis symbolic.
+    B, S, P = 3, 5, 7
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.lm.config.vocab_size, (B, S), generator=gen)
+    attention_mask = torch.ones((B, P + S), dtype=torch.int64)
+    attention_mask[0, :2] = 0
+    past = [torch.randn(B, kv_heads, P, head_dim, generator=gen).to(tdtype) for _ in range(2 * layers)]
+    batch, seq, past_len = Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC
+    kv_shape = {0: batch, 2: past_len}
+    # *past is one varargs group for torch.export.
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple(kv_shape for _ in past))
+    in_names, out_names = io_names(layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), _heartbeat(f"exporting {dtype} step graph"):
+        program = torch.onnx.export(
+            wrapper, (input_ids, attention_mask, *past), dynamo=True, input_names=in_names,
+            output_names=out_names, dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True,
+            external_data=True, verbose=False,
+        )
+    with _heartbeat("saving graph"):
+        program.save(str(path), external_data=True)
+    return _graph_files(path)
+
+
+@contextlib.contextmanager
+def _heartbeat(what: str, every_s: float = 20.0):
+    """Log '<what>: still running (Ns)' every ``every_s`` seconds while the block runs."""
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            log.info("%s: still running (%.0fs)", what, time.perf_counter() - t0)
+
+    th = threading.Thread(target=beat, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+        log.info("%s: done in %.1fs", what, time.perf_counter() - t0)
+
+
+def _graph_files(path: Path) -> list[str]:
+    files = [path.name]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data.name)
+    return files
+
+
+def quantize_int8(src: Path, dst: Path, *, block_size: int = INT8_BLOCK_SIZE) -> list[str]:
+    """Weight-only 8-bit MatMulNBits (symmetric, per block of ``block_size`` input rows)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(src), load_external_data=True)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8)
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    with _heartbeat("int8 quantisation"):
+        q.process()
+    out = q.model.model
+    n = sum(1 for node in out.graph.node if node.op_type == "MatMulNBits")
+    log.info("int8: %d MatMul nodes now MatMulNBits (bits=8, block=%d)", n, block_size)
+    if n == 0:
+        raise RuntimeError("int8 quantisation rewrote no MatMul")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+    return _graph_files(dst)
+
+
+def content_hash(directory: Path, files: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(directory / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256-" + h.hexdigest()[:16]
+
+
+def max_prompt_tokens(model: NoteLLM) -> int:
+    """Upper bound of a prompt's length: instruction + JSON + truncated fields + continuation."""
+    from notellm.prompts import NoteText
+
+    cfg = model.prompt_config
+    tok = model.prompts.tok
+    # Every field at its cap, built from a token that never merges with neighbours: the real bound is
+    # the prompt overhead plus the caps (JSON escaping can add a few tokens, hence the margin).
+    word = " note"
+    note = NoteText(title=word * cfg.max_title_tokens, content=word * cfg.max_content_tokens,
+                    topic=word * cfg.max_topic_tokens)
+    n = max(len(model.prompts.encode(note, t).input_ids) for t in ("category", "hashtags"))
+    del tok
+    return n + 16
+
+
+def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, graph_files: list[str],
+                   model_version: str, validation: dict[str, Any] | None = None) -> dict[str, Any]:
+    layers, kv_heads, head_dim = _kv_geometry(model)
+    in_names, out_names = io_names(layers)
+    tok = model.tokenizer
+    quote_ids = sorted(i for t, i in tok.get_vocab().items() if OUTPUT_QUOTE in t)
+    return {
+        "format": PACKAGE_FORMAT,
+        "model_version": model_version,
+        "dim": model.dim,
+        "prompt_version": PROMPT_VERSION,
+        "prompt": model.prompt_config.to_dict(),
+        "base_model_id": model.base_model_id,
+        "graph": graph_files[0],
+        "graph_files": graph_files,
+        "tokenizer": TOKENIZER_FILE,
+        "dtype": dtype,
+        "kv_dtype": "float16" if dtype == "fp16" else "float32",
+        "quantization": quantization,
+        "num_layers": layers,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": int(model.lm.config.vocab_size),
+        "special_tokens": {
+            "emb": {"token": EMB_TOKEN, "id": model.emb_token_id},
+            "eos": {"token": tok.eos_token, "id": model.eos_token_id},
+            "pad": {"token": tok.pad_token, "id": model.pad_token_id},
+        },
+        "stop_token_ids": [model.eos_token_id],
+        "quote_token_count": len(quote_ids),
+        "max_lengths": {
+            "title_tokens": model.prompt_config.max_title_tokens,
+            "topic_tokens": model.prompt_config.max_topic_tokens,
+            "content_tokens": model.prompt_config.max_content_tokens,
+            "prompt_tokens": max_prompt_tokens(model),
+            "model_tokens": model.max_length,
+        },
+        "inputs": in_names,
+        "outputs": out_names,
+        "exported_with": {"torch": torch.__version__, "opset": OPSET},
+        "validation": validation,
+    }
+
+
+def load_for_export(model_arg: str, *, cache_dir=None, seed: int = 0, dim: int = 128) -> NoteLLM:
+    """A saved NoteLLM directory, or a base model name ("smollm2", "tiny") / HF dir -> untrained NoteLLM
+    with a seeded projection."""
+    p = Path(model_arg)
+    if (p / "notellm.json").exists() and (p / "projection.safetensors").exists():
+        return NoteLLM.load(p).eval()
+    return NoteLLM.from_base(model_arg, dim=dim, seed=seed, cache_dir=cache_dir).eval()
+
+
+class ValidationFailed(RuntimeError):
+    def __init__(self, report: dict[str, Any]):
+        super().__init__("validation failed: " + json.dumps(report.get("failures")))
+        self.report = report
+
+
+def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "fp32",
+                   quantize: str | None = None, validate: bool = True, notes=None) -> dict[str, Any]:
+    """Write a validated package to ``out_dir``. Builds in ``<out>.partial``; on success that folder
+    replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
+    Returns the manifest."""
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError("dtype must be fp32 or fp16")
+    if quantize not in (None, "int8"):
+        raise ValueError("quantize must be None or 'int8'")
+    if quantize and dtype != "fp32":
+        raise ValueError("int8 quantisation starts from the fp32 graph (use --dtype fp32)")
+    out = Path(out_dir)
+    stage = out.with_name(out.name + ".partial")
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    model = model.eval()
+    t0 = time.perf_counter()
+    if quantize:
+        fp32_dir = stage / "_fp32"
+        log.info("exporting fp32 step graph (dynamo) ...")
+        export_step_graph(model, fp32_dir / GRAPH_FILE, dtype="fp32")
+        log.info("fp32 graph exported in %.1fs; quantising", time.perf_counter() - t0)
+        files = quantize_int8(fp32_dir / GRAPH_FILE, stage / GRAPH_FILE)
+        shutil.rmtree(fp32_dir)
+    else:
+        log.info("exporting %s step graph (dynamo) ...", dtype)
+        files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype)
+    log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
+    model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+    version = content_hash(stage, files + [TOKENIZER_FILE])
+    manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
+                              model_version=version)
+    (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if validate:
+        from export.validate import validate_package
+
+        log.info("validating against torch ...")
+        t1 = time.perf_counter()
+        report = validate_package(model, stage, notes=notes)
+        log.info("validation %s in %.1fs: %s", "passed" if report["passed"] else "FAILED",
+                 time.perf_counter() - t1, json.dumps(report["metrics"]))
+        manifest["validation"] = report
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if not report["passed"]:
+            raise ValidationFailed(report)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(stage, out)
+    log.info("package ready at %s (model_version %s, %.1fs total)", out, version, time.perf_counter() - t0)
+    return manifest

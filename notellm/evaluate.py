@@ -1,0 +1,423 @@
+"""`notellm eval`: Recall@k of NoteLLM and baselines on held-out co-occurrence pairs, plus generation quality.
+
+    notellm eval --data ../shared/data/movielens-latest-small --model runs/notellm \
+        --extra-model "NoteLLM w/o CSFT=runs/notellm-a0" --baselines --out docs/results/movielens
+
+Protocol (NoteLLM's): the test pairs come from the later clicks of the time split (the same split the
+model was trained with, read from its train_config.json). Every test note is embedded once; each note
+that starts a test pair is a query; its candidates are all test notes except itself; a pair (A, B) counts
+as a hit at k when B ranks in A's top k (ties share ranks evenly). Recall@k = hits / pairs.
+k defaults to 1, 10, 50, 100 scaled down for small pools (see `scaled_ks`). Recall is reported overall
+and by the exposure bucket of the query note: `unseen` (no click in the training period: cold start),
+`low` / `high` (training click count below / at-or-above the median of the seen test notes).
+
+Generation: category accuracy (exact, case-insensitive) and hashtag precision / recall (against the
+note's hashtags, case-insensitive) of greedy outputs (Hugging Face generate) on a seeded sample of test
+notes, for each NoteLLM model.
+
+Writes OUT/results.json, OUT/results.md (tables) and OUT/recall_at_k.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+BUCKETS = ("all", "unseen", "low", "high")
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+def scaled_ks(pool: int) -> list[int]:
+    """1, 10, 50, 100 for pools of >= 1000 candidates; proportionally smaller (>= 1, distinct) below."""
+    if pool >= 1000:
+        ks = [1, 10, 50, 100]
+    else:
+        ks = [1] + [max(1, round(pool * f)) for f in (0.01, 0.05, 0.10)]
+    return sorted({k for k in ks if k <= max(1, pool)})
+
+
+def pair_ranks(emb: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple]) -> np.ndarray:
+    """0-based rank of each pair's partner among all other notes, by cosine to the query.
+
+    Candidates exclude the query itself; ties count half (rank = #better + #tied_others / 2).
+    """
+    index = {n: i for i, n in enumerate(ids)}
+    e = emb.astype(np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    by_q: dict[int, list[tuple[int, int]]] = {}
+    for pi, p in enumerate(pairs):
+        by_q.setdefault(index[p[0]], []).append((pi, index[p[1]]))
+    ranks = np.zeros(len(pairs), dtype=np.float64)
+    qs = sorted(by_q)
+    for s in range(0, len(qs), 256):
+        chunk = qs[s: s + 256]
+        sims = e[chunk] @ e.T
+        sims = np.round(sims, 6)  # float noise is not a ranking signal
+        for row, q in enumerate(chunk):
+            srow = sims[row]
+            srow[q] = -np.inf
+            for pi, t in by_q[q]:
+                st = srow[t]
+                better = int((srow > st).sum())
+                tied = int((srow == st).sum()) - 1
+                ranks[pi] = better + tied / 2.0
+    return ranks
+
+
+def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {str(k): float("nan") for k in ks}
+    return {str(k): float((ranks < k).mean()) for k in ks}
+
+
+def recall_report(emb: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple], ks: Sequence[int],
+                  buckets: dict[str, str]) -> dict:
+    ranks = pair_ranks(emb, ids, pairs)
+    out = {"recall": {}, "pairs": {}}
+    for b in BUCKETS:
+        sel = np.array([b == "all" or buckets[p[0]] == b for p in pairs], dtype=bool)
+        out["recall"][b] = recall_at_k(ranks[sel], ks)
+        out["pairs"][b] = int(sel.sum())
+    out["mean_rank"] = float(ranks.mean()) if len(ranks) else float("nan")
+    return out
+
+
+def generation_report(model, notes: Sequence, *, max_new_tokens: int = 12, batch_size: int = 16,
+                      progress: bool = True, desc: str = "") -> dict:
+    """Category accuracy and hashtag precision/recall of greedy outputs (micro-averaged over tags)."""
+    from tqdm.auto import tqdm
+
+    from notellm.prompts import dedupe_tags, parse_category, parse_hashtags
+
+    cat_notes = [n for n in notes if n.category]
+    tag_notes = [n for n in notes if n.hashtags]
+    res = {"category_notes": len(cat_notes), "hashtag_notes": len(tag_notes), "examples": []}
+    bar = tqdm(total=len(cat_notes) + len(tag_notes), desc=f"generate {desc}".strip(), unit="note",
+               disable=not progress, file=sys.stderr, mininterval=5)
+    correct = 0
+    for s in range(0, len(cat_notes), batch_size):
+        chunk = cat_notes[s: s + batch_size]
+        _, texts = model.generate_notes(chunk, "category", max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for n, t in zip(chunk, texts):
+            pred = parse_category(t)
+            ok = pred is not None and pred.lower() == n.category.strip().lower()
+            correct += ok
+            if len(res["examples"]) < 8:
+                res["examples"].append({"id": n.id, "title": n.title, "category": n.category, "generated": t})
+        bar.update(len(chunk))
+    res["category_accuracy"] = correct / len(cat_notes) if cat_notes else float("nan")
+    tp = n_pred = n_gold = 0
+    for s in range(0, len(tag_notes), batch_size):
+        chunk = tag_notes[s: s + batch_size]
+        _, texts = model.generate_notes(chunk, "hashtags", max_new_tokens=max_new_tokens * 2,
+                                        batch_size=batch_size)
+        for n, t in zip(chunk, texts):
+            pred = {x.lower() for x in parse_hashtags(t)}
+            gold = {x.lower() for x in dedupe_tags(n.hashtags)}
+            tp += len(pred & gold)
+            n_pred += len(pred)
+            n_gold += len(gold)
+            if len(res["examples"]) < 12:
+                res["examples"].append({"id": n.id, "title": n.title, "hashtags": list(n.hashtags),
+                                        "generated": t})
+        bar.update(len(chunk))
+    bar.close()
+    res["hashtag_precision"] = tp / n_pred if n_pred else float("nan")
+    res["hashtag_recall"] = tp / n_gold if n_gold else float("nan")
+    return res
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_report(results: dict) -> str:
+    ks = results["ks"]
+    models = results["models"]
+    lines = [f"# Recall@k on {results['data']['name']} (pool of {results['pool']} test notes, "
+             f"{results['pairs']['all']} test pairs)", ""]
+    lines += ["| Model | " + " | ".join(f"R@{k}" for k in ks) + " |",
+              "|---|" + "---|" * len(ks)]
+    for name, m in models.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m["recall"]["all"][str(k)]) for k in ks) + " |")
+    lines += ["", "Recall (%) by exposure of the query note "
+              f"(pairs: unseen {results['pairs']['unseen']}, low {results['pairs']['low']}, "
+              f"high {results['pairs']['high']}):", ""]
+    sub = [k for k in ks if k != 1][:2] or ks
+    head = []
+    for b in ("unseen", "low", "high"):
+        head += [f"{b} R@{k}" for k in sub]
+    lines += ["| Model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for name, m in models.items():
+        cells = [_fmt(m["recall"][b][str(k)]) for b in ("unseen", "low", "high") for k in sub]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gen = {n: m["generation"] for n, m in models.items() if m.get("generation")}
+    if gen:
+        lines += ["", "Generation on test notes (greedy):", "",
+                  "| Model | category acc. (%) | hashtag precision (%) | hashtag recall (%) |", "|---|---|---|---|"]
+        for name, g in gen.items():
+            lines.append(f"| {name} | {_fmt(g['category_accuracy'])} (n={g['category_notes']}) | "
+                         f"{_fmt(g['hashtag_precision'])} | {_fmt(g['hashtag_recall'])} (n={g['hashtag_notes']}) |")
+    lines += ["", "Seconds per model (embedding the pool; training where it happened in this run):", ""]
+    for name, m in models.items():
+        t = m.get("seconds", {})
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = results["ks"]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), sharey=True)
+    for ax, b in zip(axes, BUCKETS):
+        for name, m in results["models"].items():
+            ax.plot(ks, [m["recall"][b][str(k)] for k in ks], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_title(f"{b} (pairs: {results['pairs'][b]})")
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Recall@k")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Recall@k, {results['data']['name']} test pairs (pool {results['pool']} notes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+# ------------------------------------------------------------------------------ LLM vectors, shared work
+
+def shared_lower_layers(models: Sequence) -> int:
+    """How many lower decoder layers (with the token embeddings) are bit-identical in all `models`.
+
+    Models trained with `--freeze-layers K` from the same base share them with each other and with the
+    base, so their lower-layer outputs are computed once per note and only the upper layers run per model.
+    """
+    import torch
+
+    if len(models) < 2:
+        return 0
+    decs = [m.lm.get_decoder() for m in models]
+    e0 = decs[0].embed_tokens.weight
+    for d in decs[1:]:
+        e = d.embed_tokens.weight
+        if e.shape != e0.shape or not torch.equal(e, e0):
+            return 0
+    n = min(len(d.layers) for d in decs)
+    k = 0
+    for i in range(n):
+        p0 = dict(decs[0].layers[i].named_parameters())
+        for d in decs[1:]:
+            pi = dict(d.layers[i].named_parameters())
+            if pi.keys() != p0.keys() or not all(torch.equal(pi[x], p0[x]) for x in p0):
+                return k
+        k = i + 1
+    return k - 1 if k == n else k  # always leave at least one layer to the per-model part
+
+
+def llm_vectors(models: dict, notes: Sequence, *, batch_size: int = 16, progress: bool = True) -> tuple[dict, int, dict]:
+    """name -> [n, d] vectors for several LLMs at once. `models`: name -> (NoteLLM, kind) with kind
+    "notellm" (projected vector) or "base" (zero-shot: raw final hidden state at the same position).
+    Returns (vectors, number of shared lower layers, seconds per model incl. its share of the lower pass)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from notellm.train import LayerSplit
+
+    names = list(models)
+    ms = [models[n][0] for n in names]
+    k = shared_lower_layers(ms)
+    ref = LayerSplit(ms[0], k)
+    splits = [LayerSplit(m, k) for m in ms]
+    order = sorted(range(len(notes)), key=lambda i: len(notes[i].title) + len(notes[i].content))
+    vecs = {n: [None] * len(notes) for n in names}
+    secs = {n: 0.0 for n in names}
+    lower_s = 0.0
+    bar = tqdm(total=len(notes), desc=f"LLM vectors ({len(names)} models, {k} shared layers)", unit="note",
+               disable=not progress, file=sys.stderr, mininterval=5)
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            b = ms[0].tokenize_notes([notes[i] for i in idx], "category", include_continuation=False)
+            t0 = time.time()
+            h = ref.lower(b.input_ids, b.attention_mask)
+            lower_s += time.time() - t0
+            pos = (b.emb_positions - 1).clamp(min=0)
+            for name, m, sp in zip(names, ms, splits):
+                t0 = time.time()
+                hid = sp.upper(h, b.attention_mask)
+                last = hid[torch.arange(hid.shape[0]), pos]
+                if models[name][1] == "base":
+                    v = torch.nn.functional.normalize(last.float(), dim=-1)
+                else:
+                    v = m.project(last)
+                for i, row in zip(idx, v.cpu().numpy()):
+                    vecs[name][i] = row
+                secs[name] += time.time() - t0
+            bar.update(len(idx))
+    bar.close()
+    out = {n: np.stack(v).astype(np.float32) for n, v in vecs.items()}
+    return out, k, {n: secs[n] + lower_s / len(names) for n in names}
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from notellm.train import add_split_args
+
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a trained NoteLLM directory (repeatable; default name 'NoteLLM')")
+    p.add_argument("--extra-model", action="append", default=[], metavar="NAME=DIR",
+                   help="another NoteLLM directory to compare, e.g. 'NoteLLM w/o CSFT=runs/a0'")
+    p.add_argument("--baselines", action="store_true",
+                   help="also SentenceBERT zero-shot, SentenceBERT fine-tuned on the train pairs, base LLM zero-shot")
+    p.add_argument("--base", default=None, help="base LLM for the zero-shot baseline (default: the model's)")
+    p.add_argument("--out", default=None, help="output directory (default MODEL/eval)")
+    p.add_argument("--ks", default=None, help="comma-separated k list (default: scaled to the pool)")
+    p.add_argument("--gen-notes", type=int, default=200, help="test notes sampled for generation metrics (0=off)")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sbert-epochs", type=float, default=1.0)
+    p.add_argument("--sbert-batch-size", type=int, default=32)
+    p.add_argument("--sbert-lr", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    add_split_args(p, defaults_none=True)
+
+
+def _named(spec: str, default: str) -> tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name.strip(), path.strip()
+    return default, spec
+
+
+def run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    from notellm.baselines import (finetune_sbert, load_sbert,
+                                   sbert_embed)
+    from notellm.data import load_dataset
+    from notellm.model import NoteLLM
+    from notellm.pairs import SplitConfig, exposure_buckets, make_experiment
+    from notellm.train import load_train_config, split_config_from_args
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    t_all = time.time()
+    models = [_named(s, "NoteLLM" if i == 0 else f"NoteLLM {i + 1}") for i, s in enumerate(args.model)]
+    models += [_named(s, f"model {i + 1}") for i, s in enumerate(args.extra_model)]
+    if not models and not args.baselines:
+        print("notellm eval: give --model DIR and/or --baselines", file=sys.stderr)
+        return 2
+    tcfg = None
+    for _, path in models:
+        tcfg = load_train_config(path)
+        if tcfg:
+            break
+    split_cfg = split_config_from_args(args, SplitConfig.from_dict(tcfg["split"]) if tcfg else None)
+    ds = load_dataset(args.data)
+    exp = make_experiment(ds, split_cfg)
+    test_ids = exp.test_notes
+    if not exp.test_pairs:
+        print("notellm eval: no test pairs", file=sys.stderr)
+        return 2
+    notes = [ds.notes[n] for n in test_ids]
+    buckets = exposure_buckets(test_ids, exp.split.train_counts)
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else scaled_ks(len(test_ids) - 1)
+    out = Path(args.out or (Path(models[0][1]) / "eval" if models else "eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"split: {json.dumps(exp.summary())}", file=sys.stderr)
+    print(f"pool {len(test_ids)} notes, {len(exp.test_pairs)} pairs, k = {ks}", file=sys.stderr)
+    rng = random.Random(args.seed)
+    gen_notes = rng.sample(notes, min(args.gen_notes, len(notes))) if args.gen_notes else []
+
+    results = {"data": ds.summary(), "split": exp.summary(), "split_config": split_cfg.to_dict(), "ks": ks,
+               "pool": len(test_ids), "pairs": {}, "models": {}, "command": "notellm " + " ".join(sys.argv[1:]),
+               "train_configs": {}}
+    for b in BUCKETS:
+        results["pairs"][b] = sum(1 for p in exp.test_pairs if b == "all" or buckets[p[0]] == b)
+
+    def record(name: str, emb: np.ndarray, seconds: dict, extra: dict | None = None) -> None:
+        rep = recall_report(emb, test_ids, exp.test_pairs, ks, buckets)
+        rep["seconds"] = seconds
+        rep.update(extra or {})
+        results["models"][name] = rep
+        r = rep["recall"]["all"]
+        print(f"{name}: " + ", ".join(f"R@{k}={100 * r[str(k)]:.1f}" for k in ks), file=sys.stderr)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    if args.baselines:
+        t0 = time.time()
+        sb = load_sbert()
+        record("SentenceBERT zero-shot", sbert_embed(sb, notes, progress=progress),
+               {"embed": time.time() - t0})
+        t0 = time.time()
+        log = finetune_sbert(sb, exp.train_pairs, ds.notes, epochs=args.sbert_epochs,
+                             batch_size=args.sbert_batch_size, lr=args.sbert_lr, seed=args.seed, progress=progress)
+        t_ft = time.time() - t0
+        t0 = time.time()
+        record("SentenceBERT fine-tuned", sbert_embed(sb, notes, progress=progress),
+               {"train": t_ft, "embed": time.time() - t0}, {"train_log": log})
+        del sb
+
+    llms: dict = {}
+    if args.baselines:
+        base = args.base or (tcfg["args"]["base"] if tcfg else "smollm2")
+        prompt_cfg = NoteLLM.load(models[0][1]).prompt_config if models else None
+        bm = NoteLLM.from_base(base, prompt_config=prompt_cfg)
+        bm.eval()
+        llms["Base LLM zero-shot"] = (bm, "base")
+    for name, path in models:
+        m = NoteLLM.load(path)
+        m.eval()
+        llms[name] = (m, "notellm")
+    if llms:
+        vecs, k_shared, secs = llm_vectors(llms, notes, batch_size=args.batch_size, progress=progress)
+        results["llm_shared_lower_layers"] = k_shared
+        print(f"LLM vectors: {k_shared} lower layers shared by {len(llms)} models", file=sys.stderr)
+        paths = dict(models)
+        for name, (m, kind) in llms.items():
+            sec = {"embed": secs[name]}
+            extra = {"base": m.base_model_id} if kind == "base" else {"path": str(paths[name])}
+            tc = load_train_config(paths[name]) if kind == "notellm" else None
+            if tc:
+                results["train_configs"][name] = tc
+                if "train_seconds" in tc:
+                    sec = {"train": tc["train_seconds"], **sec}
+            trained_csft = kind == "notellm" and (tc is None or tc["args"].get("alpha", 1.0) > 0)
+            if gen_notes and trained_csft:
+                t0 = time.time()
+                extra["generation"] = generation_report(m, gen_notes, max_new_tokens=args.max_new_tokens,
+                                                        batch_size=args.batch_size, progress=progress, desc=name)
+                sec["generate"] = time.time() - t0
+            record(name, vecs[name], sec, extra)
+        del llms
+
+    results["seconds_total"] = round(time.time() - t_all, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown_report(results))
+    plot_recall(results, out / "recall_at_k.png")
+    print(markdown_report(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'recall_at_k.png'}", file=sys.stderr)
+    return 0

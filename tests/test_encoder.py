@@ -1,0 +1,189 @@
+"""worker.encoder.OnnxNoteEncoder on the tiny exported package — including in a process without torch."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from notellm.prompts import NoteText
+from tests.tiny import NOTES, tiny_package
+from worker.encoder import EncoderError, OnnxNoteEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pkg() -> Path:
+    return tiny_package("fp32")[0]
+
+
+@pytest.fixture(scope="module")
+def enc(pkg) -> OnnxNoteEncoder:
+    e = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_batch_tokens=600, max_new_tokens=6)
+    e.warmup()
+    return e
+
+
+def test_interface(enc, pkg):
+    assert enc.dim == 128 and enc.manifest["dim"] == 128
+    assert enc.model_version == json.loads((pkg / "notellm.json").read_text())["model_version"]
+    assert enc.providers == ["CPUExecutionProvider"]
+    n = enc.prompt_tokens(NOTES[0])
+    assert n == len(enc.prompts.encode(NOTES[0], "category").input_ids) and n > 40
+    # truncation bounds every prompt
+    assert enc.prompt_tokens(NOTES[-1]) <= enc.max_prompt_tokens
+
+
+def test_embed_shapes_norms_order(enc):
+    v = enc.embed(NOTES)
+    assert v.dtype == np.float32 and v.shape == (len(NOTES), enc.dim)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    rev = enc.embed(list(reversed(NOTES)))
+    np.testing.assert_allclose(rev[::-1], v, atol=1e-5)
+    one = np.stack([enc.embed([n])[0] for n in NOTES])
+    np.testing.assert_allclose(one, v, atol=1e-5)
+    assert enc.embed([]).shape == (0, enc.dim)
+
+
+def test_shared_instruction_prefix_is_exact(pkg, enc):
+    """The instruction's KV computed once and shared (default) == prefilling every full prompt."""
+    plain = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_batch_tokens=600, max_new_tokens=6,
+                            share_prefix=False)
+    assert enc.share_prefix and not plain.share_prefix
+    for task in ("category", "hashtags"):
+        va, ia = enc._run_task_ids(NOTES, task, generate=True)
+        vb, ib = plain._run_task_ids(NOTES, task, generate=True)
+        np.testing.assert_allclose(va, vb, atol=1e-5)
+        assert ia == ib
+
+
+def test_batches_respect_count_and_token_budget(enc):
+    lengths = [enc.prompt_tokens(n) for n in NOTES] * 3
+    batches = enc._batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= enc.max_batch_notes
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= enc.max_batch_tokens
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat), "notes are sorted by length before batching"
+
+
+def test_embed_and_generate_tasks(enc):
+    v, cats, tags = enc.embed_and_generate(NOTES, "both")
+    np.testing.assert_allclose(v, enc.embed(NOTES), atol=1e-5)
+    assert len(cats) == len(tags) == len(NOTES)
+    assert all(c is None or (isinstance(c, str) and c == c.strip() and '"' not in c) for c in cats)
+    for t in tags:
+        assert len(t) <= enc.prompt_config.num_topics
+        assert len({x.lower() for x in t}) == len(t)
+    _, raw_cat = enc.generate_raw(NOTES, "category")
+    from notellm.prompts import parse_category, parse_hashtags
+
+    assert cats == [parse_category(t) for t in raw_cat]
+    _, raw_tags = enc.generate_raw(NOTES, "hashtags")
+    assert tags == [parse_hashtags(t, enc.prompt_config.num_topics) for t in raw_tags]
+    v2, cats2, tags2 = enc.embed_and_generate(NOTES, "category")
+    assert cats2 == cats and tags2 == [[] for _ in NOTES]
+    v3, cats3, tags3 = enc.embed_and_generate(NOTES, "hashtags")
+    assert cats3 == [None] * len(NOTES) and tags3 == tags
+    np.testing.assert_allclose(v3, v, atol=1e-5)
+    with pytest.raises(ValueError):
+        enc.embed_and_generate(NOTES, "summary")
+    assert enc.embed_and_generate([], "both")[0].shape == (0, enc.dim)
+
+
+def test_generation_is_bounded_and_stops_per_row(pkg):
+    """max_new_tokens bounds the output; a stop token ends its row only; quote tokens and EOS stop."""
+    enc = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=32, max_new_tokens=6)
+    _, ids = enc._run_task_ids(NOTES, "category", generate=True)
+    assert all(1 <= len(g) <= 6 for g in ids)
+    # every token holding a double quote stops generation, and so does EOS
+    quote_ids = np.flatnonzero(enc._quote_mask)
+    assert len(quote_ids) > 10
+    assert all('"' in enc.tokenizer.id_to_token(int(i)) for i in quote_ids[:50])
+    assert enc._stop_mask[quote_ids].all() and enc._stop_mask[enc.eos_id]
+    # make the third token generated for note 0 a stop token: note 0 stops there, the others go on
+    full = [g for g in ids if len(g) == 6]
+    assert ids[0] in full
+    stop = ids[0][2]
+    enc._stop_mask = enc._stop_mask.copy()
+    enc._stop_mask[stop] = True
+    _, ids2 = enc._run_task_ids(NOTES, "category", generate=True)
+    assert ids2[0] == ids[0][:3]
+    for a, b in zip(ids, ids2):
+        cut = next((k + 1 for k, t in enumerate(a) if t == stop), len(a))
+        assert b == a[:cut]
+
+
+def test_manifest_mismatch_is_refused(pkg, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    m = json.loads((bad / "notellm.json").read_text())
+    m["prompt_version"] = "notellm-prompt-v0"
+    (bad / "notellm.json").write_text(json.dumps(m))
+    with pytest.raises(EncoderError, match="prompt version"):
+        OnnxNoteEncoder(bad, device="cpu")
+    with pytest.raises(EncoderError, match="notellm.json"):
+        OnnxNoteEncoder(tmp_path, device="cpu")
+    with pytest.raises(ValueError):
+        OnnxNoteEncoder(pkg, device="tpu")
+
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class _NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name in ("torch", "transformers") or name.startswith(("torch.", "transformers.")):
+                raise ImportError(f"{name} is blocked: the worker must not import it")
+    sys.meta_path.insert(0, _NoTorch())
+    """
+)
+
+
+def test_encoder_runs_without_torch(pkg, enc):
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        import json
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("torch import was not blocked")
+        from worker.encoder import OnnxNoteEncoder
+        from notellm.prompts import NoteText
+        enc = OnnxNoteEncoder({str(pkg)!r}, device="auto", max_batch_notes=4, max_batch_tokens=600,
+                              max_new_tokens=6)
+        enc.warmup()
+        notes = [NoteText(**n) for n in json.loads(sys.stdin.read())]
+        v, cats, tags = enc.embed_and_generate(notes, "both")
+        assert not any(m == "torch" or m.startswith(("torch.", "transformers")) for m in sys.modules)
+        print(json.dumps({{"v": v.tolist(), "cats": cats, "tags": tags, "providers": enc.providers}}))
+    """)
+    notes = [{"title": n.title, "content": n.content, "topic": n.topic} for n in NOTES]
+    p = subprocess.run([sys.executable, "-c", code], input=json.dumps(notes), cwd=REPO,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    v, cats, tags = enc.embed_and_generate(NOTES, "both")
+    np.testing.assert_allclose(np.array(got["v"], dtype=np.float32), v, atol=1e-5)
+    assert got["cats"] == cats and got["tags"] == tags
+    assert got["providers"] == ["CPUExecutionProvider"]
+
+
+def test_embed_cli(pkg, capsys):
+    from notellm.cli import main
+
+    assert main(["embed", "--model", str(pkg), "--device", "cpu", "--json", "Toy Story (1995)",
+                 "Adventure|Animation|Children|Comedy|Fantasy", "--topic", "Adventure"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["vector"]) == 128 and isinstance(out["hashtags"], list)
+    enc = OnnxNoteEncoder(pkg, device="cpu")
+    ref = enc.embed([NoteText("Toy Story (1995)", "Adventure|Animation|Children|Comedy|Fantasy", "Adventure")])
+    np.testing.assert_allclose(np.array(out["vector"], dtype=np.float32), ref[0], atol=1e-5)

@@ -1,0 +1,81 @@
+"""Evaluation metrics on constructed cases with known answers; report files; shared-layer detection."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from notellm.evaluate import (markdown_report, pair_ranks, plot_recall, recall_at_k, recall_report,
+                              scaled_ks)
+
+
+def _case():
+    ids = ["A", "B", "C", "D"]
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    pairs = [("A", "B", 1.0), ("A", "C", 1.0), ("C", "D", 1.0)]
+    return ids, emb, pairs
+
+
+def test_ranks_and_recall_known_answer():
+    ids, emb, pairs = _case()
+    ranks = pair_ranks(emb, ids, pairs)
+    # A's candidates: B (0.994) > C (0) > D (-1). From C: B (0.11) > A (0) == D (0): D ties with A.
+    assert ranks.tolist() == [0.0, 1.0, 1.5]
+    assert recall_at_k(ranks, [1, 2, 3]) == {"1": pytest.approx(1 / 3), "2": 1.0, "3": 1.0}
+
+
+def test_query_is_never_its_own_candidate():
+    ids = ["A", "B", "C"]
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    ranks = pair_ranks(emb, ids, [("A", "C", 1.0)])
+    assert ranks.tolist() == [0.0]  # A itself (cos 1) is excluded
+
+
+def test_buckets_split_the_pairs():
+    ids, emb, pairs = _case()
+    rep = recall_report(emb, ids, pairs, [1, 2], {"A": "unseen", "B": "low", "C": "high", "D": "low"})
+    assert rep["pairs"] == {"all": 3, "unseen": 2, "low": 0, "high": 1}
+    assert rep["recall"]["unseen"]["1"] == pytest.approx(0.5)
+    assert rep["recall"]["high"]["2"] == 1.0
+    assert np.isnan(rep["recall"]["low"]["1"])
+
+
+def test_scaled_ks():
+    assert scaled_ks(2913) == [1, 10, 50, 100]
+    assert scaled_ks(499) == [1, 5, 25, 50]
+    assert scaled_ks(3) == [1]
+
+
+def test_report_files(tmp_path):
+    ids, emb, pairs = _case()
+    buckets = {"A": "unseen", "B": "low", "C": "high", "D": "low"}
+    res = {"data": {"name": "toy"}, "pool": 4, "ks": [1, 2], "pairs": {"all": 3, "unseen": 2, "low": 0, "high": 1},
+           "models": {}}
+    for name in ("m1", "m2"):
+        r = recall_report(emb, ids, pairs, [1, 2], buckets)
+        r["seconds"] = {"embed": 1.0}
+        res["models"][name] = r
+    res["models"]["m2"]["generation"] = {"category_accuracy": 0.5, "category_notes": 2, "hashtag_precision": 0.25,
+                                         "hashtag_recall": float("nan"), "hashtag_notes": 0}
+    md = markdown_report(res)
+    assert "| m1 | 33.3 | 100.0 |" in md and "| m2 | 50.0 (n=2) | 25.0 | – (n=0) |" in md
+    plot_recall(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    json.dumps(res, default=str)
+
+
+def test_shared_lower_layers_detects_trained_layers():
+    torch = pytest.importorskip("torch")
+    from notellm.base_models import tiny_llama
+    from notellm.evaluate import shared_lower_layers
+    from notellm.model import NoteLLM
+
+    lm1, tok = tiny_llama(0, num_layers=3)
+    lm2, _ = tiny_llama(0, num_layers=3, tokenizer=tok)
+    m1 = NoteLLM.from_base(model=lm1, tokenizer=tok)
+    m2 = NoteLLM.from_base(model=lm2, tokenizer=tok)
+    assert shared_lower_layers([m1, m2]) == 2  # all equal: the last layer is still left per model
+    with torch.no_grad():
+        m2.lm.get_decoder().layers[1].mlp.up_proj.weight.add_(1e-3)
+    assert shared_lower_layers([m1, m2]) == 1

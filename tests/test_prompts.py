@@ -1,0 +1,134 @@
+"""Prompt building, truncation by tokens, token-id rules and output parsing (notellm.prompts; no torch)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer
+
+from notellm.prompts import (
+    EMB_TOKEN,
+    PROMPT_VERSION,
+    NoteText,
+    PromptConfig,
+    PromptEncoder,
+    as_text_tokenizer,
+    build_prompt,
+    note_json,
+    parse_category,
+    parse_hashtags,
+    training_parts,
+    truncate_tokens,
+)
+from tests.tiny import tokenizer_json
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    t = Tokenizer.from_file(str(tokenizer_json()))
+    if t.token_to_id(EMB_TOKEN) is None:
+        t.add_special_tokens([EMB_TOKEN])
+    return t
+
+
+TOY = NoteText("Toy Story (1995)", "Adventure|Animation|Children|Comedy|Fantasy", "Adventure")
+
+
+def test_category_prompt_matches_the_paper_template(tok):
+    p = build_prompt(tok, TOY, "category")
+    assert p.text == (
+        "Extract the note information in json format, compress it into one word for recommendation, "
+        "and generate the category of the note. "
+        '{"title": "Toy Story (1995)", "topic": "Adventure", '
+        '"content": "Adventure|Animation|Children|Comedy|Fantasy"} '
+        'The compression word is:"[EMB]". The category is:"'
+    )
+    assert p.prefix.endswith('The compression word is:"')
+    assert p.continuation == '[EMB]". The category is:"'
+
+
+def test_hashtag_prompt_has_j_topics_and_no_topic_field(tok):
+    p = build_prompt(tok, TOY, "hashtags", j=4)
+    assert p.instruction.endswith("and generate 4 topics of the note.")
+    assert '"topic"' not in p.note_text
+    assert p.continuation == '[EMB]". The 4 topics are:"'
+    assert build_prompt(tok, TOY, "hashtags").continuation.endswith("The 3 topics are:\"")  # cfg default j
+    with pytest.raises(ValueError):
+        build_prompt(tok, TOY, "summary")
+
+
+def test_truncation_by_tokens_keeps_json_well_formed(tok):
+    t = as_text_tokenizer(tok)
+    nasty = 'He said "stop" {now} \\ back\\slash, 東京 ☕️ ' * 30
+    note = NoteText(title=nasty, content=nasty * 3, topic=nasty)
+    cfg = PromptConfig(max_title_tokens=7, max_topic_tokens=5, max_content_tokens=11)
+    d = json.loads(note_json(tok, note, "category", cfg))
+    assert len(t.encode(d["title"])) <= 7
+    assert len(t.encode(d["topic"])) <= 5
+    assert len(t.encode(d["content"])) <= 11
+    assert nasty.startswith(d["title"]) and d["title"]
+    # defaults: 20 / 80 tokens; short fields untouched
+    d = json.loads(note_json(tok, NoteText("short", "x " * 500, None), "category"))
+    assert d["title"] == "short" and d["topic"] == ""
+    assert len(t.encode(d["content"])) <= 80
+    assert truncate_tokens(tok, "", 5) == "" and truncate_tokens(tok, None, 5) == ""
+
+
+def test_token_ids_are_the_natural_tokenisation_and_emb_position(tok):
+    enc = PromptEncoder(tok, eos_token_id=2)
+    e = enc.encode(TOY, "category")
+    assert e.input_ids[e.emb_position] == tok.token_to_id(EMB_TOKEN)
+    assert tok.decode(e.prefix_ids, skip_special_tokens=False).endswith('The compression word is:"')
+    full = tok.encode(build_prompt(tok, TOY, "category").text, add_special_tokens=False).ids
+    assert e.input_ids == full
+    assert e.input_ids[:e.instruction_len] == enc.instruction_ids("category")
+    # the instruction segment is identical for every note
+    e2 = enc.encode(NoteText("Heat", "Action|Crime", None), "category")
+    assert e2.prefix_ids[:e2.instruction_len] == e.prefix_ids[:e.instruction_len]
+    assert e2.continuation_ids == e.continuation_ids
+
+
+def test_hf_and_tokenizers_adapters_agree(tok):
+    from notellm.base_models import smollm2_tokenizer
+
+    hf = smollm2_tokenizer()
+    hf.add_tokens([EMB_TOKEN], special_tokens=True)
+    a = PromptEncoder(tok, eos_token_id=2).encode(TOY, "hashtags", target="animation, pixar")
+    b = PromptEncoder(hf, eos_token_id=2).encode(TOY, "hashtags", target="animation, pixar")
+    assert a == b
+
+
+def test_training_parts_and_targets(tok):
+    p = training_parts(tok, TOY, "category", category="Adventure")
+    assert p.target == 'Adventure"'
+    assert p.text.endswith('The category is:"Adventure"')
+    p = training_parts(tok, TOY, "hashtags", hashtags=["#pixar", "Pixar", "toys", "buddy", "90s"])
+    assert p.continuation.endswith('The 3 topics are:"')
+    assert p.target == 'pixar, toys, buddy"'
+    p = training_parts(tok, TOY, "hashtags", hashtags=["pixar"])
+    assert p.continuation.endswith('The 1 topics are:"')
+    with pytest.raises(ValueError):
+        training_parts(tok, TOY, "hashtags", hashtags=[])
+    with pytest.raises(ValueError):
+        training_parts(tok, TOY, "category", category=None)
+    enc = PromptEncoder(tok, eos_token_id=2)
+    e = enc.encode_parts(training_parts(tok, TOY, "category", category="Adventure"))
+    assert e.target_ids[-1] == 2 and tok.decode(e.target_ids[:-1]) == 'Adventure"'
+    assert e == enc.encode(TOY, "category", target="Adventure")
+
+
+def test_output_parsing():
+    assert parse_category(' Comedy "  trailing') == "Comedy"
+    assert parse_category('  Science  fiction.') == "Science fiction"
+    assert parse_category('"') is None and parse_category("") is None
+    assert parse_hashtags('#pixar, Pixar ,toys; #buddy "rest') == ["pixar", "toys", "buddy"]
+    assert parse_hashtags("a, b, c, d", limit=2) == ["a", "b"]
+    assert parse_hashtags(" , ,") == []
+
+
+def test_prompt_config_round_trip():
+    cfg = PromptConfig(max_title_tokens=10, num_topics=5)
+    assert PromptConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.version == PROMPT_VERSION
+    with pytest.raises(ValueError):
+        PromptConfig.from_dict({"version": "other"})

@@ -1,0 +1,117 @@
+"""The worker end to end on the real broker, a real milvus-lite db and a real exported tiny model."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+import schemas
+from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
+from tests.worker_support import (AppThread, committed, dlq_events, high_watermarks, note_doc, produce_notes,
+                                  produce_raw, read_topic, tag_ids, wait_committed_to_end)
+from worker.app import WorkerApp
+from worker.config import load_settings
+from worker.sinks.milvus import MilvusStore
+
+
+@pytest.fixture
+def topics(new_topic):
+    return {"notes": new_topic(3, prefix="notes"), "tags": new_topic(3, prefix="tags"), "dlq": new_topic(1, prefix="dlq")}
+
+
+def settings_for(kafka_bootstrap, topics, milvus_uri, **over):
+    base = {
+        "kafka": {"bootstrap_servers": kafka_bootstrap, "topic_notes": topics["notes"], "topic_tags": topics["tags"],
+                  "topic_dlq": topics["dlq"], "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000,
+                  "max_poll_interval_ms": 30000},
+        "milvus": {"uri": milvus_uri},
+        "batch": {"max_batch_notes": 32, "linger_ms": 20},
+        "model": {"generate": "both"},
+        "retry": {"initial_s": 0.05, "max_wait_s": 0.5, "budget_s": 30},
+        "http": {"port": 0},
+    }
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return load_settings(base)
+
+
+def test_2000_notes_three_partitions(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(2000)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    app = WorkerApp(s, encoder=encoder, store=store)
+    t = AppThread(app)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    assert t.stop() == 0
+    got = store.all_ids()
+    assert len(got) == len(set(got)) == 2000 and set(got) == set(ids)
+    assert set(tag_ids(kafka_bootstrap, topics["tags"])) == set(ids)
+    hw = high_watermarks(kafka_bootstrap, topics["notes"])
+    assert committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], hw) == hw
+    # Tags are valid note_tags.v1 events.
+    msgs = read_topic(kafka_bootstrap, topics["tags"])
+    for m in msgs[:50]:
+        schemas.validate("note_tags.v1", json.loads(m.value()))
+    store.close()
+
+
+def test_malformed_inputs_go_to_dlq_and_good_notes_around_them_pass(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, batch={"max_note_bytes": 2048})
+    good = [note_doc(i) for i in range(60)]
+    bad_schema = {**note_doc(900), "published_at": "yesterday"}
+    missing = {k: v for k, v in note_doc(901).items() if k != "title"}
+    big = note_doc(902, content="x" * 5000)
+    raw = []
+    for i, d in enumerate(good):
+        raw.append((d["note_id"].encode(), json.dumps(d).encode()))
+        if i == 10:
+            raw.append((b"bad-utf8", b"\xff\xfe{\"note_id\": \"x\"}"))
+        if i == 20:
+            raw.append((b"bad-json", b"{not json"))
+        if i == 30:
+            raw.append((bad_schema["note_id"].encode(), json.dumps(bad_schema).encode()))
+            raw.append((missing["note_id"].encode(), json.dumps(missing).encode()))
+        if i == 40:
+            raw.append((big["note_id"].encode(), json.dumps(big).encode()))
+    produce_raw(kafka_bootstrap, topics["notes"], raw)
+    store = MilvusStore(milvus_uri, alias="notes")
+    app = WorkerApp(s, encoder=encoder, store=store)
+    t = AppThread(app)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=120, alive=t.alive)
+    assert t.stop() == 0
+    assert set(store.all_ids()) == {d["note_id"] for d in good}
+    events = dlq_events(kafka_bootstrap, topics["dlq"])
+    for ev, headers in events:
+        schemas.validate("dead_letter.v1", ev)
+        assert headers["error_kind"] == ev["error_kind"] and headers["error_message"]
+    import base64
+    kinds = {base64.b64decode(ev["key_b64"]).decode(): ev["error_kind"] for ev, _ in events}
+    assert kinds == {"bad-utf8": "not_utf8", "bad-json": "not_json", bad_schema["note_id"]: "schema_violation",
+                     missing["note_id"]: "schema_violation", big["note_id"]: "too_large"}
+    # Invariant: produced ids = ids in Milvus + ids in the DLQ.
+    produced = {k.decode() for k, _ in raw}
+    assert produced == set(store.all_ids()) | set(kinds)
+    store.close()
+
+
+def test_tombstone_deletes_and_republish_replaces(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+    store = MilvusStore(milvus_uri, alias="notes")
+    app = WorkerApp(s, encoder=encoder, store=store)
+    t = AppThread(app)
+    docs = [note_doc(i) for i in range(30)]
+    produce_notes(kafka_bootstrap, topics["notes"], docs)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    before = {r["note_id"]: r for r in store.client.get("notes", ids=["n00003", "n00004"], output_fields=["embedding", "title"])}
+    assert set(before) == {"n00003", "n00004"}
+    produce_raw(kafka_bootstrap, topics["notes"], [(b"n00003", None)])
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(4, title="Completely different title", content="other words")])
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    assert t.stop() == 0
+    ids = set(store.all_ids())
+    assert "n00003" not in ids and len(ids) == 29
+    after = store.client.get("notes", ids=["n00004"], output_fields=["embedding", "title"])[0]
+    assert after["title"] == "Completely different title"
+    assert list(after["embedding"]) != list(before["n00004"]["embedding"])
+    store.close()

@@ -1,0 +1,175 @@
+"""Fault tests on the real broker + milvus-lite + the tiny exported model. Each checks the invariant:
+produced ids = ids in Milvus + ids in the DLQ (+ ids deleted by tombstones), exactly."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
+from tests.worker_support import (REPO, AppThread, committed, high_watermarks, note_doc, produce_notes, tag_ids,
+                                  wait_committed_to_end)
+from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
+from worker.app import WorkerApp
+from worker.sinks import RetryLater
+from worker.sinks.milvus import MilvusStore
+
+
+class Flaky:
+    """Wraps a sink: flush() raises RetryLater until `fail_for_s` has passed since the first flush."""
+
+    def __init__(self, sink, fail_for_s: float) -> None:
+        self.sink, self.name = sink, sink.name
+        self.fail_for_s = fail_for_s
+        self.first: float | None = None
+        self.failures = 0
+        self.first_ok: float | None = None
+
+    def add(self, enc):
+        self.sink.add(enc)
+
+    def flush(self):
+        now = time.monotonic()
+        self.first = self.first or now
+        if now - self.first < self.fail_for_s:
+            self.failures += 1
+            raise RetryLater(self.name, "injected outage")
+        self.sink.flush()
+        self.first_ok = self.first_ok or time.monotonic()
+
+    def __getattr__(self, k):
+        return getattr(self.sink, k)
+
+
+def _spy_commits(app) -> list:
+    seen = []
+    orig = app.checkpoint._commit_fn
+
+    def spy(offsets, *, wait):
+        seen.append((time.monotonic(), dict(offsets)))
+        return orig(offsets, wait=wait)
+
+    app.checkpoint._commit_fn = spy
+    return seen
+
+
+def test_sink_outage_then_recovery_loses_nothing_and_commits_only_after(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "category"})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(300)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    wrapped = []
+
+    def wrap(sink):
+        if sink.name in ("milvus", "tags"):
+            wrapped.append(Flaky(sink, fail_for_s=3.0 if sink.name == "milvus" else 1.0))
+            return wrapped[-1]
+        return sink
+
+    app = WorkerApp(s, encoder=encoder, store=store, wrap_sink=wrap)
+    app.start()
+    commits = _spy_commits(app)
+    t = AppThread(app)
+    # During the outage the worker stays in the group (keeps polling, paused) and commits nothing.
+    time.sleep(2.0)
+    assert t.alive() and app.source.assigned() == {0, 1, 2}
+    assert committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], [0, 1, 2]) == {0: -1001, 1: -1001, 2: -1001}
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=120, alive=t.alive)
+    assert t.stop() == 0
+    milvus, tags = wrapped
+    assert milvus.failures > 0 and tags.failures > 0
+    assert commits and min(ts for ts, _ in commits) > max(milvus.first_ok, tags.first_ok)
+    got = store.all_ids()
+    assert len(got) == len(set(got)) and set(got) == set(ids)
+    assert set(tag_ids(kafka_bootstrap, topics["tags"])) == set(ids)
+    assert app.metrics.sink_retries.labels(sink="milvus")._value.get() > 0
+    store.close()
+
+
+def test_sink_down_past_retry_budget_exits_nonzero_without_commit(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "none"},
+                     retry={"budget_s": 1.0, "initial_s": 0.05, "max_wait_s": 0.2})
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(50)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    app = WorkerApp(s, encoder=encoder, store=store,
+                    wrap_sink=lambda sk: Flaky(sk, fail_for_s=1e9) if sk.name == "milvus" else sk)
+    rc = app.run()
+    assert rc != 0 and "milvus" in app.exit_reason
+    assert committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], [0, 1, 2]) == {0: -1001, 1: -1001, 2: -1001}
+    assert store.count() == 0
+    store.close()
+
+
+def _worker_cmd(s, tiny, port=0):
+    return [sys.executable, "-m", "notellm.cli", "worker", "run", "--bootstrap", s.kafka.bootstrap_servers,
+            "--topic", s.kafka.topic_notes, "--tags-topic", s.kafka.topic_tags, "--dlq-topic", s.kafka.topic_dlq,
+            "--group", s.kafka.group_id, "--milvus-uri", s.milvus.uri, "--model", str(tiny), "--generate", "none",
+            "--device", "cpu", "--threads", "1", "--linger-ms", "20", "--http-port", str(port), "--log-format", "json"]
+
+
+def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, milvus_uri, tiny_dir, tmp_path):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(3000)])
+    env = {**os.environ, "NOTELLM_KAFKA__SESSION_TIMEOUT_MS": "6000"}
+    log1 = open(tmp_path / "w1.log", "wb")
+    p = subprocess.Popen(_worker_cmd(s, tiny_dir), cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
+    # Kill once part of the topic is committed (so the restart resumes mid-way, not from zero).
+    hw = high_watermarks(kafka_bootstrap, topics["notes"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        c = committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], hw)
+        done = sum(max(0, o) for o in c.values())
+        if done >= 300 or p.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, (tmp_path / "w1.log").read_text()[-3000:]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(10)
+    assert done < 3000, "the worker finished before it could be killed"
+    log2 = open(tmp_path / "w2.log", "wb")
+    p2 = subprocess.Popen(_worker_cmd(s, tiny_dir), cwd=REPO, env=env, stdout=log2, stderr=subprocess.STDOUT)
+    try:
+        wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=180,
+                              alive=lambda: p2.poll() is None)
+    finally:
+        p2.send_signal(signal.SIGTERM)
+        rc = p2.wait(60)
+    assert rc == 0, (tmp_path / "w2.log").read_text()[-3000:]
+    store = MilvusStore(milvus_uri, alias="notes")
+    got = store.all_ids()
+    assert len(got) == len(set(got)) and set(got) == set(ids)
+    store.close()
+
+
+def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, milvus_uri, encoder):
+    """milvus-lite locks a db to one process, so the two group members run as two WorkerApps inside
+    this one process, sharing one MilvusStore (one client, calls serialised); each has its own consumer,
+    producers, batcher, pipeline and checkpoint, exactly as two pods would."""
+    tps = {"notes": new_topic(6, prefix="notes"), "tags": new_topic(3, prefix="tags"), "dlq": new_topic(1, prefix="dlq")}
+    s = settings_for(kafka_bootstrap, tps, milvus_uri, model={"generate": "none"})
+    ids = produce_notes(kafka_bootstrap, tps["notes"], [note_doc(i) for i in range(2500)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    a = WorkerApp(s, encoder=encoder, store=store, name="a")
+    ta = AppThread(a)
+    while a.metrics.embedded._value.get() < 300:
+        assert ta.alive()
+        time.sleep(0.05)
+    b = WorkerApp(s, encoder=encoder, store=store, name="b")   # joins: partitions move to b
+    tb = AppThread(b)
+    while not (b.started and b.source.assigned()):
+        time.sleep(0.05)
+    while b.metrics.embedded._value.get() < 200:
+        assert tb.alive()
+        time.sleep(0.05)
+    assert ta.stop() == 0                                        # leaves: b takes everything
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, tps["notes"], timeout=180, alive=tb.alive)
+    assert tb.stop() == 0
+    assert a.metrics.embedded._value.get() > 0 and b.metrics.embedded._value.get() > 0
+    got = store.all_ids()
+    assert len(got) == len(set(got)) and set(got) == set(ids)
+    store.close()

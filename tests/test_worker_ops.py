@@ -1,0 +1,140 @@
+"""Operations around the loop, on the real broker + milvus-lite + the tiny exported model: the HTTP
+port (/metrics, /healthz, /readyz, /similar) and `notellm similar`, replay, backfill + alias switch,
+and the startup check against a collection built for another model."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
+from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
+from tests.worker_support import (AppThread, free_port, high_watermarks, note_doc, produce_notes,
+                                  wait_committed_to_end)
+from worker.app import WorkerApp
+from worker.sinks.milvus import CollectionMismatch, MilvusStore
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_http_probes_metrics_and_similar(kafka_bootstrap, topics, milvus_uri, encoder, capsys):
+    port = free_port()
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, http={"port": port, "host": "127.0.0.1"})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(40)])
+    app = WorkerApp(s, encoder=encoder)
+    t = AppThread(app)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    base = f"http://127.0.0.1:{port}"
+    assert _get(f"{base}/healthz")[0] == 200
+    code, body = _get(f"{base}/readyz")
+    assert code == 200 and json.loads(body) == {"ok": True, "partitions_assigned": True, "model_warmed": True,
+                                                 "milvus_reachable": True}
+    code, body = _get(f"{base}/metrics")
+    text = body.decode()
+    for name in ("notellm_consumed_total", "notellm_embedded_total", "notellm_dead_lettered", "notellm_deleted_total",
+                 "notellm_batch_notes_bucket", "notellm_batch_tokens_bucket", "notellm_encode_seconds_bucket",
+                 "notellm_freshness_seconds_bucket", "notellm_consumer_lag"):
+        assert name in text, name
+    assert 'notellm_embedded_total 40.0' in text
+    code, body = _get(f"{base}/similar/{ids[0]}?k=3")
+    ans = json.loads(body)
+    assert code == 200 and ans["note"]["note_id"] == ids[0] and len(ans["neighbours"]) == 3
+    assert all(h["note_id"] != ids[0] and -1.0 <= h["score"] <= 1.0001 for h in ans["neighbours"])
+    assert ans["note"]["category"] is not None or ans["note"]["hashtags"] is not None
+    assert _get(f"{base}/similar/nope")[0] == 404
+    # The CLI goes through the worker while the worker holds the lite db.
+    from notellm.cli import main
+    assert main(["similar", ids[0], "-k", "2", "--url", base]) == 0
+    out = capsys.readouterr().out
+    assert ids[0] in out and "rank" in out
+    assert t.stop() == 0
+    # With no worker running, the CLI opens Milvus directly.
+    assert main(["similar", ids[0], "-k", "2", "--url", f"http://127.0.0.1:{free_port()}", "--milvus-uri", milvus_uri,
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{\n"):])["note"]["note_id"] == ids[0]
+
+
+def test_replay_reprocesses_a_range_with_the_same_code_path(kafka_bootstrap, topics, milvus_uri, encoder):
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "none"})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(90)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    from worker.replay import replay
+
+    # Replay partitions 0 and 1 from offset 0 to 10 (exclusive) only.
+    rc = replay(s, from_offsets="0:0,1:0", until="0:10,1:10", group="replay-test", encoder=encoder, store=store)
+    assert rc == 0 and store.count() == 20
+    # Then everything from a timestamp before the first note, to the end.
+    rc = replay(s, from_timestamp="2000-01-01T00:00:00Z", group="replay-test-2", encoder=encoder, store=store)
+    assert rc == 0
+    got = store.all_ids()
+    assert len(got) == len(set(got)) == 90 and set(got) == set(ids)
+    store.close()
+
+
+def test_backfill_builds_new_collection_and_switches_alias(kafka_bootstrap, topics, milvus_uri, encoder):
+    from tests.fakes import FakeEncoder
+    from worker.backfill import backfill
+
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "none"})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(60)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    app = WorkerApp(s, encoder=encoder, store=store)
+    t = AppThread(app)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    assert t.stop() == 0
+    old = store.resolve()
+    # A "new model" (different version and dimension) cannot write into the live collection ...
+    new = FakeEncoder(dim=24, model_version="fake-v2")
+    with pytest.raises(CollectionMismatch, match="dim"):
+        WorkerApp(s, encoder=new, store=store).start()
+    # ... so backfill builds its own from the topic's start and switches the alias when caught up.
+    assert backfill(s, encoder=new, store=store) == 0
+    cur = store.resolve()
+    assert cur != old and "fake_v2" in cur
+    assert set(store.all_ids()) == set(ids)                     # readers (through the alias) see the new model
+    rows = store.client.query("notes", filter='note_id != ""', output_fields=["model_version"], limit=100)
+    assert {r["model_version"] for r in rows} == {"fake-v2"}
+    assert set(store.all_ids(old)) == set(ids)                  # the old collection is untouched
+    # The worker with the new model now starts against the alias (no mismatch).
+    assert store.ensure(new.dim, new.model_version) == cur
+    store.close()
+
+
+def test_model_version_mismatch_is_a_startup_error(kafka_bootstrap, topics, milvus_uri, encoder):
+    from tests.fakes import FakeEncoder
+
+    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+    store = MilvusStore(milvus_uri, alias="notes")
+    store.ensure(encoder.dim, encoder.model_version)
+    with pytest.raises(CollectionMismatch, match="model_version"):
+        WorkerApp(s, encoder=FakeEncoder(dim=encoder.dim, model_version="other"), store=store).start()
+    store.close()
+
+
+def test_process_encoder_matches_the_in_process_one(tiny_dir, encoder):
+    import numpy as np
+
+    from notellm.prompts import NoteText
+    from worker.encoding import load_encoder
+
+    notes = [NoteText(d["title"], d["content"], None) for d in (note_doc(i) for i in range(5))]
+    notes.append(NoteText("Amélie (2001)", "Comedy|Romance — \"quoted\" {json}", "Comedy"))
+    pe = load_encoder(tiny_dir, device="cpu", intra_op_threads=1, isolation="process")
+    try:
+        assert (pe.dim, pe.model_version) == (encoder.dim, encoder.model_version)
+        assert [pe.prompt_tokens(n) for n in notes] == [encoder.prompt_tokens(n) for n in notes]
+        assert np.allclose(pe.embed(notes), encoder.embed(notes), atol=1e-5)
+        v1, c1, h1 = pe.embed_and_generate(notes, "both")
+        v2, c2, h2 = encoder.embed_and_generate(notes, "both")
+        assert np.allclose(v1, v2, atol=1e-5) and c1 == c2 and h1 == h2
+    finally:
+        pe.close()
+    assert not pe._proc.is_alive()

