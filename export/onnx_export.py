@@ -201,18 +201,16 @@ def content_hash(directory: Path, files: list[str]) -> str:
 
 
 def max_prompt_tokens(model: NoteLLM) -> int:
-    """Upper bound of a prompt's length: instruction + JSON + truncated fields + continuation."""
+    """A prompt's length with every field at its token cap (+16 margin): the shape the encoder warms up
+    with. Not a hard limit: JSON escaping of quote-heavy text can make a truncated field re-tokenise to
+    more tokens; the graph accepts any length."""
     from notellm.prompts import NoteText
 
     cfg = model.prompt_config
-    tok = model.prompts.tok
-    # Every field at its cap, built from a token that never merges with neighbours: the real bound is
-    # the prompt overhead plus the caps (JSON escaping can add a few tokens, hence the margin).
-    word = " note"
+    word = " note"  # one token that never merges with its neighbours
     note = NoteText(title=word * cfg.max_title_tokens, content=word * cfg.max_content_tokens,
                     topic=word * cfg.max_topic_tokens)
     n = max(len(model.prompts.encode(note, t).input_ids) for t in ("category", "hashtags"))
-    del tok
     return n + 16
 
 

@@ -42,7 +42,7 @@ def test_2000_notes_three_partitions(kafka_bootstrap, topics, milvus_uri, encode
     store = MilvusStore(milvus_uri, alias="notes")
     app = WorkerApp(s, encoder=encoder, store=store)
     t = AppThread(app)
-    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=240, alive=t.alive)
     assert t.stop() == 0
     got = store.all_ids()
     assert len(got) == len(set(got)) == 2000 and set(got) == set(ids)

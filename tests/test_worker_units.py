@@ -131,7 +131,7 @@ def test_pipeline_keeps_order_and_stops_on_error():
     from worker.pipeline import Pipeline
 
     done = []
-    p = Pipeline(lambda b: b, lambda e: done.append(e.seq) if e.seq != 3 else (_ for _ in ()).throw(RuntimeError("x")))
+    p = Pipeline(lambda b, idle, early: b, lambda e: done.append(e.seq) if e.seq != 3 else (_ for _ in ()).throw(RuntimeError("x")))
     for i in range(1, 6):
         b = _batch([], {})
         b.seq = i

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
 from worker.batcher import Batcher
@@ -101,14 +102,23 @@ class WorkerApp:
                                      milvus=self.milvus_sink, tags=self.tags_sink, dlq=self.dlq_sink,
                                      policy=RetryPolicy(r.initial_s, r.max_wait_s, r.budget_s),
                                      metrics=self.metrics, log=self.log)
-        self.pipeline = Pipeline(self._encode, self.checkpoint.complete, log=self.log)
+        self.pipeline = Pipeline(self._encode, self.checkpoint.complete, log=self.log,
+                                 early_sink=self.checkpoint.early if s.model.generate != "none" else None)
         self.started = True
         self.log.info("worker_started", collection=self.collection, model_version=enc.model_version, dim=enc.dim,
                       providers=getattr(enc, "providers", None), topic=k.topic_notes,
                       group=self._group_id or k.group_id, http_port=self.http.port if self.http else None)
 
-    def _encode(self, batch: Batch):
-        enc = encode_batch(self.encoder, batch, self.s.model.generate, worker_version=self.s.worker_version,
+    def _encode(self, batch: Batch, idle: bool = False, early=None):
+        gen = self.s.model.generate
+        if idle and early is not None and gen != "none" and batch.notes:
+            # Low load: make the notes searchable as soon as their vectors exist, before the (slower)
+            # generation of category/hashtags; the full batch then re-upserts with tags and commits.
+            # Under a backlog the encoder never waits, so this extra prefill never costs throughput.
+            pre = encode_batch(self.encoder, replace(batch, notes=list(batch.notes), tombstones=[], dead=[]), "none")
+            if pre.batch.notes:
+                early(pre)
+        enc = encode_batch(self.encoder, batch, gen, worker_version=self.s.worker_version,
                            topic=self.s.kafka.topic_notes)
         if batch.notes:
             self.metrics.batch_notes.observe(len(batch.notes))

@@ -82,6 +82,16 @@ class Checkpoint:
                 m.freshness.observe(max(0.0, (acked_ms - n.published_at) / 1000.0))
         return dict(b.offsets)
 
+    def early(self, enc: Encoded) -> None:
+        """Vectors ahead of generation (low load): upsert now so the notes are searchable sooner.
+        Best effort and never a commit: `complete()` of the full batch does steps 1-3 as always."""
+        self.milvus.add(enc)
+        try:
+            self.milvus.flush()
+        except Exception:
+            getattr(self.milvus, "discard", lambda: None)()
+            raise
+
     def commit_ready(self, wait: bool = False) -> dict[int, int]:
         """Polling thread: commit what the sink stage made durable since the last call."""
         with self._lock:

@@ -175,3 +175,9 @@ def run(args) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
         say(f"demo took {time.monotonic() - t_start:.0f}s")
+
+
+if __name__ == "__main__":  # python -m worker.demo (the same as `notellm demo`)
+    _p = argparse.ArgumentParser(prog="notellm demo", description=__doc__)
+    configure(_p)
+    raise SystemExit(run(_p.parse_args()))

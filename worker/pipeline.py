@@ -16,12 +16,17 @@ from typing import Callable
 from worker.records import Batch, Encoded
 
 _STOP = object()
+_EARLY = object()
 
 
 class Pipeline:
-    def __init__(self, encode: Callable[[Batch], Encoded], sink: Callable[[Encoded], object], *, log=None) -> None:
+    def __init__(self, encode: Callable[..., Encoded], sink: Callable[[Encoded], object], *, log=None,
+                 early_sink: Callable[[Encoded], object] | None = None) -> None:
+        """`encode(batch, idle, early)`: `idle` says the encoder had nothing waiting when this batch came
+        (low load); `early(encoded)` hands vectors ahead of generation to `early_sink` (no commit)."""
         self._encode = encode
         self._sink = sink
+        self._early_sink = early_sink
         self._log = log
         self._q_encode: queue.Queue = queue.Queue(maxsize=1)
         self._q_sink: queue.Queue = queue.Queue(maxsize=1)
@@ -98,6 +103,7 @@ class Pipeline:
 
     def _encode_loop(self) -> None:
         while True:
+            idle = self._q_encode.empty()  # nothing was waiting: low load
             item = self._q_encode.get()
             with self._cv:
                 self._cv.notify_all()  # the slot is free: wake a waiting polling thread
@@ -109,7 +115,7 @@ class Pipeline:
                 continue
             t0 = time.perf_counter()
             try:
-                enc = self._encode(item)
+                enc = self._encode(item, idle, self._early)
             except BaseException as e:  # noqa: BLE001
                 self._fail(e)
                 self._done()
@@ -118,11 +124,23 @@ class Pipeline:
                 self.busy_s["encode"] += time.perf_counter() - t0
             self._q_sink.put(enc)
 
+    def _early(self, enc: Encoded) -> None:
+        if self._early_sink is not None and self.error is None:
+            self._q_sink.put((_EARLY, enc))
+
     def _sink_loop(self) -> None:
         while True:
             item = self._q_sink.get()
             if item is _STOP:
                 return
+            if isinstance(item, tuple) and item[0] is _EARLY:
+                try:
+                    if self.error is None:
+                        self._early_sink(item[1])  # type: ignore[misc]
+                except Exception as e:  # noqa: BLE001 - best effort: the full batch upserts again
+                    if self._log is not None:
+                        self._log.warning("early_upsert_failed", error=str(e))
+                continue
             t0 = time.perf_counter()
             try:
                 if self.error is None:

@@ -228,6 +228,11 @@ class MilvusSink:
         for t in b.tombstones:
             self._rows.pop(t.note_id, None)
             self._deletes.add(t.note_id)
+        # A note the encoder failed on goes to the DLQ; it must not stay searchable (an early upsert
+        # at low load may have written its vector before generation failed).
+        for d in enc.failed:
+            if d.note_id and d.note_id not in self._rows:
+                self._deletes.add(d.note_id)
 
     def flush(self) -> None:
         """Upsert staged rows, delete tombstoned ids; staged work stays until it succeeded."""
@@ -249,3 +254,7 @@ class MilvusSink:
 
     def pending(self) -> int:
         return len(self._rows) + len(self._deletes)
+
+    def discard(self) -> None:
+        self._rows.clear()
+        self._deletes.clear()
