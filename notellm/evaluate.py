@@ -150,6 +150,9 @@ def markdown_report(results: dict) -> str:
               "|---|" + "---|" * len(ks)]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m["recall"]["all"][str(k)]) for k in ks) + " |")
+    pool = results["pool"]
+    lines.append("| *random ranking (expected)* | " + " | ".join(_fmt(min(1.0, k / max(1, pool - 1))) for k in ks)
+                 + " |")
     lines += ["", "Recall (%) by exposure of the query note "
               f"(pairs: unseen {results['pairs']['unseen']}, low {results['pairs']['low']}, "
               f"high {results['pairs']['high']}):", ""]
@@ -186,6 +189,8 @@ def plot_recall(results: dict, path: Path) -> None:
     for ax, b in zip(axes, BUCKETS):
         for name, m in results["models"].items():
             ax.plot(ks, [m["recall"][b][str(k)] for k in ks], marker="o", label=name)
+        ax.plot(ks, [min(1.0, k / max(1, results["pool"] - 1)) for k in ks], ls="--", color="grey",
+                label="random ranking")
         ax.set_xscale("log")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
@@ -254,15 +259,17 @@ def llm_vectors(models: dict, notes: Sequence, *, batch_size: int = 16, progress
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
-            b = ms[0].tokenize_notes([notes[i] for i in idx], "category", include_continuation=False)
+            b = ms[0].tokenize_notes([notes[i] for i in idx], "category", include_continuation=False,
+                                     device=ms[0].device)
             t0 = time.time()
             h = ref.lower(b.input_ids, b.attention_mask)
             lower_s += time.time() - t0
             pos = (b.emb_positions - 1).clamp(min=0)
+            rows_i = torch.arange(h.shape[0], device=h.device)
             for name, m, sp in zip(names, ms, splits):
                 t0 = time.time()
                 hid = sp.upper(h, b.attention_mask)
-                last = hid[torch.arange(hid.shape[0]), pos]
+                last = hid[rows_i, pos]
                 if models[name][1] == "base":
                     v = torch.nn.functional.normalize(last.float(), dim=-1)
                 else:
@@ -274,6 +281,14 @@ def llm_vectors(models: dict, notes: Sequence, *, batch_size: int = 16, progress
     bar.close()
     out = {n: np.stack(v).astype(np.float32) for n, v in vecs.items()}
     return out, k, {n: secs[n] + lower_s / len(names) for n in names}
+
+def rewrite_reports(out_dir) -> None:
+    """Re-write results.md and recall_at_k.png from an existing results.json (no model is run)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.md").write_text(markdown_report(results))
+    plot_recall(results, out / "recall_at_k.png")
+
 
 # ------------------------------------------------------------------------------------------------ CLI
 
@@ -298,6 +313,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sbert-lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     add_split_args(p, defaults_none=True)
 
@@ -323,6 +339,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress = not args.no_progress
     t_all = time.time()
     models = [_named(s, "NoteLLM" if i == 0 else f"NoteLLM {i + 1}") for i, s in enumerate(args.model)]
@@ -369,7 +386,7 @@ def run(args) -> int:
 
     if args.baselines:
         t0 = time.time()
-        sb = load_sbert()
+        sb = load_sbert(device=device)
         record("SentenceBERT zero-shot", sbert_embed(sb, notes, progress=progress),
                {"embed": time.time() - t0})
         t0 = time.time()
@@ -385,11 +402,11 @@ def run(args) -> int:
     if args.baselines:
         base = args.base or (tcfg["args"]["base"] if tcfg else "smollm2")
         prompt_cfg = NoteLLM.load(models[0][1]).prompt_config if models else None
-        bm = NoteLLM.from_base(base, prompt_config=prompt_cfg)
+        bm = NoteLLM.from_base(base, prompt_config=prompt_cfg).to(device)
         bm.eval()
         llms["Base LLM zero-shot"] = (bm, "base")
     for name, path in models:
-        m = NoteLLM.load(path)
+        m = NoteLLM.load(path, device=device)
         m.eval()
         llms[name] = (m, "notellm")
     if llms:

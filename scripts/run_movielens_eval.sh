@@ -8,20 +8,22 @@
 #
 # CPU budget choices (see docs/results/README.md): training pairs restricted to 600 notes (~2.7k pairs,
 # one epoch), test pool of 500 notes, embeddings + the lower 24 of 30 layers frozen and their outputs
-# cached once per note (shared by both runs), LoRA r=16 on the top 6 layers, content cut to 48 tokens.
+# cached once per note (shared by both runs), LoRA r=16 on the top 6 layers, content cut to 48 tokens,
+# at most 12 minutes of training per variant (BUDGET_MIN=... to change; one epoch is 169 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/movielens-latest-small}
 RUNS=${RUNS:-runs/movielens}
 OUT=${OUT:-docs/results/movielens}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 mkdir -p "$RUNS" "$OUT"
 
 COMMON=(--data "$DATA" --base smollm2 --seed 0
         --max-train-notes 600 --max-test-notes 500
         --freeze-layers 24 --lora-r 16 --cache-path "$RUNS/frozen-cache.pt"
         --batch-size 16 --epochs 1 --lr 5e-4 --proj-lr 1e-3 --warmup-ratio 0.1
-        --max-content-tokens 48 --checkpoint-every 25 --time-budget-min 12)
+        --max-content-tokens 48 --checkpoint-every 25 --time-budget-min "${BUDGET_MIN:-12}")
 
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
 t0=$(date +%s)

@@ -11,6 +11,8 @@ from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
 from tests.worker_support import (AppThread, committed, dlq_events, high_watermarks, note_doc, produce_notes,
                                   produce_raw, read_topic, tag_ids, wait_committed_to_end)
 from worker.app import WorkerApp
+
+pytestmark = pytest.mark.timeout(300)
 from worker.config import load_settings
 from worker.sinks.milvus import MilvusStore
 

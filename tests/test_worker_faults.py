@@ -17,6 +17,8 @@ from tests.worker_support import (REPO, AppThread, committed, high_watermarks, n
                                   wait_committed_to_end)
 from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
 from worker.app import WorkerApp
+
+pytestmark = pytest.mark.timeout(300)
 from worker.sinks import RetryLater
 from worker.sinks.milvus import MilvusStore
 
@@ -152,21 +154,29 @@ def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, mil
     producers, batcher, pipeline and checkpoint, exactly as two pods would."""
     tps = {"notes": new_topic(6, prefix="notes"), "tags": new_topic(3, prefix="tags"), "dlq": new_topic(1, prefix="dlq")}
     s = settings_for(kafka_bootstrap, tps, milvus_uri, model={"generate": "none"})
-    ids = produce_notes(kafka_bootstrap, tps["notes"], [note_doc(i) for i in range(2500)])
+    docs = [note_doc(i) for i in range(2400)]
+    ids = produce_notes(kafka_bootstrap, tps["notes"], docs[:800])
     store = MilvusStore(milvus_uri, alias="notes")
+
+    def wait_for(cond, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
     a = WorkerApp(s, encoder=encoder, store=store, name="a")
     ta = AppThread(a)
-    while a.metrics.embedded._value.get() < 300:
-        assert ta.alive()
-        time.sleep(0.05)
-    b = WorkerApp(s, encoder=encoder, store=store, name="b")   # joins: partitions move to b
+    wait_for(lambda: a.metrics.embedded._value.get() >= 300 or not ta.alive(), "a to embed 300")
+    b = WorkerApp(s, encoder=encoder, store=store, name="b")   # joins mid-run: partitions move to b
     tb = AppThread(b)
-    while not (b.started and b.source.assigned()):
-        time.sleep(0.05)
-    while b.metrics.embedded._value.get() < 200:
-        assert tb.alive()
-        time.sleep(0.05)
-    assert ta.stop() == 0                                        # leaves: b takes everything
+    wait_for(lambda: (b.started and b.source.assigned()) or not tb.alive(), "b to get partitions")
+    # Publish more once the group settled, so both members have work after the rebalance.
+    ids += produce_notes(kafka_bootstrap, tps["notes"], docs[800:1600])
+    wait_for(lambda: b.metrics.embedded._value.get() >= 100 or not tb.alive(), "b to embed 100")
+    assert ta.alive() and tb.alive()
+    assert ta.stop() == 0                                        # leaves: b takes every partition
+    wait_for(lambda: len(b.source.assigned()) == 6 or not tb.alive(), "b to get every partition")
+    ids += produce_notes(kafka_bootstrap, tps["notes"], docs[1600:])
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, tps["notes"], timeout=180, alive=tb.alive)
     assert tb.stop() == 0
     assert a.metrics.embedded._value.get() > 0 and b.metrics.embedded._value.get() > 0

@@ -13,6 +13,8 @@ from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
 from tests.worker_support import (AppThread, free_port, high_watermarks, note_doc, produce_notes,
                                   wait_committed_to_end)
 from worker.app import WorkerApp
+
+pytestmark = pytest.mark.timeout(300)
 from worker.sinks.milvus import CollectionMismatch, MilvusStore
 
 

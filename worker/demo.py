@@ -161,6 +161,12 @@ def run(args) -> int:
             time.sleep(0.02)
         latency = time.time() - t0
         say(f"publish -> searchable: {latency * 1000:.0f} ms (published_at -> found by a similarity query)")
+        if args.generate != "none":
+            # At low load the vector is upserted before generation finishes; the tags follow.
+            while not (ans["note"].get("category") or ans["note"].get("hashtags")) and time.time() - t0 < 60:
+                time.sleep(0.05)
+                code, ans = http_json(f"{base}/similar/{probe_id}?k=5")
+            say(f"publish -> generated tags stored: {(time.time() - t0) * 1000:.0f} ms")
         from worker.similar import render
 
         print(render(ans), flush=True)
