@@ -119,6 +119,11 @@ def load_smollm2(cache_dir=None, dtype=None) -> tuple[Any, Any]:
             except AttributeError:
                 model.config.quantization_config = None
         model.config._name_or_path = SMOLLM2_ID
+        # The weights are plain fp32 tensors after loading; without this, save_pretrained refuses
+        # ("quantized with gguf and is not serializable") on the first load on a fresh machine.
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
 
         def save(tmp: Path) -> None:
             model.save_pretrained(tmp)

@@ -210,8 +210,7 @@ class MilvusSink:
 
     def add(self, enc: Encoded) -> None:
         b = enc.batch
-        emb = np.asarray(enc.embeddings, dtype=np.float32)
-        vecs = emb.tolist()
+        vecs = np.asarray(enc.embeddings, dtype=np.float32)  # rows go to pymilvus as float32 arrays
         for i, n in enumerate(b.notes):
             tags = enc.hashtags[i] if enc.hashtags else []
             self._deletes.discard(n.note_id)
