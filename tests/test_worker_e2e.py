@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -116,4 +117,38 @@ def test_tombstone_deletes_and_republish_replaces(kafka_bootstrap, topics, milvu
     after = store.client.get("notes", ids=["n00004"], output_fields=["embedding", "title"])[0]
     assert after["title"] == "Completely different title"
     assert list(after["embedding"]) != list(before["n00004"]["embedding"])
+    store.close()
+
+
+def test_low_load_note_is_searchable_before_its_tags(kafka_bootstrap, topics, milvus_uri, encoder):
+    """An idle encoder upserts a small batch's vectors before generating its tags; the full batch
+    then re-upserts with category/hashtags and only then commits."""
+    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+    store = MilvusStore(milvus_uri, alias="notes")
+    flushed: list[list[tuple]] = []
+
+    class Spy:
+        def __init__(self, sink):
+            self.sink, self.name = sink, sink.name
+
+        def add(self, enc):
+            self.sink.add(enc)
+
+        def flush(self):
+            flushed.append([(r["note_id"], r["category"]) for r in self.sink._rows.values()])
+            self.sink.flush()
+
+        def __getattr__(self, k):
+            return getattr(self.sink, k)
+
+    app = WorkerApp(s, encoder=encoder, store=store, wrap_sink=lambda sk: Spy(sk) if sk.name == "milvus" else sk)
+    t = AppThread(app)
+    while not (app.started and app.source.assigned()):
+        time.sleep(0.02)
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(7)])
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    assert t.stop() == 0
+    rows = [r for f in flushed for r in f if r[0] == "n00007"]
+    assert len(rows) == 2 and rows[0][1] is None and rows[1][1] is not None
+    assert store.client.get("notes", ids=["n00007"], output_fields=["category"])[0]["category"] == rows[1][1]
     store.close()

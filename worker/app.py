@@ -111,10 +111,12 @@ class WorkerApp:
 
     def _encode(self, batch: Batch, idle: bool = False, early=None):
         gen = self.s.model.generate
-        if idle and early is not None and gen != "none" and batch.notes:
+        small = len(batch.notes) <= max(1, self.s.batch.max_batch_notes // 8)
+        if idle and small and early is not None and gen != "none" and batch.notes:
             # Low load: make the notes searchable as soon as their vectors exist, before the (slower)
             # generation of category/hashtags; the full batch then re-upserts with tags and commits.
-            # Under a backlog the encoder never waits, so this extra prefill never costs throughput.
+            # Only for small batches of an idle encoder (low load): under a backlog the encoder never
+            # waits and batches are large, so this extra prefill never costs throughput.
             pre = encode_batch(self.encoder, replace(batch, notes=list(batch.notes), tombstones=[], dead=[]), "none")
             if pre.batch.notes:
                 early(pre)

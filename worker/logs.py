@@ -10,6 +10,18 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is *now*. Loggers are cached on first use; binding the stream
+    object at configure time would keep writing to a replaced (and maybe closed) stream, e.g. under
+    pytest's per-test capture or after a daemon redirects its output."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     """Idempotent. fmt: "json", "console" or "auto" (console on a TTY, JSON otherwise)."""
     global _configured
@@ -29,7 +41,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
     _configured = True
