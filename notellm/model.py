@@ -259,22 +259,28 @@ class NoteLLM(nn.Module):
         hidden = self._hidden(input_ids, attention_mask)
         return self.project(self._gather(hidden, emb_positions))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb_positions: torch.Tensor,
-                labels: torch.Tensor | None = None, *, return_logits: bool = False) -> NoteLLMOutput:
-        hidden = self._hidden(input_ids, attention_mask)
+    def heads(self, hidden: torch.Tensor, emb_positions: torch.Tensor,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(note vectors, CSFT loss or None) from final hidden states: the vector at the position before
+        `[EMB]`, and next-token cross-entropy on the label tokens only (-100 elsewhere). Training with
+        cached lower layers calls this directly on the hidden states it computed."""
         emb = self.project(self._gather(hidden, emb_positions))
-        head = self.lm.get_output_embeddings()
         loss = None
         if labels is not None:
             tgt = labels[:, 1:]
             sel = tgt != -100
             if sel.any():
                 h = hidden[:, :-1][sel]
-                logits_sel = head(h).float()
-                loss = F.cross_entropy(logits_sel, tgt[sel])
+                loss = F.cross_entropy(self.lm.get_output_embeddings()(h).float(), tgt[sel])
             else:
                 loss = hidden.sum() * 0.0
-        logits = head(hidden) if return_logits else None
+        return emb, loss
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb_positions: torch.Tensor,
+                labels: torch.Tensor | None = None, *, return_logits: bool = False) -> NoteLLMOutput:
+        hidden = self._hidden(input_ids, attention_mask)
+        emb, loss = self.heads(hidden, emb_positions, labels)
+        logits = self.lm.get_output_embeddings()(hidden) if return_logits else None
         return NoteLLMOutput(emb, loss, logits)
 
     # ----------------------------------------------------------------------------------- convenience

@@ -171,25 +171,6 @@ class LayerSplit:
         return out.last_hidden_state
 
 
-def heads_from_hidden(model, hidden, emb_positions, labels):
-    """(note vectors, CSFT loss or None) from final hidden states, exactly as NoteLLM.forward does."""
-    import torch
-    import torch.nn.functional as F
-
-    idx = (emb_positions - 1).clamp(min=0)
-    emb = model.project(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
-    loss = None
-    if labels is not None:
-        tgt = labels[:, 1:]
-        sel = tgt != -100
-        if sel.any():
-            h = hidden[:, :-1][sel]
-            loss = F.cross_entropy(model.lm.get_output_embeddings()(h).float(), tgt[sel])
-        else:
-            loss = hidden.sum() * 0.0
-    return emb, loss
-
-
 @dataclass
 class NoteRow:
     ids: list[int]
@@ -587,7 +568,7 @@ def run(args) -> int:
                     hidden = model.lm.get_decoder()(
                         input_ids=ids, attention_mask=mask,
                         position_ids=split._pos(mask), use_cache=False).last_hidden_state
-                emb, csft = heads_from_hidden(model, hidden, pos, labels if args.alpha > 0 else None)
+                emb, csft = model.heads(hidden, pos, labels if args.alpha > 0 else None)
                 parts = loss_fn(emb[: len(batch)], emb[len(batch):], csft)
             (parts["loss"] / args.grad_accum).backward()
             for k, v in parts.items():
