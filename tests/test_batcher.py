@@ -74,6 +74,18 @@ def test_linger_expired_before_add_closes_old_batch_first():
     assert len(out) == 1 and [n.note_id for n in out[0].notes] == ["n0"] and b.pending == 1
 
 
+def test_linger_waits_while_the_encoder_is_backed_up_but_budgets_still_close():
+    b = mk(max_notes=4)
+    assert b.add(note(0), 0.0, ready=False) == []
+    assert b.add(note(1), 1.0, ready=False) == []   # long past linger: kept open, still filling
+    assert b.poll(1.0, ready=False) is None
+    full = b.add(note(2), 1.0, ready=False) + b.add(note(3), 1.0, ready=False)
+    assert [(len(x.notes), x.reason) for x in full] == [(4, "notes")]   # the count budget closes regardless
+    b.add(note(4), 2.0, ready=False)
+    late = b.poll(2.1, ready=True)                  # the slot freed up: linger closes what waited
+    assert late is not None and late.reason == "linger" and [n.note_id for n in late.notes] == ["n4"]
+
+
 def test_duplicate_note_id_keeps_later_offset_and_tombstone_wins_if_later():
     b = mk(max_notes=10)
     b.add(note(0, nid="x", title="old"), 0.0)

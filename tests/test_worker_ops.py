@@ -10,8 +10,8 @@ import pytest
 
 from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
 from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
-from tests.worker_support import (AppThread, free_port, high_watermarks, note_doc, produce_notes,
-                                  wait_committed_to_end)
+from tests.worker_support import (REPO, AppThread, dlq_events, free_port, high_watermarks, note_doc, produce_notes,
+                                  produce_raw, wait_committed_to_end)
 from worker.app import WorkerApp
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,6 +110,33 @@ def test_backfill_builds_new_collection_and_switches_alias(kafka_bootstrap, topi
     store.close()
 
 
+def test_replay_and_backfill_do_not_dead_letter_input_errors_twice(kafka_bootstrap, topics, milvus_uri, encoder):
+    from tests.fakes import FakeEncoder
+    from worker.backfill import backfill
+    from worker.replay import replay
+
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "none"})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(12)])
+    produce_raw(kafka_bootstrap, topics["notes"], [(b"bad-json", b"{not json"), (b"bad-utf8", b"\xff\xfe")])
+    store = MilvusStore(milvus_uri, alias="notes")
+    t = AppThread(WorkerApp(s, encoder=encoder, store=store))
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    assert t.stop() == 0
+    assert sorted(e["error_kind"] for e, _h in dlq_events(kafka_bootstrap, topics["dlq"])) == ["not_json", "not_utf8"]
+    # A replay over the same records skips them by default ...
+    assert replay(s, from_timestamp="2000-01-01T00:00:00Z", group="replay-dlq", encoder=encoder, store=store) == 0
+    assert len(dlq_events(kafka_bootstrap, topics["dlq"])) == 2
+    # ... unless asked to send them again ...
+    assert replay(s, from_timestamp="2000-01-01T00:00:00Z", group="replay-dlq-2", encoder=encoder, store=store,
+                  resend_dead_letters=True) == 0
+    assert len(dlq_events(kafka_bootstrap, topics["dlq"])) == 4
+    # ... and a backfill (which still embeds every good note) skips them too.
+    assert backfill(s, encoder=FakeEncoder(dim=24, model_version="fake-v3"), store=store) == 0
+    assert set(store.all_ids()) == set(ids) and "fake_v3" in store.resolve()
+    assert len(dlq_events(kafka_bootstrap, topics["dlq"])) == 4
+    store.close()
+
+
 def test_model_version_mismatch_is_a_startup_error(kafka_bootstrap, topics, milvus_uri, encoder):
     from tests.fakes import FakeEncoder
 
@@ -140,3 +167,35 @@ def test_process_encoder_matches_the_in_process_one(tiny_dir, encoder):
     finally:
         pe.close()
     assert not pe._proc.is_alive()
+
+
+def test_process_encoder_left_open_does_not_hang_interpreter_exit(tiny_dir, tmp_path):
+    """The child ignores SIGTERM (shutdown is the parent's job), so multiprocessing's exit-time
+    terminate()+join() alone would wait forever for an encoder nobody closed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "if __name__ == '__main__':\n"
+        "    from worker.encoding import load_encoder\n"
+        f"    e = load_encoder({str(tiny_dir)!r}, device='cpu', intra_op_threads=1, isolation='process')\n"
+        "    e.warmup()\n"
+        "    print('pid', e._proc.pid, flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    child = int(r.stdout.split()[-1])
+    import os
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"encoder child {child} outlived its parent")

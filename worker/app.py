@@ -21,6 +21,7 @@ from worker.sinks.milvus import MilvusSink, MilvusStore
 from worker.source import KafkaSource
 
 POLL_S = 0.1  # longest single poll; the loop comes back at least this often
+LINGER_RECHECK_S = 0.005  # a lingered-out batch waiting for the encoder's slot: how often to look again
 PAUSE_AFTER_S = 1.0  # a closed batch waiting longer than this for the encoder: pause and keep polling
 
 
@@ -34,7 +35,7 @@ class WorkerApp:
                  collection: str | None = None, create_alias: bool = True, group_id: str | None = None,
                  start_offsets: dict[int, int] | None = None, end_offsets: dict[int, int] | None = None,
                  wrap_sink: Callable | None = None, metrics: Metrics | None = None, http: bool = True,
-                 name: str = "worker") -> None:
+                 dead_letter_input_errors: bool = True, name: str = "worker") -> None:
         self.s = settings
         self.log = get_logger("notellm.worker", app=name)
         self.metrics = metrics or Metrics()
@@ -48,6 +49,7 @@ class WorkerApp:
         self._start_offsets = start_offsets
         self._end_offsets = end_offsets
         self._wrap = wrap_sink or (lambda s: s)
+        self._dlq_input_errors = dead_letter_input_errors  # False: replay/backfill re-read already dead-lettered records
         self._want_http = http and settings.http.port != 0
         self._stop = threading.Event()
         self._pending: deque[Batch] = deque()
@@ -89,6 +91,7 @@ class WorkerApp:
             self.tags_sink = self._wrap(TagsSink(k.producer_config(), k.topic_tags, source_topic=k.topic_notes,
                                                  flush_timeout_s=s.retry.flush_timeout_s, log=self.log))
         self.dlq_sink = self._wrap(DeadLetterSink(k.producer_config(), k.topic_dlq, worker_version=s.worker_version,
+                                                  input_errors=self._dlq_input_errors,
                                                   flush_timeout_s=s.retry.flush_timeout_s, log=self.log))
         self.batcher = Batcher(max_notes=s.batch.max_batch_notes, max_tokens=s.batch.max_batch_tokens,
                                linger_s=s.batch.linger_ms / 1000.0, token_count=lambda n: enc.prompt_tokens(note_text(n)))
@@ -184,17 +187,27 @@ class WorkerApp:
                     self._pending_since = None
                     src.resume()
                 m.paused.set(1 if src.paused else 0)
+                # Linger closes a batch only when the encoder can take it at once; while it is backed up
+                # the open batch keeps filling (full batches drain a backlog fastest).
+                ready = not self._pending and pipe.slot_free()
                 dl = batcher.deadline()
-                timeout = POLL_S if dl is None else min(POLL_S, max(0.0, dl - now))
+                if dl is None:
+                    timeout = POLL_S
+                elif ready:
+                    timeout = min(POLL_S, max(0.0, dl - now))
+                else:  # lingered out but the slot is taken: look again soon, without spinning
+                    timeout = min(POLL_S, max(LINGER_RECHECK_S, dl - now))
                 records = src.poll(timeout, max_messages=self.s.batch.max_batch_notes)
                 now = time.monotonic()
                 self.heartbeat = now
+                ready = not self._pending and pipe.slot_free()
                 for r in records:
                     m.consumed.labels(kind=type(r).__name__.lower()).inc()
-                    for b in batcher.add(r, now):
+                    for b in batcher.add(r, now, ready):
                         m.batches.labels(reason=b.reason).inc()
                         self._pending.append(b)
-                b = batcher.poll(now)
+                        ready = False
+                b = batcher.poll(now, ready)
                 if b is not None:
                     m.batches.labels(reason=b.reason).inc()
                     self._pending.append(b)

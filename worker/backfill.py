@@ -56,8 +56,10 @@ def backfill(s: Settings, *, run_app=None, encoder=None, store=None, catch_up: i
             todo = sum(max(0, end[p] - start[p]) for p in parts)
             log.info("backfill_round", round=rnd, collection=target, records=todo, start=start, end=end)
             if todo:
+                # Input errors were dead-lettered by the live worker already: not again (encode_failed still is).
                 app = WorkerApp(s, encoder=enc, store=store, collection=target, create_alias=False, group_id=group,
-                                start_offsets=start, end_offsets=end, http=False, name="backfill")
+                                start_offsets=start, end_offsets=end, http=False, dead_letter_input_errors=False,
+                                name="backfill")
                 rc = run_app(app) if run_app else app.run()
                 if rc != 0:
                     log.error("backfill_failed", round=rnd, rc=rc, reason=app.exit_reason)

@@ -2,7 +2,9 @@
 
 A batch closes when the next note would exceed `max_notes` records or the padded token budget
 (`(notes) * longest prompt > max_tokens`), or when `linger_s` has passed since its first record —
-whichever comes first. A note_id seen twice in one batch keeps the later record (a later tombstone
+whichever comes first. Linger only closes a batch the encoder can take now (`ready`): while the
+encoder stage is backed up, an early close would only split the backlog into smaller, slower batches,
+so the open batch keeps filling up to its count/token budget instead. A note_id seen twice in one batch keeps the later record (a later tombstone
 deletes, a later note replaces). Offsets are tracked per partition for every record, including the
 ones replaced or dead-lettered, so committing a batch covers everything it consumed.
 """
@@ -45,10 +47,11 @@ class Batcher:
         return None if self._opened_at is None else self._opened_at + self.linger_s
 
     # -- feeding -------------------------------------------------------------------------------
-    def add(self, record: Record, now: float) -> list[Batch]:
-        """Add one record; return the batches this closed (usually none, at most two)."""
+    def add(self, record: Record, now: float, ready: bool = True) -> list[Batch]:
+        """Add one record; return the batches this closed (usually none, at most two).
+        `ready=False`: the encoder stage cannot take a batch now, so linger does not close one."""
         closed: list[Batch] = []
-        if self._opened_at is not None and now >= self._opened_at + self.linger_s:
+        if ready and self._opened_at is not None and now >= self._opened_at + self.linger_s:
             closed.append(self._close(now, "linger"))
         tokens = 0
         if isinstance(record, Note):
@@ -94,9 +97,9 @@ class Batcher:
                 self._longest = max((r.tokens for r in self._latest.values() if isinstance(r, Note)), default=0)
             self._longest = max(self._longest, record.tokens)
 
-    def poll(self, now: float) -> Batch | None:
-        """Close the open batch if it has lingered long enough."""
-        if self._opened_at is not None and now >= self._opened_at + self.linger_s:
+    def poll(self, now: float, ready: bool = True) -> Batch | None:
+        """Close the open batch if it has lingered long enough (and the encoder stage is `ready`)."""
+        if ready and self._opened_at is not None and now >= self._opened_at + self.linger_s:
             return self._close(now, "linger")
         return None
 

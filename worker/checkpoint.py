@@ -76,7 +76,8 @@ class Checkpoint:
             m = self.metrics
             m.embedded.inc(len(b.notes))
             m.deleted.inc(len(b.tombstones))
-            for d in [*b.dead, *enc.failed]:
+            sent = self.dlq.letters(enc) if hasattr(self.dlq, "letters") else [*b.dead, *enc.failed]
+            for d in sent:
                 m.dead_lettered.labels(reason=d.error_kind).inc()
             for n in b.notes:
                 m.freshness.observe(max(0.0, (acked_ms - n.published_at) / 1000.0))

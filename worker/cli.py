@@ -43,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     frm.add_argument("--from-timestamp", help="ISO 8601 time (UTC if no zone): first message at or after it")
     frm.add_argument("--from-offsets", help="partition:offset,... (partitions not named are not replayed)")
     rep.add_argument("--until", help="ISO time or partition:offset,... (exclusive); default: the end at start-up")
+    rep.add_argument("--resend-dead-letters", action="store_true",
+                     help="dead-letter malformed records again (default: skip them, the live worker already did)")
     bf = sub.add_parser("backfill", help="build a collection for a new model from the topic's start, then switch the alias")
     _common(bf)
     bf.add_argument("--new-model", dest="new_model", help="(alias of --model)")
@@ -109,7 +111,7 @@ def run(args) -> int:
             from worker.replay import replay
 
             return replay(s, from_timestamp=args.from_timestamp, from_offsets=args.from_offsets, until=args.until,
-                          group=args.group_id, run_app=run_app)
+                          group=args.group_id, run_app=run_app, resend_dead_letters=args.resend_dead_letters)
         if args.action == "backfill":
             from worker.backfill import backfill
 

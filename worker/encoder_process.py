@@ -13,9 +13,10 @@ parent: PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
-import json
+import atexit
 import multiprocessing as mp
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,6 +102,18 @@ def token_counter(model_dir: Path, manifest: dict):
     return count
 
 
+_LIVE: "weakref.WeakSet[ProcessEncoder]" = weakref.WeakSet()
+_ATEXIT = False
+
+
+def _close_all() -> None:
+    """At interpreter exit, before multiprocessing joins its children: the child ignores SIGTERM (so
+    multiprocessing's terminate() would not end it) and exits only when its pipe closes. Without this, a
+    caller that forgot close() would hang at exit."""
+    for enc in list(_LIVE):
+        enc.close()
+
+
 class ProcessEncoder:
     def __init__(self, model_dir, *, log_format: str | None = None, log_level: str | None = None, **kwargs: Any) -> None:
         import os
@@ -113,6 +126,12 @@ class ProcessEncoder:
                                  name="notellm-encoder")
         self._proc.start()
         child.close()
+        global _ATEXIT
+        if not _ATEXIT:  # registered after multiprocessing's own exit hook, so it runs before it (LIFO)
+            atexit.register(_close_all)
+            _ATEXIT = True
+        _LIVE.add(self)
+        self._closed = False
         self._lock = threading.Lock()
         info = self._recv()
         self.manifest: dict = info["manifest"]
@@ -155,6 +174,9 @@ class ProcessEncoder:
         return self._call("embed_and_generate", self._tuples(notes), task)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._call("stop")
         except Exception:  # noqa: BLE001

@@ -69,6 +69,10 @@ class Pipeline:
         with self._cv:
             self._cv.wait_for(lambda: self._q_encode.empty() or self.error is not None, timeout)
 
+    def slot_free(self) -> bool:
+        """The encoder's input slot is empty: a batch closed now would be taken without waiting."""
+        return self._q_encode.empty() and self.error is None
+
     @property
     def in_flight(self) -> int:
         return self._in_flight

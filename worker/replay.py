@@ -41,7 +41,10 @@ def resolve_range(s: Settings, *, from_timestamp: str | None, from_offsets: str 
 
 
 def replay(s: Settings, *, from_timestamp=None, from_offsets=None, until=None, group=None, run_app=None,
-           encoder=None, store=None) -> int:
+           encoder=None, store=None, resend_dead_letters: bool = False) -> int:
+    """`resend_dead_letters=False` (default): records that fail decoding/validation were dead-lettered when
+    the live worker read them; the replay skips them (counted in the log) instead of duplicating them on
+    the DLQ. Notes the encoder rejects are always dead-lettered (that depends on the model)."""
     from worker.app import WorkerApp
     from worker.logs import get_logger
 
@@ -50,8 +53,10 @@ def replay(s: Settings, *, from_timestamp=None, from_offsets=None, until=None, g
     log = get_logger("notellm.replay")
     log.info("replay_range", start=start, end=end, group=group, messages=sum(max(0, end[p] - start[p]) for p in start))
     t0 = time.monotonic()
-    app = WorkerApp(s, encoder=encoder, store=store, group_id=group, start_offsets=start, end_offsets=end, name="replay")
+    app = WorkerApp(s, encoder=encoder, store=store, group_id=group, start_offsets=start, end_offsets=end,
+                    dead_letter_input_errors=resend_dead_letters, name="replay")
     rc = run_app(app) if run_app else app.run()
     log.info("replay_done", rc=rc, seconds=round(time.monotonic() - t0, 2),
-             embedded=app.metrics.embedded._value.get() if app.started else 0)
+             embedded=app.metrics.embedded._value.get() if app.started else 0,
+             dead_letters_not_resent=getattr(getattr(app, "dlq_sink", None), "skipped", 0))
     return rc

@@ -108,12 +108,25 @@ class TagsSink(KafkaEventSink):
 class DeadLetterSink(KafkaEventSink):
     name = "dlq"
 
-    def __init__(self, *a, worker_version: str = "", **kw) -> None:
+    def __init__(self, *a, worker_version: str = "", input_errors: bool = True, **kw) -> None:
+        """`input_errors=False` (replay, backfill): records that failed decoding or validation are not
+        dead-lettered again (the live worker already did, and re-reading them cannot change that);
+        `encode_failed` depends on the model and is always sent."""
         super().__init__(*a, **kw)
         self.worker_version = worker_version
+        self.input_errors = input_errors
+        self.skipped = 0
+
+    def letters(self, enc: Encoded) -> list[DeadLetter]:
+        """What this sink sends for `enc`."""
+        if self.input_errors:
+            return [*enc.batch.dead, *enc.failed]
+        return list(enc.failed)
 
     def add(self, enc: Encoded) -> None:
-        for d in [*enc.batch.dead, *enc.failed]:
+        letters = self.letters(enc)
+        self.skipped += len(enc.batch.dead) + len(enc.failed) - len(letters)
+        for d in letters:
             self.add_one(d)
 
     def add_one(self, d: DeadLetter) -> None:

@@ -69,10 +69,9 @@ class MilvusStore:
         """Physical collection behind alias `name` (or the collection itself), None if absent."""
         name = name or self.alias
         with self.lock:
-            try:
+            # list first: describe_alias on a missing alias makes pymilvus log an ERROR on a normal first start
+            if name in self.client.list_aliases().get("aliases", []):
                 return self.client.describe_alias(name)["collection_name"]
-            except Exception:  # noqa: BLE001 - "alias does not exist"
-                pass
             return name if self.client.has_collection(name) else None
 
     def describe(self, collection: str) -> tuple[int | None, str | None]:
@@ -139,10 +138,9 @@ class MilvusStore:
 
     def switch_alias(self, collection: str) -> None:
         with self.lock:
-            try:
-                self.client.describe_alias(self.alias)
+            if self.alias in self.client.list_aliases().get("aliases", []):
                 self.client.alter_alias(collection, self.alias)
-            except Exception:  # noqa: BLE001 - alias missing
+            else:
                 self.client.create_alias(collection, self.alias)
 
     def ping(self) -> bool:
