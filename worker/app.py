@@ -21,7 +21,6 @@ from worker.sinks.milvus import MilvusSink, MilvusStore
 from worker.source import KafkaSource
 
 POLL_S = 0.1  # longest single poll; the loop comes back at least this often
-LINGER_RECHECK_S = 0.005  # a lingered-out batch waiting for the encoder's slot: how often to look again
 PAUSE_AFTER_S = 1.0  # a closed batch waiting longer than this for the encoder: pause and keep polling
 
 
@@ -195,9 +194,13 @@ class WorkerApp:
                     timeout = POLL_S
                 elif ready:
                     timeout = min(POLL_S, max(0.0, dl - now))
-                else:  # lingered out but the slot is taken: look again soon, without spinning
-                    timeout = min(POLL_S, max(LINGER_RECHECK_S, dl - now))
+                else:  # the slot is taken: keep filling; once lingered out, only take what is already here
+                    timeout = min(POLL_S, max(0.0, dl - now))
                 records = src.poll(timeout, max_messages=self.s.batch.max_batch_notes)
+                if not records and not ready and dl is not None and dl <= now:
+                    # A lingered-out batch waits for the encoder: wake when its slot frees, not on a timer
+                    # (a tight poll loop would take CPU from the encoder).
+                    pipe.wait_slot(POLL_S)
                 now = time.monotonic()
                 self.heartbeat = now
                 ready = not self._pending and pipe.slot_free()
