@@ -190,12 +190,8 @@ class WorkerApp:
                 # the open batch keeps filling (full batches drain a backlog fastest).
                 ready = not self._pending and pipe.slot_free()
                 dl = batcher.deadline()
-                if dl is None:
-                    timeout = POLL_S
-                elif ready:
-                    timeout = min(POLL_S, max(0.0, dl - now))
-                else:  # the slot is taken: keep filling; once lingered out, only take what is already here
-                    timeout = min(POLL_S, max(0.0, dl - now))
+                # Until the linger deadline, wait for records; after it, take only what is already here.
+                timeout = POLL_S if dl is None else min(POLL_S, max(0.0, dl - now))
                 records = src.poll(timeout, max_messages=self.s.batch.max_batch_notes)
                 if not records and not ready and dl is not None and dl <= now:
                     # A lingered-out batch waits for the encoder: wake when its slot frees, not on a timer
