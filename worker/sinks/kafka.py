@@ -124,9 +124,9 @@ class DeadLetterSink(KafkaEventSink):
         return list(enc.failed)
 
     def add(self, enc: Encoded) -> None:
-        letters = self.letters(enc)
-        self.skipped += len(enc.batch.dead) + len(enc.failed) - len(letters)
-        for d in letters:
+        if not self.input_errors:
+            self.skipped += len(enc.batch.dead)
+        for d in self.letters(enc):
             self.add_one(d)
 
     def add_one(self, d: DeadLetter) -> None:
