@@ -1,11 +1,37 @@
 """What the Source hands downstream: a validated `Note`, a `Tombstone` (null value = delete), or a
-`DeadLetter` (bytes we could not accept). Nothing downstream of the Source ever sees raw Kafka bytes,
-except the DeadLetter, which keeps them so nothing is lost."""
+`DeadLetter` (a record we could not accept, with the reason). Every record keeps its original Kafka
+bytes (`Raw`: key, value, headers), so a dead letter always carries what was consumed — never a
+re-serialised note — and re-driving it restores the note exactly."""
 from __future__ import annotations
 
-import base64
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+# Why a record was dead-lettered (dead_letter.v2's `error_kind` enum). The first six are input errors
+# (decided from the bytes alone, so a replay of the same record reaches the same verdict).
+INPUT_ERRORS = ("not_utf8", "not_json", "schema_violation", "too_large", "bad_key", "decode_failed")
+ERROR_KINDS = (*INPUT_ERRORS,
+               "encode_failed",   # the encoder cannot take this note (e.g. its prompt cannot be tokenised)
+               "sink_rejected")   # the store refused this note's row for its data
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A Kafka record's original bytes."""
+
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A note's prompt token ids, computed once on the polling thread (`Encoder.tokenize`): the batcher's
+    token budget and the encoder both use them; the encoder never tokenises again."""
+
+    category: tuple[int, ...]            # note segment of the category prompt (after the shared instruction)
+    hashtags: tuple[int, ...] | None     # note segment of the hashtag prompt; None when not generated
+    tokens: int                          # the budget unit: the full category prompt (instruction + note + continuation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +47,12 @@ class Note:
     partition: int
     offset: int
     timestamp_ms: int | None = None
-    size: int = 0
-    tokens: int = 0  # prompt length in tokens, filled in by the batcher's token counter
+    raw: Raw = Raw()
+    prompt: Prompt | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt.tokens if self.prompt is not None else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,19 +61,33 @@ class Tombstone:
     partition: int
     offset: int
     timestamp_ms: int | None = None
+    raw: Raw = Raw()
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     key: bytes | None
     value: bytes | None
-    error_kind: str  # one of dead_letter.v1's enum
+    error_kind: str  # one of ERROR_KINDS
     error_message: str
     topic: str
     partition: int
     offset: int
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
     failed_at: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @classmethod
+    def of(cls, rec: "Note | Tombstone", kind: str, message: str, topic: str) -> "DeadLetter":
+        """A dead letter for a record that passed decoding but failed later (encoder, sink): its original
+        bytes, never a re-serialisation."""
+        r = rec.raw
+        return cls(key=r.key, value=r.value, headers=r.headers, error_kind=kind, error_message=message, topic=topic,
+                   partition=rec.partition, offset=rec.offset, timestamp_ms=rec.timestamp_ms)
+
+    @property
+    def input_error(self) -> bool:
+        return self.error_kind in INPUT_ERRORS
 
     @property
     def note_id(self) -> str | None:
@@ -55,20 +99,6 @@ class DeadLetter:
         except UnicodeDecodeError:
             return None
 
-    def to_event(self, worker_version: str) -> dict:
-        b64 = lambda b: None if b is None else base64.b64encode(b).decode("ascii")  # noqa: E731
-        return {
-            "schema_version": "dead_letter.v1",
-            "key_b64": b64(self.key),
-            "value_b64": b64(self.value),
-            "error_kind": self.error_kind,
-            "error_message": self.error_message[:2000],
-            "source": {"topic": self.topic, "partition": self.partition, "offset": self.offset,
-                       "timestamp_ms": self.timestamp_ms},
-            "worker_version": worker_version,
-            "failed_at": self.failed_at,
-        }
-
 
 Record = Note | Tombstone | DeadLetter
 
@@ -76,7 +106,9 @@ Record = Note | Tombstone | DeadLetter
 @dataclass
 class Batch:
     """A closed micro-batch. `notes` are de-duplicated by note_id (later offset wins, also across
-    tombstones); `offsets` is what committing this batch means: partition -> next offset to read."""
+    tombstones); `offsets` is what committing this batch means: partition -> next offset to read.
+    `owner` is the assignment generation of each partition when the batch closed (see ownership.py):
+    sinks write a partition's records only while that generation still owns it."""
 
     seq: int
     notes: list[Note]
@@ -88,15 +120,13 @@ class Batch:
     opened_at: float
     closed_at: float
     reason: str  # "notes" | "tokens" | "linger" | "flush"
-
-    @property
-    def empty(self) -> bool:
-        return self.records == 0
+    owner: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class Encoded:
-    """A batch after the encoder: one embedding row, category and hashtags per note."""
+    """A batch after the encoder: one embedding row, category and hashtags per note of `batch.notes`.
+    `failed`: notes the encoder rejected as notes (NoteError), already removed from `batch.notes`."""
 
     batch: Batch
     embeddings: "object"  # np.ndarray float32 [n, d]
@@ -104,4 +134,29 @@ class Encoded:
     hashtags: list[list[str]]
     model_version: str
     encode_s: float = 0.0
-    failed: list[DeadLetter] = field(default_factory=list)  # notes the encoder could not handle
+    failed: list[DeadLetter] = field(default_factory=list)
+
+    def only(self, partitions: set[int]) -> "Encoded":
+        """The part of this batch that belongs to `partitions` (ownership fence)."""
+        b = self.batch
+        if all(p in partitions for p in b.offsets):
+            return self
+        keep = [i for i, n in enumerate(b.notes) if n.partition in partitions]
+        nb = replace(b, notes=[b.notes[i] for i in keep],
+                     tombstones=[t for t in b.tombstones if t.partition in partitions],
+                     dead=[d for d in b.dead if d.partition in partitions],
+                     offsets={p: o for p, o in b.offsets.items() if p in partitions})
+        return replace(self, batch=nb, embeddings=self.embeddings[keep] if len(keep) else self.embeddings[:0],
+                       categories=[self.categories[i] for i in keep] if self.categories else [],
+                       hashtags=[self.hashtags[i] for i in keep] if self.hashtags else [],
+                       failed=[d for d in self.failed if d.partition in partitions])
+
+    def without(self, note_ids: set[str]) -> "Encoded":
+        """This batch less the notes `note_ids` (rows a sink rejected: no tags for them)."""
+        if not note_ids:
+            return self
+        keep = [i for i, n in enumerate(self.batch.notes) if n.note_id not in note_ids]
+        nb = replace(self.batch, notes=[self.batch.notes[i] for i in keep])
+        return replace(self, batch=nb, embeddings=self.embeddings[keep] if len(keep) else self.embeddings[:0],
+                       categories=[self.categories[i] for i in keep] if self.categories else [],
+                       hashtags=[self.hashtags[i] for i in keep] if self.hashtags else [])
