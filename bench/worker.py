@@ -95,32 +95,32 @@ def produce(bootstrap, topic, docs, stamp=True):
     p.flush(30)
 
 
-def batches_of(enc, docs, s) -> list[list]:
-    """The batches the worker's batcher forms from these notes (no linger: a backlog)."""
+def batches_of(enc, docs, s, generate) -> list:
+    """The batches the worker's batcher forms from these notes (no linger: a backlog), each note
+    tokenised once as the worker's polling thread does."""
     from worker.batcher import Batcher
-    from worker.source import Note
+    from worker.encoding import prepare
+    from worker.records import Note
 
-    b = Batcher(max_notes=s.batch.max_batch_notes, max_tokens=s.batch.max_batch_tokens, linger_s=3600,
-                token_count=enc.prompt_tokens)
+    b = Batcher(max_notes=s.batch.max_batch_notes, max_tokens=s.batch.max_batch_tokens, linger_s=3600)
     out = []
     for i, d in enumerate(docs):
         n = Note(note_id=d["note_id"], title=d["title"], content=d["content"], author_id=d["author_id"],
                  published_at=d["published_at"], topic=d.get("topic"), category=None, hashtags=None,
                  partition=0, offset=i)
-        out += [x.notes for x in b.add(n, 0.0)]
+        out += b.add(prepare(enc, n, generate, "bench"), 0.0)
     last = b.flush(0.0)
     if last:
-        out.append(last.notes)
-    return out
+        out.append(last)
+    return [x for x in out if x.notes]
 
 
 def encoder_alone(enc, batches, generate) -> float:
-    from worker.encoding import _run
-
-    n = sum(len(b) for b in batches)
+    """notes/s of the engine alone on these batches (prompts already tokenised, as in the worker)."""
+    n = sum(len(b.notes) for b in batches)
     t0 = time.perf_counter()
     for b in batches:
-        _run(enc, b, generate)
+        enc.encode([x.prompt for x in b.notes], generate)
     return n / (time.perf_counter() - t0)
 
 
@@ -233,7 +233,7 @@ def measure(label, enc, wenc, docs, bootstrap, tmp, generate, batch, latency_sec
     from worker.config import BatchSettings
 
     s = settings(bootstrap, {"notes": "x", "tags": "x", "dlq": "x"}, "x", generate, batch)
-    batches = batches_of(enc, docs, s)
+    batches = batches_of(enc, docs, s, generate)
     store = MilvusStore(str(tmp / f"{label}.db"), alias=f"bench_{label}")
     progress(f"{label}: encoder alone, {len(docs)} notes in {len(batches)} batches")
     # Interleaved (alone, worker, alone, ...): other processes share this CPU, so each side keeps its best.
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     import logging
     import tempfile
 
-    from worker.encoding import load_encoder
+    from worker.encoders import load_encoder
     from worker.logs import configure_logging
 
     configure_logging("console", "WARNING")

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import fastjsonschema
 
-NAMES = ("note.v1", "note_tags.v1", "dead_letter.v1")
+# dead_letter.v2 is what the worker writes; dead_letter.v1 stays for reading events of older workers.
+NAMES = ("note.v1", "note_tags.v1", "dead_letter.v1", "dead_letter.v2")
 
 
 class SchemaError(ValueError):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 
 from worker.batcher import Batcher
-from worker.records import DeadLetter, Note, Tombstone
+from worker.records import DeadLetter, Note, Prompt, Tombstone
 
 
 def note(i: int, p: int = 0, off: int | None = None, tokens: int = 10, nid: str | None = None, title: str = "t") -> Note:
     return Note(note_id=nid or f"n{i}", title=title, content="c", author_id="a", published_at=0, topic=None,
-                category=None, hashtags=None, partition=p, offset=i if off is None else off, tokens=tokens)
+                category=None, hashtags=None, partition=p, offset=i if off is None else off,
+                prompt=Prompt(category=(1,) * tokens, hashtags=None, tokens=tokens))
 
 
 def dead(off: int, p: int = 0) -> DeadLetter:
@@ -17,7 +18,7 @@ def dead(off: int, p: int = 0) -> DeadLetter:
 
 
 def mk(**kw) -> Batcher:
-    args = dict(max_notes=4, max_tokens=1000, linger_s=0.05, token_count=lambda n: n.tokens or 10)
+    args = dict(max_notes=4, max_tokens=1000, linger_s=0.05)
     args.update(kw)
     return Batcher(**args)
 
@@ -30,7 +31,7 @@ def test_closes_at_max_notes():
     assert [len(x.notes) for x in out] == [4, 4]
     assert all(x.reason == "notes" for x in out)
     assert out[0].offsets == {0: 4} and out[1].offsets == {0: 8}
-    assert b.pending == 1
+    assert b.flush(0.0).records == 1
 
 
 def test_closes_at_padded_token_budget():
@@ -71,7 +72,8 @@ def test_linger_expired_before_add_closes_old_batch_first():
     b = mk(linger_s=0.05)
     b.add(note(0), 0.0)
     out = b.add(note(1), 1.0)
-    assert len(out) == 1 and [n.note_id for n in out[0].notes] == ["n0"] and b.pending == 1
+    assert len(out) == 1 and [n.note_id for n in out[0].notes] == ["n0"]
+    assert [n.note_id for n in b.flush(1.0).notes] == ["n1"]
 
 
 def test_linger_waits_while_the_encoder_is_backed_up_but_budgets_still_close():
@@ -110,12 +112,14 @@ def test_offsets_per_partition_and_drop_partitions():
     got = b.flush(0.0)
     assert got.offsets == {0: 3} and {n.note_id for n in got.notes} == {"a0", "a1", "a2"} and not got.dead
     b.add(note(0, p=2), 0.0)
-    assert b.drop_partitions([2]) == 1 and b.pending == 0 and b.flush(0.0) is None
+    assert b.drop_partitions([2]) == 1 and b.flush(0.0) is None
 
 
-def test_token_counter_used_once_per_note():
-    seen = []
-    b = Batcher(max_notes=10, max_tokens=1000, linger_s=1, token_count=lambda n: seen.append(n.note_id) or 7)
-    b.add(note(0, tokens=0), 0.0)
+def test_budget_is_the_encoders_padded_tokens_function():
+    from worker.encoding import padded_tokens
+
+    b = Batcher(max_notes=10, max_tokens=1000, linger_s=1)
+    for i, t in enumerate((7, 30, 12)):
+        b.add(note(i, tokens=t), 0.0)
     got = b.flush(0.0)
-    assert seen == ["n0"] and got.notes[0].tokens == 7 and got.padded_tokens == 7
+    assert got.padded_tokens == padded_tokens([7, 30, 12]) == 90

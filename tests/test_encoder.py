@@ -14,6 +14,7 @@ import pytest
 from notellm.prompts import NoteText
 from tests.tiny import NOTES, tiny_package
 from worker.encoder import EncoderError, OnnxNoteEncoder
+from worker.encoding import Encoder, EngineError, NoteError, padded_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,7 @@ def enc(pkg) -> OnnxNoteEncoder:
 
 
 def test_interface(enc, pkg):
+    assert isinstance(enc, Encoder)
     assert enc.dim == 128 and enc.manifest["dim"] == 128
     assert enc.model_version == json.loads((pkg / "notellm.json").read_text())["model_version"]
     assert enc.providers == ["CPUExecutionProvider"]
@@ -69,9 +71,64 @@ def test_batches_respect_count_and_token_budget(enc):
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= enc.max_batch_notes
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= enc.max_batch_tokens
+        assert len(b) == 1 or padded_tokens([lengths[i] for i in b]) <= enc.max_batch_tokens
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat), "notes are sorted by length before batching"
+
+
+def test_tokenize_once_then_encode_from_ids(enc):
+    """tokenize gives the note segments (and the budget unit); encode runs from those ids alone."""
+    for n in NOTES:
+        p = enc.tokenize(n, "both")
+        assert list(p.category) == enc.prompts.note_ids(n, "category")
+        assert list(p.hashtags) == enc.prompts.note_ids(n, "hashtags")
+        assert p.tokens == enc.prompt_tokens(n) == len(enc.prompts.encode(n, "category").input_ids)
+        assert enc.tokenize(n, "none").hashtags is None and enc.tokenize(n, "category").hashtags is None
+        assert enc.tokenize(n, "hashtags").hashtags == p.hashtags
+    prompts = [enc.tokenize(n, "both") for n in NOTES]
+    v, cats, tags = enc.encode(prompts, "both")
+    ref = enc.embed_and_generate(NOTES, "both")
+    np.testing.assert_allclose(v, ref[0], atol=1e-6)
+    assert (cats, tags) == (ref[1], ref[2])
+    v0, cats0, tags0 = enc.encode(prompts, "none")
+    np.testing.assert_allclose(v0, v, atol=1e-6)
+    assert cats0 == [None] * len(NOTES) and tags0 == [[] for _ in NOTES]
+    with pytest.raises(EngineError, match="hashtag segment"):
+        enc.encode([enc.tokenize(n, "category") for n in NOTES], "both")
+
+
+def test_tokenize_rejects_what_cannot_be_encoded(pkg):
+    enc = OnnxNoteEncoder(pkg, device="cpu")
+    for bad in (NoteText("lone \ud800 surrogate", "x"), NoteText("t", "x", "\udfff"), NoteText(["not", "text"], "x")):
+        with pytest.raises(NoteError, match="cannot tokenise") as e:
+            enc.tokenize(bad, "none")
+        assert e.value.index is None
+    n = NOTES[2]
+    enc.prompt_tokenizer.max_tokens = enc.prompt_tokens(n) - 1
+    with pytest.raises(NoteError, match="exceeds"):
+        enc.tokenize(n, "none")
+
+
+def test_engine_faults_are_engine_errors_and_restart_recovers(pkg):
+    enc = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_batch_tokens=600)
+    prompts = [enc.tokenize(n, "none") for n in NOTES]
+    good = enc.encode(prompts, "none")[0]
+    assert enc.health().ok
+
+    class Boom:
+        def io_binding(self):
+            raise MemoryError("device out of memory")
+
+    enc.session = Boom()
+    with pytest.raises(EngineError, match="MemoryError: device out of memory"):
+        enc.encode(prompts, "none")
+    enc.close()
+    assert not enc.health().ok
+    with pytest.raises(EngineError, match="closed"):
+        enc.encode(prompts, "none")
+    enc.restart()
+    assert enc.health().ok
+    np.testing.assert_allclose(enc.encode(prompts, "none")[0], good, atol=1e-6)
 
 
 def test_embed_and_generate_tasks(enc):

@@ -42,8 +42,9 @@ class Flaky:
         if now - self.first < self.fail_for_s:
             self.failures += 1
             raise RetryLater(self.name, "injected outage")
-        self.sink.flush()
+        out = self.sink.flush()
         self.first_ok = self.first_ok or time.monotonic()
+        return out
 
     def __getattr__(self, k):
         return getattr(self.sink, k)

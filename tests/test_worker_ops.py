@@ -152,18 +152,20 @@ def test_process_encoder_matches_the_in_process_one(tiny_dir, encoder):
     import numpy as np
 
     from notellm.prompts import NoteText
-    from worker.encoding import load_encoder
+    from worker.encoders import load_encoder
 
     notes = [NoteText(d["title"], d["content"], None) for d in (note_doc(i) for i in range(5))]
     notes.append(NoteText("Amélie (2001)", "Comedy|Romance — \"quoted\" {json}", "Comedy"))
     pe = load_encoder(tiny_dir, device="cpu", intra_op_threads=1, isolation="process")
     try:
         assert (pe.dim, pe.model_version) == (encoder.dim, encoder.model_version)
-        assert [pe.prompt_tokens(n) for n in notes] == [encoder.prompt_tokens(n) for n in notes]
-        assert np.allclose(pe.embed(notes), encoder.embed(notes), atol=1e-5)
-        v1, c1, h1 = pe.embed_and_generate(notes, "both")
-        v2, c2, h2 = encoder.embed_and_generate(notes, "both")
-        assert np.allclose(v1, v2, atol=1e-5) and c1 == c2 and h1 == h2
+        # Tokenised once, in the parent, by the same code as the in-process encoder.
+        prompts = [pe.tokenize(n, "both") for n in notes]
+        assert prompts == [encoder.tokenize(n, "both") for n in notes]
+        v0, _, _ = pe.encode(prompts, "none")
+        v1, c1, h1 = pe.encode(prompts, "both")
+        v2, c2, h2 = encoder.encode(prompts, "both")
+        assert np.allclose(v0, v2, atol=1e-5) and np.allclose(v1, v2, atol=1e-5) and c1 == c2 and h1 == h2
     finally:
         pe.close()
     assert not pe._proc.is_alive()
@@ -180,7 +182,7 @@ def test_process_encoder_left_open_does_not_hang_interpreter_exit(tiny_dir, tmp_
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "if __name__ == '__main__':\n"
-        "    from worker.encoding import load_encoder\n"
+        "    from worker.encoders import load_encoder\n"
         f"    e = load_encoder({str(tiny_dir)!r}, device='cpu', intra_op_threads=1, isolation='process')\n"
         "    e.warmup()\n"
         "    print('pid', e._proc.pid, flush=True)\n")

@@ -1,59 +1,20 @@
-"""Unit tests of the stages around the encoder (no broker, no Milvus): decoding, the checkpoint's
-order of steps, the pipeline's error handling, the encode stage's poison-note isolation."""
+"""Unit tests of the stages around the encoder (no broker, no Milvus): the checkpoint's order of steps,
+its handling of rejected rows and of ownership, the ownership fence, the pipeline's error handling and
+bounded waits. Decoding: tests/test_decode.py; the encode stage: tests/test_encoder_stage.py."""
 from __future__ import annotations
 
-import json
+import threading
+import time
 
+import numpy as np
 import pytest
 
-from tests.fakes import FakeEncoder
 from worker.checkpoint import Checkpoint, CheckpointFailed, RetryPolicy
-from worker.encoding import encode_batch
-from worker.records import Batch, DeadLetter, Encoded, Note, Tombstone
-from worker.sinks import GiveUp, RetryLater
-from worker.source import decode, parse_offsets
-
-
-class Msg:
-    def __init__(self, value, key=b"n1", partition=0, offset=5):
-        self._v, self._k, self._p, self._o = value, key, partition, offset
-
-    def key(self): return self._k
-    def value(self): return self._v
-    def topic(self): return "notes"
-    def partition(self): return self._p
-    def offset(self): return self._o
-    def timestamp(self): return (1, 1234)
-
-
-GOOD = {"note_id": "n1", "title": "T", "content": "C", "author_id": "a", "published_at": 1, "extra": {"x": 1}}
-
-
-@pytest.mark.parametrize("value,key,kind", [
-    (b"\xff\xfe", b"n1", "not_utf8"),
-    (b"{nope", b"n1", "not_json"),
-    (json.dumps({**GOOD, "published_at": -1}).encode(), b"n1", "schema_violation"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "author_id"}).encode(), b"n1", "schema_violation"),
-    (json.dumps([1, 2]).encode(), b"n1", "schema_violation"),
-    (json.dumps({**GOOD, "content": "x" * 600}).encode(), b"n1", "too_large"),
-    (json.dumps(GOOD).encode(), b"other", "bad_key"),
-    (json.dumps(GOOD).encode(), b"\xff", "bad_key"),
-    (None, None, "bad_key"),
-])
-def test_decode_dead_letters(value, key, kind):
-    r = decode(Msg(value, key), max_bytes=512)
-    assert isinstance(r, DeadLetter) and r.error_kind == kind and r.error_message
-    ev = r.to_event("0.1.0")
-    import schemas
-    schemas.validate("dead_letter.v1", ev)
-    assert ev["source"] == {"topic": "notes", "partition": 0, "offset": 5, "timestamp_ms": 1234}
-
-
-def test_decode_note_and_tombstone():
-    n = decode(Msg(json.dumps(GOOD).encode()), max_bytes=4096)
-    assert isinstance(n, Note) and n.note_id == "n1" and n.offset == 5 and n.size > 0
-    t = decode(Msg(None, b"n9"), max_bytes=4096)
-    assert isinstance(t, Tombstone) and t.note_id == "n9"
+from worker.ownership import Ownership
+from worker.pipeline import Pipeline
+from worker.records import Batch, DeadLetter, Encoded, Note, Raw
+from worker.sinks import GiveUp, Rejected, RetryLater
+from worker.source import parse_offsets
 
 
 def test_parse_offsets():
@@ -62,76 +23,171 @@ def test_parse_offsets():
 
 def _note(i, p=0):
     return Note(note_id=f"n{i}", title=f"title {i}", content="c", author_id="a", published_at=0, topic=None,
-                category=None, hashtags=None, partition=p, offset=i)
+                category=None, hashtags=None, partition=p, offset=i, raw=Raw(f"n{i}".encode(), b"{...}", (("h", b"v"),)))
 
 
-def _batch(notes, offsets, dead=()):
+def _batch(notes, offsets, dead=(), owner=None):
     return Batch(seq=1, notes=list(notes), tombstones=[], dead=list(dead), offsets=offsets, records=len(notes),
-                 padded_tokens=0, opened_at=0, closed_at=0, reason="notes")
+                 padded_tokens=0, opened_at=0, closed_at=0, reason="notes",
+                 owner=owner if owner is not None else {p: 1 for p in offsets})
+
+
+def _enc(batch):
+    n = len(batch.notes)
+    return Encoded(batch, np.ones((n, 4), np.float32), ["c"] * n, [["t"]] * n, "v")
 
 
 class RecSink:
-    def __init__(self, name, log, fail=()):
-        self.name, self.log, self.fail = name, log, list(fail)
+    """Records what the checkpoint asks of a sink; `fail` raises in turn on flush; `reject` note ids."""
+
+    def __init__(self, name, log, fail=(), reject=()):
+        self.name, self.log, self.fail, self.reject = name, log, list(fail), set(reject)
+        self.staged: list = []
+        self.letters_in: list = []
 
     def add(self, enc):
-        self.log.append(("add", self.name))
+        self.staged = [n.note_id for n in enc.batch.notes]
+        self.log.append(("add", self.name, tuple(self.staged)))
+
+    def add_letters(self, letters):
+        self.letters_in = list(letters)
+
+    def letters(self, enc):
+        return [*enc.batch.dead, *enc.failed]
 
     def flush(self):
         if self.fail:
             raise self.fail.pop(0)
         self.log.append(("flush", self.name))
+        notes = {n: None for n in self.staged}
+        return [Rejected(_note(int(n[1:])), "bad row") for n in notes if n in self.reject]
+
+    def discard(self):
+        self.staged = []
 
 
-def test_checkpoint_order_flush_milvus_then_tags_then_commit():
+def _cp(log, own, **kw):
+    kw.setdefault("milvus", RecSink("milvus", log))
+    return Checkpoint(commit=lambda offs, wait: log.append(("commit", dict(offs))), ownership=own,
+                      policy=RetryPolicy(0.001, 0.01, 5), topic="notes", **kw)
+
+
+def _owned(*parts):
+    o = Ownership()
+    o.assign(parts)
+    return o
+
+
+def test_checkpoint_order_flush_milvus_then_tags_then_dlq_then_commit():
     log = []
-    cp = Checkpoint(commit=lambda offs, wait: log.append(("commit", dict(offs))), assigned=lambda: {0, 1},
-                    milvus=RecSink("milvus", log, [RetryLater("milvus", "x")]), tags=RecSink("tags", log),
-                    dlq=RecSink("dlq", log), policy=RetryPolicy(0.001, 0.01, 5))
-    enc = Encoded(_batch([_note(1)], {0: 2, 1: 7, 3: 1}), None, [], [], "v")
-    cp.complete(enc)
-    assert log[-2:] == [("flush", "tags"), ("flush", "dlq")] and ("flush", "milvus") in log
+    own = _owned(0, 1)
+    cp = _cp(log, own, milvus=RecSink("milvus", log, [RetryLater("milvus", "x")]), tags=RecSink("tags", log),
+             dlq=RecSink("dlq", log))
+    b = _batch([_note(1)], {0: 2, 1: 7})
+    b.owner = own.stamp([0, 1])
+    cp.complete(_enc(b))
+    flushes = [e[1] for e in log if e[0] == "flush"]
+    assert flushes == ["milvus", "tags", "dlq"]
     assert not any(e[0] == "commit" for e in log)  # step 3 happens on the polling thread
-    assert cp.commit_ready() == {0: 2, 1: 7}  # partition 3 is not ours: not committed
+    cp.commit_ready()
     assert log[-1] == ("commit", {0: 2, 1: 7})
-    assert cp.commit_ready() == {}
+    n = len(log)
+    cp.commit_ready()
+    assert len(log) == n  # nothing new to commit
+
+
+def test_rejected_rows_become_sink_rejected_dead_letters_without_tags():
+    log = []
+    own = _owned(0)
+    tags, dlq = RecSink("tags", log), RecSink("dlq", log)
+    cp = _cp(log, own, milvus=RecSink("milvus", log, reject={"n2"}), tags=tags, dlq=dlq)
+    b = _batch([_note(i) for i in range(4)], {0: 4})
+    b.owner = own.stamp([0])
+    cp.complete(_enc(b))
+    assert tags.staged == ["n0", "n1", "n3"]
+    [d] = dlq.letters_in
+    assert (d.error_kind, d.note_id, d.offset, d.value, d.headers) == ("sink_rejected", "n2", 2, b"{...}", (("h", b"v"),))
 
 
 def test_checkpoint_gives_up_without_commit():
     log = []
-    cp = Checkpoint(commit=lambda offs, wait: log.append("commit"), assigned=lambda: {0},
-                    milvus=RecSink("milvus", log), tags=RecSink("tags", log, [GiveUp("tags", "fenced")]),
-                    policy=RetryPolicy(0.001, 0.01, 5))
+    own = _owned(0)
+    cp = _cp(log, own, tags=RecSink("tags", log, [GiveUp("tags", "fenced")]))
+    b = _batch([_note(1)], {0: 2})
+    b.owner = own.stamp([0])
     with pytest.raises(CheckpointFailed):
-        cp.complete(Encoded(_batch([_note(1)], {0: 2}), None, [], [], "v"))
-    assert cp.commit_ready() == {} and "commit" not in log
+        cp.complete(_enc(b))
+    cp.commit_ready()
+    assert not any(e[0] == "commit" for e in log)
 
 
 def test_checkpoint_retry_budget_is_bounded():
-    cp = Checkpoint(commit=lambda offs, wait: None, assigned=lambda: {0},
-                    milvus=RecSink("milvus", [], [RetryLater("milvus", "down")] * 1000),
+    own = _owned(0)
+    cp = Checkpoint(commit=lambda offs, wait: None, ownership=own,
+                    milvus=RecSink("milvus", [], [RetryLater("milvus", "down")] * 100000),
                     policy=RetryPolicy(0.001, 0.01, 0.2))
+    b = _batch([_note(1)], {0: 2})
+    b.owner = own.stamp([0])
+    t0 = time.monotonic()
     with pytest.raises(CheckpointFailed, match="retry budget"):
-        cp.complete(Encoded(_batch([_note(1)], {0: 2}), None, [], [], "v"))
+        cp.complete(_enc(b))
+    assert time.monotonic() - t0 < 3
 
 
-def test_encode_isolates_a_poison_note():
-    enc = FakeEncoder(dim=8, fail_titles=("title 2",))
-    b = _batch([_note(i) for i in range(4)], {0: 4})
-    out = encode_batch(enc, b, "both", topic="notes")
-    assert [n.note_id for n in out.batch.notes] == ["n0", "n1", "n3"] and out.embeddings.shape == (3, 8)
-    assert [(d.note_id, d.error_kind) for d in out.failed] == [("n2", "encode_failed")]
-    assert out.categories == ["title"] * 3
+def test_lost_partition_is_neither_written_nor_committed():
+    log = []
+    own = _owned(0, 1)
+    milvus = RecSink("milvus", log)
+    cp = _cp(log, own, milvus=milvus)
+    b = _batch([_note(1, p=0), _note(2, p=1)], {0: 2, 1: 3})
+    b.owner = own.stamp([0, 1])
+    own.revoke([1])
+    cp.complete(_enc(b))
+    assert ("add", "milvus", ("n1",)) in log and not any("n2" in e[2] for e in log if e[0] == "add")
+    cp.commit_ready()
+    assert log[-1] == ("commit", {0: 2})
+
+
+def test_a_partition_revoked_and_assigned_again_does_not_take_an_old_batch():
+    own = _owned(0)
+    old = own.stamp([0])
+    own.revoke([0])
+    own.assign([0])  # back to this worker: a new generation
+    with own.hold(old) as owned:
+        assert owned == set()
+    with own.hold(own.stamp([0])) as owned:
+        assert owned == {0}
+
+
+def test_revoke_waits_for_a_write_in_progress():
+    own = _owned(0)
+    events = []
+    entered = threading.Event()
+
+    def write():
+        with own.hold(own.stamp([0])) as owned:
+            entered.set()
+            time.sleep(0.3)
+            events.append(("write_done", owned))
+
+    t = threading.Thread(target=write)
+    t.start()
+    entered.wait(5)
+    own.revoke([0])
+    events.append(("revoked",))
+    t.join()
+    assert events == [("write_done", {0}), ("revoked",)]
 
 
 def test_pipeline_keeps_order_and_stops_on_error():
-    import threading
-    import time
-
-    from worker.pipeline import Pipeline
-
     done = []
-    p = Pipeline(lambda b, idle, early: b, lambda e: done.append(e.seq) if e.seq != 3 else (_ for _ in ()).throw(RuntimeError("x")))
+
+    def sink(e):
+        if e.seq == 3:
+            raise RuntimeError("x")
+        done.append(e.seq)
+
+    p = Pipeline(lambda b, idle, early: Encoded(b, None, [], [], "v"), lambda e: sink(e.batch))
     for i in range(1, 6):
         b = _batch([], {})
         b.seq = i
@@ -139,3 +195,30 @@ def test_pipeline_keeps_order_and_stops_on_error():
     p.drain(5)
     assert done == [1, 2] and isinstance(p.error, RuntimeError)
     p.close()
+
+
+def test_pipeline_waits_are_bounded_and_do_not_spin_after_a_failure():
+    p = Pipeline(lambda b, idle, early: (_ for _ in ()).throw(RuntimeError("engine")), lambda e: None)
+    assert p.submit(_batch([], {}), timeout=1)
+    assert p.drain(5) is False and p.error is not None
+    t0, c0 = time.monotonic(), time.process_time()
+    assert p.submit(_batch([], {}), timeout=2) is False  # returns at once: the pipeline failed
+    assert time.monotonic() - t0 < 0.1 and time.process_time() - c0 < 0.1
+    p.close(timeout=2)
+
+
+def test_pipeline_drain_times_out_on_a_stuck_stage():
+    release = threading.Event()
+    p = Pipeline(lambda b, idle, early: release.wait(10) and Encoded(b, None, [], [], "v"), lambda e: None)
+    assert p.submit(_batch([], {}), timeout=1)
+    t0 = time.monotonic()
+    assert p.drain(0.3) is False and 0.25 < time.monotonic() - t0 < 2
+    release.set()
+    assert p.drain(5) is True
+    p.close()
+
+
+def test_dead_letter_of_keeps_the_original_bytes():
+    n = _note(7, p=2)
+    d = DeadLetter.of(n, "encode_failed", "why", "notes")
+    assert (d.key, d.value, d.headers, d.partition, d.offset, d.topic) == (b"n7", b"{...}", (("h", b"v"),), 2, 7, "notes")

@@ -176,7 +176,7 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def encoder(tiny_dir):
-    from worker.encoding import load_encoder
+    from worker.encoders import load_encoder
     enc = load_encoder(tiny_dir, device="cpu", intra_op_threads=1)
     enc.warmup()
     return enc

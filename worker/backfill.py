@@ -10,6 +10,7 @@ With milvus-lite (one process per db) stop the live worker first; a Milvus serve
 """
 from __future__ import annotations
 
+import threading
 import uuid
 
 from confluent_kafka import Consumer
@@ -18,9 +19,12 @@ from worker.config import Settings
 from worker.source import partitions_of, watermarks
 
 
-def backfill(s: Settings, *, run_app=None, encoder=None, store=None, catch_up: int = 100, max_rounds: int = 10) -> int:
+def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_rounds: int = 10,
+             stop: threading.Event | None = None) -> int:
+    """0 when the alias points at the new collection; the WorkerApp's code otherwise (a stop request
+    ends after the round in progress, without switching the alias)."""
     from worker.app import WorkerApp
-    from worker.encoding import load_encoder
+    from worker.encoders import load_encoder
     from worker.logs import get_logger
     from worker.sinks.milvus import MilvusStore, physical_name
 
@@ -59,11 +63,14 @@ def backfill(s: Settings, *, run_app=None, encoder=None, store=None, catch_up: i
                 # Input errors were dead-lettered by the live worker already: not again (encode_failed still is).
                 app = WorkerApp(s, encoder=enc, store=store, collection=target, create_alias=False, group_id=group,
                                 start_offsets=start, end_offsets=end, http=False, dead_letter_input_errors=False,
-                                name="backfill")
-                rc = run_app(app) if run_app else app.run()
+                                name="backfill", stop=stop)
+                rc = app.run()
                 if rc != 0:
                     log.error("backfill_failed", round=rnd, rc=rc, reason=app.exit_reason)
                     return rc
+            if stop is not None and stop.is_set():
+                log.info("backfill_stopped", round=rnd, collection=target, alias_switched=False)
+                return 0
             start = end
             if todo <= catch_up:
                 break

@@ -1,7 +1,8 @@
 """Micro-batcher. Pure: feed records and a clock, get closed batches. No Kafka, no threads.
 
 A batch closes when the next note would exceed `max_notes` records or the padded token budget
-(`(notes) * longest prompt > max_tokens`), or when `linger_s` has passed since its first record —
+(`encoding.padded_tokens`, the same function the encoder cuts its sub-batches with, > `max_tokens`;
+a note's prompt was tokenised once, before it reached the batcher: `Note.tokens`), or when `linger_s` has passed since its first record —
 whichever comes first. Linger only closes a batch the encoder can take now (`ready`): while the
 encoder stage is backed up, an early close would only split the backlog into smaller, slower batches,
 so the open batch keeps filling up to its count/token budget instead. A note_id seen twice in one batch keeps the later record (a later tombstone
@@ -10,20 +11,19 @@ ones replaced or dead-lettered, so committing a batch covers everything it consu
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
+from worker.encoding import padded_tokens
 from worker.records import Batch, DeadLetter, Note, Record, Tombstone
 
 
 class Batcher:
-    def __init__(self, *, max_notes: int, max_tokens: int, linger_s: float,
-                 token_count: Callable[[Note], int]) -> None:
+    def __init__(self, *, max_notes: int, max_tokens: int, linger_s: float) -> None:
         if max_notes < 1 or max_tokens < 1 or linger_s < 0:
             raise ValueError("max_notes and max_tokens must be >= 1, linger_s >= 0")
         self.max_notes = max_notes
         self.max_tokens = max_tokens
         self.linger_s = linger_s
-        self._token_count = token_count
         self._seq = 0
         self._reset()
 
@@ -33,15 +33,9 @@ class Batcher:
         self._offsets: dict[int, int] = {}
         self._records = 0
         self._opened_at: float | None = None
-        self._longest = 0
-        self._n_notes = 0
+        self._tokens: dict[str, int] = {}  # note_id -> prompt tokens of the notes kept
 
     # -- state ---------------------------------------------------------------------------------
-    @property
-    def pending(self) -> int:
-        """Records in the open batch."""
-        return self._records
-
     def deadline(self) -> float | None:
         """Clock time at which the open batch lingers out (None when empty)."""
         return None if self._opened_at is None else self._opened_at + self.linger_s
@@ -53,28 +47,23 @@ class Batcher:
         closed: list[Batch] = []
         if ready and self._opened_at is not None and now >= self._opened_at + self.linger_s:
             closed.append(self._close(now, "linger"))
-        tokens = 0
         if isinstance(record, Note):
-            tokens = record.tokens or self._token_count(record)
-            if record.tokens != tokens:
-                from dataclasses import replace
-                record = replace(record, tokens=tokens)
-            if self._records and self._would_overflow(record.note_id, tokens):
+            if self._records and self._would_overflow(record):
                 closed.append(self._close(now, "tokens" if self._records < self.max_notes else "notes"))
         elif self._records >= self.max_notes:
             closed.append(self._close(now, "notes"))
         self._put(record, now)
         if self._records >= self.max_notes:
             closed.append(self._close(now, "notes"))
-        elif isinstance(record, Note) and self._n_notes * self._longest >= self.max_tokens:
+        elif isinstance(record, Note) and padded_tokens(list(self._tokens.values())) >= self.max_tokens:
             closed.append(self._close(now, "tokens"))
         return closed
 
-    def _would_overflow(self, note_id: str, tokens: int) -> bool:
+    def _would_overflow(self, note: Note) -> bool:
         if self._records + 1 > self.max_notes:
             return True
-        n = self._n_notes + (0 if isinstance(self._latest.get(note_id), Note) else 1)
-        return n * max(self._longest, tokens) > self.max_tokens
+        lengths = {**self._tokens, note.note_id: note.tokens}
+        return padded_tokens(list(lengths.values())) > self.max_tokens
 
     def _put(self, record: Record, now: float) -> None:
         if self._opened_at is None:
@@ -86,16 +75,11 @@ class Batcher:
         if isinstance(record, DeadLetter):
             self._dead.append(record)
             return
-        prev = self._latest.pop(record.note_id, None)
-        if isinstance(prev, Note):
-            self._n_notes -= 1
+        self._latest.pop(record.note_id, None)
+        self._tokens.pop(record.note_id, None)
         self._latest[record.note_id] = record
         if isinstance(record, Note):
-            self._n_notes += 1
-            # Longest prompt among the notes kept (recomputed only when a replaced note was the longest).
-            if isinstance(prev, Note) and prev.tokens >= self._longest:
-                self._longest = max((r.tokens for r in self._latest.values() if isinstance(r, Note)), default=0)
-            self._longest = max(self._longest, record.tokens)
+            self._tokens[record.note_id] = record.tokens
 
     def poll(self, now: float, ready: bool = True) -> Batch | None:
         """Close the open batch if it has lingered long enough (and the encoder stage is `ready`)."""
@@ -132,7 +116,7 @@ class Batcher:
         tombs = [r for r in self._latest.values() if isinstance(r, Tombstone)]
         self._seq += 1
         b = Batch(seq=self._seq, notes=notes, tombstones=tombs, dead=self._dead, offsets=self._offsets,
-                  records=self._records, padded_tokens=len(notes) * self._longest,
+                  records=self._records, padded_tokens=padded_tokens([n.tokens for n in notes]),
                   opened_at=self._opened_at if self._opened_at is not None else now, closed_at=now, reason=reason)
         self._reset()
         return b

@@ -1,15 +1,17 @@
 """`notellm worker run | replay | backfill`.
 
 Configuration comes from the environment (`NOTELLM_*`, see worker/config.py) and these flags, which
-win over the environment. `run` consumes until SIGTERM/SIGINT and then finishes the current batch,
-flushes, commits and exits 0; a sink that stays down past its retry budget exits 1 without
-committing (the batch is re-read on restart)."""
+win over the environment. `run` consumes until SIGTERM/SIGINT and then finishes the batches in
+flight, flushes, commits and exits 0 (1 when the final commit failed or the drain ran out of time); a
+sink that stays down past its retry budget, or an encoder whose restarts are spent, exits 1 without
+committing (the batch is re-read on restart); a collection built for another model exits 2.
+SIGTERM/SIGINT are handled from the first moment (start-up included): they set one stop event that
+every command checks."""
 from __future__ import annotations
 
 import argparse
 import signal
-import sys
-from datetime import datetime, timezone
+import threading
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,6 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bf = sub.add_parser("backfill", help="build a collection for a new model from the topic's start, then switch the alias")
     _common(bf)
     bf.add_argument("--new-model", dest="new_model", help="(alias of --model)")
+    rd = sub.add_parser("redrive", help="re-publish dead letters' original records to notes.published")
+    _common(rd)
+    from worker import redrive
+
+    redrive.configure(rd)
 
 
 def settings_from(args):
@@ -67,25 +74,18 @@ def settings_from(args):
     return load_settings(over)
 
 
-def parse_time_ms(text: str) -> int:
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp() * 1000)
+def stop_on_signals(log) -> threading.Event:
+    """One stop event for the whole command, set by SIGTERM/SIGINT (graceful: the command finishes what
+    is in flight). Installed before anything slow starts, so a signal during start-up ends cleanly."""
+    stop = threading.Event()
 
-
-def run_app(app) -> int:
-    """Run an app on this (main) thread with SIGTERM/SIGINT wired to a graceful stop."""
     def handler(signum, _frame):
-        app.log.info("signal_received", signal=signal.Signals(signum).name)
-        app.stop()
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return app.run()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
 
 
 def run(args) -> int:
@@ -93,29 +93,22 @@ def run(args) -> int:
 
     s = settings_from(args)
     configure_logging(s.log.format, s.log.level)
-    log = get_logger("notellm.worker")
-    try:
-        if args.action == "run":
-            from worker.app import WorkerApp
-            from worker.sinks.milvus import CollectionMismatch
+    stop = stop_on_signals(get_logger("notellm.worker"))
+    if args.action == "run":
+        from worker.app import WorkerApp
 
-            try:
-                app = WorkerApp(s)
-                app.start()
-            except CollectionMismatch as e:
-                log.error("collection_mismatch", error=str(e))
-                print(f"notellm worker: {e}", file=sys.stderr)
-                return 2
-            return run_app(app)
-        if args.action == "replay":
-            from worker.replay import replay
+        return WorkerApp(s, stop=stop).run()
+    if args.action == "replay":
+        from worker.replay import replay
 
-            return replay(s, from_timestamp=args.from_timestamp, from_offsets=args.from_offsets, until=args.until,
-                          group=args.group_id, run_app=run_app, resend_dead_letters=args.resend_dead_letters)
-        if args.action == "backfill":
-            from worker.backfill import backfill
+        return replay(s, from_timestamp=args.from_timestamp, from_offsets=args.from_offsets, until=args.until,
+                      group=args.group_id, resend_dead_letters=args.resend_dead_letters, stop=stop)
+    if args.action == "backfill":
+        from worker.backfill import backfill
 
-            return backfill(s, run_app=run_app)
-    except KeyboardInterrupt:
-        return 130
+        return backfill(s, stop=stop)
+    if args.action == "redrive":
+        from worker import redrive
+
+        return redrive.run(args, settings=s, stop=stop)
     return 2

@@ -39,6 +39,9 @@ class KafkaSettings(BaseModel):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
+    # Dead letters carry the original value whole up to this size, above it truncated with its size and
+    # sha256, so a dead-letter event always fits the DLQ topic (the producer's message.max.bytes).
+    dlq_max_value_bytes: int = Field(256 * 1024, ge=1024, le=640 * 1024)
     # Extra librdkafka properties passed through verbatim (e.g. {"fetch.min.bytes": "1"}).
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -112,6 +115,11 @@ class ModelSettings(BaseModel):
     # "process": the encoder runs in a child process (its Python parts never wait for the worker's
     # GIL); "thread": in the worker process (tests that share one encoder object).
     isolation: Literal["process", "thread"] = "process"
+    # Engine faults (crash, hang, non-finite output): a batch gets this long per encoder call, then the
+    # encoder is restarted and the batch retried, at most `engine_restarts` times; then the worker exits
+    # non-zero without committing (nothing is dead-lettered for an engine fault).
+    batch_timeout_s: float = Field(120.0, gt=0)
+    engine_restarts: int = Field(2, ge=0, le=10)
 
 
 class BatchSettings(BaseModel):
@@ -136,10 +144,23 @@ class RetrySettings(BaseModel):
 
 
 class HttpSettings(BaseModel):
+    """No authentication: it binds loopback unless told otherwise (the Kubernetes manifests set 0.0.0.0
+    for the kubelet's probes and the metrics scraper, inside the pod network)."""
+
     model_config = _frozen
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = Field(8088, ge=0, le=65535, description="0 = no HTTP server")
+    max_k: int = Field(100, ge=1, le=10_000, description="largest k /similar accepts")
+
+
+class LifecycleSettings(BaseModel):
+    """Bounds on waiting: a revoke or a shutdown waits at most `drain_s` for in-flight batches (the
+    Kubernetes terminationGracePeriodSeconds must exceed it, see deploy/)."""
+
+    model_config = _frozen
+
+    drain_s: float = Field(60.0, gt=0)
 
 
 class LogSettings(BaseModel):
@@ -166,6 +187,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     retry: RetrySettings = RetrySettings()
     http: HttpSettings = HttpSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     log: LogSettings = LogSettings()
     worker_version: str = __version__
 

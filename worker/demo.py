@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,11 @@ def run(args) -> int:
         if rc != 0:
             say("export failed")
             return rc
+    # A fresh database each run: otherwise earlier runs' copies of a note rank first among its neighbours.
+    db = Path(args.milvus_uri)
+    if db.exists():
+        say(f"removing the previous demo database {db}")
+        shutil.rmtree(db) if db.is_dir() else db.unlink()  # milvus-lite 3 keeps a directory, 2.x a file
     topics = ["notes.published", "notes.tags", "notes.dlq"]
     ensure_topics(args.bootstrap, topics)
     base = f"http://127.0.0.1:{args.http_port}"

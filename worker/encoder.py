@@ -5,9 +5,10 @@ graph). Only the manifest is trusted: dim, model_version, prompt config, special
 
 How a batch runs (one ONNX session, one copy of the weights):
 
-1. notes are tokenised with ``tokenizers`` through :mod:`notellm.prompts` (the same ids the torch model
-   sees), sorted by prompt length and cut into batches by ``max_batch_notes`` and ``max_batch_tokens``
-   (padded prompt tokens = notes x longest prompt); results come back in input order;
+1. ``tokenize`` turns a note into its prompt ids once (:class:`worker.prompt_tokens.PromptTokenizer`:
+   ``tokenizers`` through :mod:`notellm.prompts`, the same ids the torch model sees); ``encode`` takes
+   those ids, sorts them by prompt length and cuts them into batches by ``max_batch_notes`` and
+   ``max_batch_tokens`` (:func:`worker.encoding.padded_tokens`); results come back in input order;
 2. prefill: the left-padded prefix (ending in ``The compression word is:"``) with an empty past; the
    graph returns the note vector at the last position plus the KV cache;
    With ``share_prefix`` (default) the instruction — identical for every note of a task — is prefilled
@@ -25,6 +26,10 @@ but is not what the model learned. So "both" costs about two "category" calls.
 
 All session calls use I/O binding, so on CUDA the KV cache stays on the device between steps; the same
 code path runs (and is tested) on CPU.
+
+Errors (the `Encoder` protocol, worker/encoding.py): ``tokenize`` raises NoteError; anything raised while
+``encode`` runs the session is an EngineError, and ``restart`` opens a new session. ``encode`` cannot be
+interrupted in process: its ``timeout_s`` is enforced by :class:`worker.encoder_process.ProcessEncoder`.
 """
 from __future__ import annotations
 
@@ -35,21 +40,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
-from notellm.prompts import (
-    EMB_TOKEN,
-    OUTPUT_QUOTE,
-    PROMPT_VERSION,
-    NoteLike,
-    NoteText,
-    PromptConfig,
-    PromptEncoder,
-    cut_output,
-    parse_category,
-    parse_hashtags,
-)
+from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, NoteLike, NoteText, cut_output, parse_category,
+                             parse_hashtags)
+from worker.encoding import GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, padded_tokens
 from worker.logs import get_logger
+from worker.prompt_tokens import PromptTokenizer
+from worker.records import Prompt
 
 PACKAGE_FORMAT = "notellm-onnx/1"
 TASKS = ("category", "hashtags", "both")
@@ -78,6 +75,8 @@ def _choose_providers(device: str) -> list[str]:
 
 
 class OnnxNoteEncoder:
+    """The `worker.encoding.Encoder` protocol on one ONNX Runtime session, in this process."""
+
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
                  share_prefix: bool = True):
@@ -102,14 +101,13 @@ class OnnxNoteEncoder:
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_new_tokens = int(max_new_tokens)
 
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / m.get("tokenizer", "tokenizer.json")))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.prompt_tokenizer = PromptTokenizer(self.model_dir, m)
+        self.tokenizer = self.prompt_tokenizer.tokenizer
+        self.prompt_config = self.prompt_tokenizer.config
+        self.prompts = self.prompt_tokenizer.prompts
         special = m["special_tokens"]
         self.eos_id = int(special["eos"]["id"])
         self.pad_id = int(special["pad"]["id"])
-        self.prompt_config = PromptConfig.from_dict(m["prompt"])
-        self.prompts = PromptEncoder(self.tokenizer, self.prompt_config, eos_token_id=self.eos_id)
         if self.prompts.emb_token_id != int(special["emb"]["id"]):
             raise EncoderError(f"tokenizer's {EMB_TOKEN} id {self.prompts.emb_token_id} != manifest "
                                f"{special['emb']['id']}")
@@ -128,29 +126,41 @@ class OnnxNoteEncoder:
         self.kv_dtype = np.float16 if m.get("kv_dtype") == "float16" else np.float32
         self.max_prompt_tokens = int(m["max_lengths"]["prompt_tokens"])
 
+        self._device_choice = device
+        self._intra_op_threads = int(intra_op_threads)
+        self.session: ort.InferenceSession | None = None
+        self._open_session()
+
+    def _open_session(self) -> None:
+        """(Re)create the ORT session; the encoder counts as closed until it succeeds."""
+        m = self.manifest
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if intra_op_threads:
-            so.intra_op_num_threads = int(intra_op_threads)
+        if self._intra_op_threads:
+            so.intra_op_num_threads = self._intra_op_threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        device = self._device_choice
         wanted = _choose_providers(device)
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(str(self.model_dir / m["graph"]), sess_options=so, providers=wanted)
-        self.providers: list[str] = list(self.session.get_providers())
+        self.session = None
+        self._prefix_kv = {}
+        session = ort.InferenceSession(str(self.model_dir / m["graph"]), sess_options=so, providers=wanted)
+        self.providers: list[str] = list(session.get_providers())
         if wanted[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
             if device == "cuda":
                 raise EncoderError(f"CUDAExecutionProvider failed to initialise (got {self.providers})")
             log.warning("encoder.cuda_unavailable", requested=wanted, providers=self.providers)
         self._device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self._in_names = [i.name for i in self.session.get_inputs()]
-        self._out_names = [o.name for o in self.session.get_outputs()]
+        self._in_names = [i.name for i in session.get_inputs()]
+        self._out_names = [o.name for o in session.get_outputs()]
         expected_in, expected_out = m["inputs"], m["outputs"]
         if self._in_names != expected_in or self._out_names != expected_out:
             raise EncoderError("graph inputs/outputs differ from the manifest")
         self._past_names = self._in_names[2:]
         self._present_names = self._out_names[2:]
+        self.session = session
         log.info("encoder.loaded", model_dir=str(self.model_dir), model_version=self.model_version,
                  dim=self.dim, providers=self.providers, dtype=m.get("dtype"),
                  quantization=m.get("quantization"), load_s=round(time.perf_counter() - t0, 2))
@@ -175,39 +185,73 @@ class OnnxNoteEncoder:
         self._step(nxt, mask, past)
         log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
 
+    def tokenize(self, note: NoteLike, generate: GenerateTask) -> Prompt:
+        """The note's prompt ids (see PromptTokenizer); raises NoteError."""
+        return self.prompt_tokenizer.tokenize(note, generate)
+
+    def encode(self, prompts: Sequence[Prompt], generate: GenerateTask, *, timeout_s: float | None = None
+               ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
+        """(vectors, categories, hashtags) from prompt ids (no tokenisation here). The vector always comes
+        from the category prompt, so it never depends on `generate`; categories are None unless generated,
+        hashtags empty unless generated ("both": see the module docstring). `timeout_s` is not enforced in
+        process. Any failure of the engine is raised as EngineError."""
+        if generate not in GENERATE_TASKS:
+            raise EngineError(f"generate must be one of {GENERATE_TASKS}, got {generate!r}")
+        n = len(prompts)
+        want_cat, want_tags = generate in ("category", "both"), generate in ("hashtags", "both")
+        if want_tags and any(p.hashtags is None for p in prompts):
+            raise EngineError(f"generate={generate!r} needs prompts tokenised with their hashtag segment")
+        categories: list[str | None] = [None] * n
+        hashtags: list[list[str]] = [[] for _ in range(n)]
+        try:
+            vecs, ids = self._run_ids([p.category for p in prompts], "category", generate=want_cat)
+            if want_cat:
+                categories = [parse_category(t) for t in self._texts(ids)]
+            if want_tags:
+                _, ids = self._run_ids([p.hashtags for p in prompts], "hashtags", generate=True)  # type: ignore[misc]
+                hashtags = [parse_hashtags(t, self.prompt_config.num_topics) for t in self._texts(ids)]
+        except (NoteError, EngineError):
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT/CUDA faults, MemoryError, bugs: not one note's fault
+            raise EngineError(f"{type(e).__name__}: {e}") from e
+        return vecs, categories, hashtags
+
+    def health(self) -> EncoderHealth:
+        if self.session is None:
+            return EncoderHealth(False, "encoder session is closed")
+        return EncoderHealth(True)
+
+    def restart(self) -> None:
+        """A new ONNX Runtime session (the shared-prefix cache goes with the old one)."""
+        try:
+            self._open_session()
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"could not reopen the ONNX session: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.session = None
+        self._prefix_kv = {}
+
+    # ---------------------------------------------------- conveniences on notes (export, bench, eval)
     def prompt_tokens(self, note: NoteLike) -> int:
-        """Tokens of this note's prompt (category prompt, prefix + continuation)."""
-        e = self.prompts.encode(note, "category")
-        return len(e.prefix_ids) + len(e.continuation_ids)
+        """Tokens of this note's prompt (category prompt, prefix + continuation): its budget unit."""
+        return self.tokenize(note, "none").tokens
 
     def embed(self, notes: Sequence[NoteLike]) -> np.ndarray:
         """float32 [n, d], L2-normalised note vectors (category prompt)."""
-        vecs, _ = self._run_task(notes, "category", generate=False)
-        return vecs
+        return self.encode([self.tokenize(n, "none") for n in notes], "none")[0]
 
     def embed_and_generate(self, notes: Sequence[NoteLike], task: str
                            ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
-        """(vectors, categories, hashtags). task "category": hashtags are empty lists; "hashtags":
-        categories are None (the vector still comes from the category prompt, so vectors never depend on
-        the task); "both": see the module docstring."""
+        """(vectors, categories, hashtags) for task "category", "hashtags" or "both" (see `encode`)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        n = len(notes)
-        categories: list[str | None] = [None] * n
-        hashtags: list[list[str]] = [[] for _ in range(n)]
-        if task in ("category", "both"):
-            vecs, texts = self._run_task(notes, "category", generate=True)
-            categories = [parse_category(t) for t in texts]
-        else:
-            vecs, _ = self._run_task(notes, "category", generate=False)
-        if task in ("hashtags", "both"):
-            _, texts = self._run_task(notes, "hashtags", generate=True)
-            hashtags = [parse_hashtags(t, self.prompt_config.num_topics) for t in texts]
-        return vecs, categories, hashtags
+        return self.encode([self.tokenize(n, task) for n in notes], task)  # type: ignore[arg-type]
 
     def generate_raw(self, notes: Sequence[NoteLike], task: str) -> tuple[np.ndarray, list[str]]:
         """(vectors of this task's prompt, raw output texts cut at the closing quote) — for validation."""
-        return self._run_task(notes, task, generate=True)
+        vecs, ids = self._run_task_ids(notes, task, generate=True)
+        return vecs, self._texts(ids)
 
     # --------------------------------------------------------------------------------------- internals
     def _empty_past(self, n: int) -> list[Any]:
@@ -235,12 +279,14 @@ class OnnxNoteEncoder:
         return vec, logits, list(outs[2:])
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices sorted by length, cut so each sub-batch holds at most `max_batch_notes` and
+        `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone)."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         batches: list[list[int]] = []
         cur: list[int] = []
         for i in order:
-            longest = max(lengths[i], max((lengths[j] for j in cur), default=0))
-            if cur and (len(cur) >= self.max_batch_notes or (len(cur) + 1) * longest > self.max_batch_tokens):
+            if cur and (len(cur) >= self.max_batch_notes
+                        or padded_tokens([lengths[j] for j in cur] + [lengths[i]]) > self.max_batch_tokens):
                 batches.append(cur)
                 cur = []
             cur.append(i)
@@ -248,30 +294,35 @@ class OnnxNoteEncoder:
             batches.append(cur)
         return batches
 
-    def _run_task(self, notes: Sequence[NoteLike], task: str, *, generate: bool
-                  ) -> tuple[np.ndarray, list[str]]:
-        vecs, ids = self._run_task_ids(notes, task, generate=generate)
-        texts = [cut_output(self.tokenizer.decode(g, skip_special_tokens=False)) if g else "" for g in ids]
-        return vecs, texts
+    def _texts(self, ids: list[list[int]]) -> list[str]:
+        return [cut_output(self.tokenizer.decode(g, skip_special_tokens=False)) if g else "" for g in ids]
 
     def _run_task_ids(self, notes: Sequence[NoteLike], task: str, *, generate: bool
                       ) -> tuple[np.ndarray, list[list[int]]]:
-        """(vectors, generated token ids per note: EOS excluded, a stopping quote token included)."""
-        n = len(notes)
+        """`_run_ids` from notes (tokenised here)."""
+        return self._run_ids([self.prompts.note_ids(n, task) for n in notes], task, generate=generate)
+
+    def _run_ids(self, segments: Sequence[Sequence[int]], task: str, *, generate: bool
+                 ) -> tuple[np.ndarray, list[list[int]]]:
+        """(vectors, generated token ids per note: EOS excluded, a stopping quote token included) from the
+        note segments of `task`'s prompts."""
+        n = len(segments)
         vecs = np.zeros((n, self.dim), dtype=np.float32)
         out_ids: list[list[int]] = [[] for _ in range(n)]
         if n == 0:
             return vecs, out_ids
-        encoded = [self.prompts.encode(note, task) for note in notes]
+        if self.session is None:
+            raise EngineError("the encoder is closed")
+        instruction = self.prompts.instruction_ids(task)
         shared = self._shared_prefix(task) if self.share_prefix else None
         if shared is not None:  # the instruction's KV is computed once; only the note part is prefilled
-            rows = [e.prefix_ids[e.instruction_len:] for e in encoded]
+            rows = [list(s) for s in segments]
         else:
-            rows = [e.prefix_ids for e in encoded]
+            rows = [instruction + list(s) for s in segments]
         cont = self.prompts.continuation_ids(task)
         extra = len(cont) if generate else 0
         # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
-        for idx in self._batches([len(e.prefix_ids) + extra for e in encoded]):
+        for idx in self._batches([len(instruction) + len(s) + extra for s in segments]):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None, shared)
             vecs[idx] = v
             for k, i in enumerate(idx):

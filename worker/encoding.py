@@ -1,25 +1,62 @@
-"""The encoder stage's narrow interface and the code that runs one batch through it.
+"""The encoder stage: the `Encoder` protocol, its two error classes, and the code that runs one batch
+through an encoder (`EncodeStage`). Imports only the standard library, numpy and worker.records.
 
-`Encoder` is the protocol worker/encoder.py's OnnxNoteEncoder implements (a fake in tests/fakes.py
-serves unit tests of the other stages). `encode_batch` turns a closed Batch into an `Encoded` one; a
-batch the encoder rejects as a whole is split so one poisonous note goes to the DLQ
-(`encode_failed`) instead of stalling the partition.
+Contract, for one bad record:
+- `prepare` (polling thread) tokenises a note once; any failure — `NoteError` or an unexpected
+  exception — makes that note a dead letter (`encode_failed`) and nothing else.
+- `EncodeStage` (encode thread): a `NoteError` with an index dead-letters that note alone and the
+  rest of the batch is encoded again; anything else (an `EngineError`, any other exception, output that
+  is not (n, dim), not finite or has a zero-norm row, generated lists of the wrong length) is the engine's
+  fault: the encoder is restarted and the whole batch retried; after `restarts` restarts for the same
+  batch `EngineFailed` is raised, and no note is dead-lettered for it.
+
+Implementations: worker/encoder.py (`OnnxNoteEncoder`, in process), worker/encoder_process.py
+(`ProcessEncoder`, the same engine in a supervised child), tests/fakes.py (`FakeEncoder`); built by
+worker/encoders.py (`load_encoder`).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from worker.records import Batch, DeadLetter, Encoded, Note
+from worker.records import Batch, DeadLetter, Encoded, Note, Prompt
 
-Task = Literal["category", "hashtags", "both"]
+GenerateTask = Literal["none", "category", "hashtags", "both"]
+GENERATE_TASKS: tuple[str, ...] = ("none", "category", "hashtags", "both")
+MIN_NORM = 1e-6  # a vector row shorter than this is an engine fault (cannot be normalised, never similar)
 
 
-class EncoderUnavailable(RuntimeError):
-    """The encoder cannot run at all (e.g. its process died): fatal for the worker, not for a note."""
+class NoteError(ValueError):
+    """This input cannot be encoded: the note's fault. `index`: its position in the `encode()` call
+    (None when raised by `tokenize`, which sees one note)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):  # picklable with its index
+        return (type(self), (str(self), self.index))
+
+
+class EngineError(RuntimeError):
+    """The engine failed, not tied to one note: a crash, a dead or hung child, a timeout, an ORT/CUDA
+    fault, MemoryError, invalid output, a bug. The batch is retried after a restart."""
+
+
+class EngineFailed(RuntimeError):
+    """Raised by `EncodeStage` when the engine still fails after its restarts: fatal for the worker
+    (exit non-zero without committing the batch)."""
+
+
+@dataclass(frozen=True)
+class EncoderHealth:
+    ok: bool
+    detail: str = ""
 
 
 @runtime_checkable
@@ -27,73 +64,157 @@ class Encoder(Protocol):
     manifest: dict
     model_version: str
     dim: int
+    providers: list[str]
 
-    def warmup(self) -> None: ...
-    def prompt_tokens(self, note: Any) -> int: ...
-    def embed(self, notes: Sequence[Any]) -> np.ndarray: ...
-    def embed_and_generate(self, notes: Sequence[Any], task: Task) -> tuple[np.ndarray, list[str | None], list[list[str]]]: ...
+    def warmup(self) -> None:
+        """Run the largest batch shape once (before the first real batch)."""
 
+    def tokenize(self, note: Any, generate: GenerateTask) -> Prompt:
+        """The note's prompt ids (hashtag segment only when `generate` is "hashtags" or "both"). Fast;
+        runs on the polling thread. Raises NoteError when this note cannot be encoded."""
 
-def note_text(note: Note) -> Any:
-    """The prompt-facing view of a note: notellm.prompts accepts any object with title/content/topic,
-    which a worker Note has."""
-    return note
+    def encode(self, prompts: Sequence[Prompt], generate: GenerateTask, *, timeout_s: float | None = None
+               ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
+        """(float32 [n, dim] L2-normalised vectors, categories, hashtags), in input order; categories are
+        None and hashtags empty where `generate` does not ask for them. Raises NoteError(index=i) when
+        prompt i cannot be encoded, EngineError for anything else. `timeout_s` bounds the call where the
+        implementation can (a child process is killed; an in-process engine cannot be interrupted)."""
 
+    def health(self) -> EncoderHealth:
+        """Cheap; callable from any thread while `encode` runs."""
 
-def load_encoder(model_dir, *, device: str = "auto", intra_op_threads: int = 0, max_batch_notes: int = 32,
-                 max_batch_tokens: int = 4096, max_new_tokens: int = 16, isolation: str = "thread",
-                 log: tuple[str, str] | None = None) -> Encoder:
-    kw = dict(device=device, intra_op_threads=intra_op_threads, max_batch_notes=max_batch_notes,
-              max_batch_tokens=max_batch_tokens, max_new_tokens=max_new_tokens)
-    if isolation == "process":
-        from worker.encoder_process import ProcessEncoder
+    def restart(self) -> None:
+        """Bring the engine back to a working state (a new session or child); raises EngineError."""
 
-        lf, ll = log or (None, None)
-        return ProcessEncoder(model_dir, log_format=lf, log_level=ll, **kw)
-    from worker.encoder import OnnxNoteEncoder
-
-    return OnnxNoteEncoder(model_dir, **kw)
+    def close(self) -> None:
+        """Release the engine; idempotent."""
 
 
-def _run(encoder: Encoder, notes: list[Note], generate: str):
-    texts = [note_text(n) for n in notes]
-    if generate == "none":
-        emb = encoder.embed(texts)
-        return emb, [None] * len(notes), [[] for _ in notes]
-    emb, cats, tags = encoder.embed_and_generate(texts, generate)  # type: ignore[arg-type]
-    return emb, list(cats), [list(t) for t in tags]
+def padded_tokens(lengths: Sequence[int]) -> int:
+    """THE token budget of a batch: notes x longest prompt (prompts are padded to the longest). The
+    batcher closes batches with it and the encoder cuts its sub-batches with it."""
+    return len(lengths) * max(lengths, default=0)
 
 
-def encode_batch(encoder: Encoder, batch: Batch, generate: str, *, worker_version: str = "", topic: str = "") -> Encoded:
-    t0 = time.perf_counter()
-    notes = batch.notes
-    if not notes:
-        return Encoded(batch, np.zeros((0, encoder.dim), np.float32), [], [], encoder.model_version, 0.0)
+def _reason(e: BaseException) -> str:
+    """An error message fit for a dead letter: always valid UTF-8 (a lone surrogate in the text is escaped)."""
+    msg = str(e) if isinstance(e, NoteError) else f"{type(e).__name__}: {e}"
+    return msg.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def prepare(encoder: Encoder, note: Note, generate: GenerateTask, topic: str) -> Note | DeadLetter:
+    """Total: the note with its prompt (tokenised once, here), or a dead letter (`encode_failed`) when
+    tokenisation fails for any reason."""
     try:
-        emb, cats, tags = _run(encoder, notes, generate)
+        return dataclasses.replace(note, prompt=encoder.tokenize(note, generate))
+    except Exception as e:  # noqa: BLE001 - whatever tokenisation raises, it concerns this note only
+        return DeadLetter.of(note, "encode_failed", _reason(e), topic)
+
+
+class _StdLog:
+    """structlog-style `log.error(event, **fields)` over the standard library (when no logger is given)."""
+
+    _log = logging.getLogger("worker.encoding")
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log.error("%s %s", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log.warning("%s %s", event, kw)
+
+
+class EncodeStage:
+    """Runs a closed batch through the encoder: `Encoded` with one row per note left in `batch.notes`.
+
+    Notes must have been `prepare`d (their prompt computed) for a `generate` that covers the one asked
+    here; anything else is a wiring bug (ValueError, not retried). The restart budget is per batch: a
+    batch that succeeds after restarts resets it. After `EngineFailed` the stage stays failed."""
+
+    def __init__(self, encoder: Encoder, *, topic: str, restarts: int = 2, timeout_s: float = 120.0,
+                 log: Any = None) -> None:
+        if restarts < 0 or timeout_s <= 0:
+            raise ValueError("restarts must be >= 0 and timeout_s > 0")
+        self.encoder = encoder
+        self.topic = topic
+        self.restarts = restarts
+        self.timeout_s = timeout_s
+        self._log = log if log is not None else _StdLog()
+        self._failed: str | None = None
+        self._call_started: float | None = None  # monotonic start of the encoder call in flight
+
+    def health(self) -> EncoderHealth:
+        if self._failed is not None:
+            return EncoderHealth(False, f"engine failed: {self._failed}")
+        started = self._call_started
+        if started is not None and time.monotonic() - started > self.timeout_s:
+            return EncoderHealth(False, f"encode call running for more than {self.timeout_s:g} s")
+        try:
+            return self.encoder.health()
+        except Exception as e:  # noqa: BLE001 - a health probe must answer
+            return EncoderHealth(False, f"health check failed: {type(e).__name__}: {e}")
+
+    def __call__(self, batch: Batch, generate: GenerateTask) -> Encoded:
+        if self._failed is not None:
+            raise EngineFailed(f"the encoder failed earlier: {self._failed}")
+        t0 = time.perf_counter()
+        _check_prompts(batch.notes, generate)
         failed: list[DeadLetter] = []
-    except EncoderUnavailable:
-        raise  # the encoder itself is gone: not the notes' fault, never dead-letter them for it
-    except Exception:
-        # Isolate the poisonous note(s): encode one by one, dead-letter the ones that still fail.
-        rows, cats, tags, keep, failed = [], [], [], [], []
-        for n in notes:
+        restarts = 0
+        while batch.notes:
+            notes = batch.notes
             try:
-                e, c, t = _run(encoder, [n], generate)
-            except EncoderUnavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any encoder failure of one note is that note's
-                value = json.dumps({"schema_version": "note.v1", "note_id": n.note_id, "title": n.title,
-                                    "content": n.content, "topic": n.topic, "author_id": n.author_id,
-                                    "published_at": n.published_at}).encode()
-                failed.append(DeadLetter(key=n.note_id.encode(), value=value, error_kind="encode_failed",
-                                         error_message=f"{type(exc).__name__}: {exc}", topic=topic,
-                                         partition=n.partition, offset=n.offset, timestamp_ms=n.timestamp_ms))
-                continue
-            rows.append(e[0]); cats.append(c[0]); tags.append(t[0]); keep.append(n)
-        batch.notes = keep
-        emb = np.stack(rows) if rows else np.zeros((0, encoder.dim), np.float32)
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if emb.shape != (len(batch.notes), encoder.dim):
-        raise RuntimeError(f"encoder returned shape {emb.shape}, expected ({len(batch.notes)}, {encoder.dim})")
-    return Encoded(batch, emb, cats, tags, encoder.model_version, time.perf_counter() - t0, failed)
+                emb, cats, tags = self._encode(notes, generate)
+            except NoteError as e:
+                if e.index is not None and 0 <= e.index < len(notes):
+                    failed.append(DeadLetter.of(notes[e.index], "encode_failed", _reason(e), self.topic))
+                    batch.notes = notes[:e.index] + notes[e.index + 1:]
+                    continue
+                error: BaseException = EngineError(f"NoteError without a valid index ({e.index!r}): {e}")
+            except Exception as e:  # noqa: BLE001 - anything not tied to one note is the engine's fault
+                error = e
+            else:
+                return Encoded(batch, emb, cats, tags, self.encoder.model_version, time.perf_counter() - t0, failed)
+            self._log.error("encoder_engine_error", batch=batch.seq, partitions=sorted(batch.offsets),
+                            offsets=dict(batch.offsets), notes=len(notes), error=f"{type(error).__name__}: {error}",
+                            attempt=restarts + 1, restarts_left=self.restarts - restarts)
+            if restarts >= self.restarts:
+                self._failed = f"{type(error).__name__}: {error}"
+                raise EngineFailed(f"encoder still failing after {restarts} restart(s): {self._failed}") from error
+            restarts += 1
+            try:
+                self.encoder.restart()
+            except Exception as e:  # noqa: BLE001 - the next attempt fails and counts against the budget
+                self._log.error("encoder_restart_failed", batch=batch.seq, error=f"{type(e).__name__}: {e}")
+        return Encoded(batch, np.zeros((0, self.encoder.dim), np.float32), [], [], self.encoder.model_version,
+                       time.perf_counter() - t0, failed)
+
+    def _encode(self, notes: list[Note], generate: GenerateTask):
+        """One encoder call, its output checked (invalid output raises EngineError)."""
+        self._call_started = time.monotonic()
+        try:
+            emb, cats, tags = self.encoder.encode([n.prompt for n in notes], generate,  # type: ignore[misc]
+                                                  timeout_s=self.timeout_s)
+        finally:
+            self._call_started = None
+        n, dim = len(notes), self.encoder.dim
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.shape != (n, dim):
+            raise EngineError(f"encoder returned shape {emb.shape}, expected {(n, dim)}")
+        if not np.isfinite(emb).all():
+            raise EngineError(f"encoder returned non-finite values in {int((~np.isfinite(emb)).any(1).sum())} row(s)")
+        if (np.linalg.norm(emb, axis=1) < MIN_NORM).any():
+            raise EngineError("encoder returned a zero-norm vector")
+        cats, tags = list(cats), [list(t) for t in tags]
+        if len(cats) != n or len(tags) != n:
+            raise EngineError(f"encoder returned {len(cats)} categories and {len(tags)} hashtag lists for {n} notes")
+        return emb, cats, tags
+
+
+def _check_prompts(notes: Sequence[Note], generate: GenerateTask) -> None:
+    if generate not in GENERATE_TASKS:
+        raise ValueError(f"generate must be one of {GENERATE_TASKS}, got {generate!r}")
+    hashtags = generate in ("hashtags", "both")
+    for n in notes:
+        if n.prompt is None or (hashtags and n.prompt.hashtags is None):
+            raise ValueError(f"note {n.note_id!r} was not prepared for generate={generate!r} "
+                             "(worker.encoding.prepare tokenises it on the polling thread)")

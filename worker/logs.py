@@ -30,6 +30,10 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     lvl = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
+    # Libraries that narrate at INFO on the root logger (milvus-lite's faiss loader: "Could not load
+    # library with AVX512 support ...") would put non-JSON noise between our JSON lines.
+    for noisy in ("faiss", "faiss.loader", "milvus_lite"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     processors: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

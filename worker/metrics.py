@@ -20,7 +20,6 @@ class Metrics:
         self.batch_notes = Histogram("notellm_batch_notes", "Notes per encoded batch", buckets=_SIZE, registry=r)
         self.batch_tokens = Histogram("notellm_batch_tokens", "Padded tokens per encoded batch", buckets=_TOKENS, registry=r)
         self.encode_seconds = Histogram("notellm_encode_seconds", "Encoder time per batch", buckets=_SECONDS, registry=r)
-        self.sink_seconds = Histogram("notellm_sink_seconds", "Flush of all sinks + commit per batch", buckets=_SECONDS, registry=r)
         self.freshness = Histogram("notellm_freshness_seconds", "Sink-ack time minus published_at", buckets=_FRESH, registry=r)
         self.sink_retries = Counter("notellm_sink_retries", "Transient sink failures retried", ["sink"], registry=r)
         self.commits = Counter("notellm_commits", "Offset commits", ["result"], registry=r)

@@ -4,7 +4,8 @@ Each stage is fed through a one-slot queue, so while the encoder runs batch k, b
 assembled (one-slot prefetch) and the sinks flush batch k-1 at the same time. ONNX Runtime and the
 Milvus / librdkafka clients release the GIL while they work, so the three overlap on separate cores.
 Batches reach the sink stage in the order they were submitted, so commits are monotonic.
-The first error stops both stages; later batches are dropped uncommitted (re-read on restart).
+The first error stops both stages (`error`); later batches are dropped uncommitted (re-read on restart).
+Nothing here waits without a bound or polls in a loop: every wait is on the condition variable.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class Pipeline:
 
     # -- producer side (polling thread) ------------------------------------------------------------
     def offer(self, batch: Batch) -> bool:
-        """Hand a closed batch to the encoder stage without blocking; False when the slot is full."""
+        """Hand a closed batch to the encoder stage without blocking; False when the slot is full or the
+        pipeline failed."""
         if self.error is not None:
             return False
         with self._cv:
@@ -56,16 +58,19 @@ class Pipeline:
             return False
 
     def submit(self, batch: Batch, timeout: float) -> bool:
-        """Blocking hand-over (shutdown, rebalance)."""
+        """Blocking hand-over (shutdown, rebalance): waits on the slot, never spins."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.error is None:
+        while self.error is None:
             if self.offer(batch):
                 return True
-            time.sleep(0.005)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.wait_slot(left)
         return False
 
     def wait_slot(self, timeout: float) -> None:
-        """Block until the encoder's input slot is free (or `timeout`)."""
+        """Block until the encoder's input slot is free, the pipeline failed, or `timeout`."""
         with self._cv:
             self._cv.wait_for(lambda: self._q_encode.empty() or self.error is not None, timeout)
 
@@ -73,23 +78,21 @@ class Pipeline:
         """The encoder's input slot is empty: a batch closed now would be taken without waiting."""
         return self._q_encode.empty() and self.error is None
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     def drain(self, timeout: float) -> bool:
-        """Wait until every submitted batch is committed (or failed). True when drained."""
+        """Wait until every submitted batch is committed (True), or failed / `timeout` (False)."""
         with self._cv:
-            return self._cv.wait_for(lambda: self._in_flight == 0 or self.error is not None, timeout)
+            self._cv.wait_for(lambda: self._in_flight == 0 or self.error is not None, timeout)
+            return self._in_flight == 0 and self.error is None
 
     def close(self, timeout: float = 10.0) -> None:
-        for q in (self._q_encode,):
-            try:
-                q.put(_STOP, timeout=timeout)
-            except queue.Full:
-                pass
+        """Stop both threads (bounded: a stage stuck in a call is left behind, it is a daemon thread)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._q_encode.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # -- stages ------------------------------------------------------------------------------------
     def _done(self) -> None:
@@ -101,7 +104,7 @@ class Pipeline:
         if self.error is None:
             self.error = e
             if self._log is not None:
-                self._log.error("pipeline_failed", error=str(e), exc_info=e)
+                self._log.error("pipeline_failed", error=str(e), error_type=type(e).__name__)
         with self._cv:
             self._cv.notify_all()
 
@@ -120,7 +123,7 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 enc = self._encode(item, idle, self._early)
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - the encode stage already retried what it could
                 self._fail(e)
                 self._done()
                 continue

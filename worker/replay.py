@@ -5,8 +5,10 @@ replay over already-processed notes only re-writes them. Offsets are committed t
 (default `<group>-replay`), never to the live group."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from datetime import datetime, timezone
 
 from confluent_kafka import Consumer
 
@@ -14,9 +16,15 @@ from worker.config import Settings
 from worker.source import offsets_for_time, parse_offsets, partitions_of, watermarks
 
 
-def resolve_range(s: Settings, *, from_timestamp: str | None, from_offsets: str | None, until: str | None):
-    from worker.cli import parse_time_ms
+def parse_time_ms(text: str) -> int:
+    """ISO 8601 (UTC when no zone is given) -> epoch milliseconds."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
 
+
+def resolve_range(s: Settings, *, from_timestamp: str | None, from_offsets: str | None, until: str | None):
     topic = s.kafka.topic_notes
     c = Consumer({**s.kafka.common_config(), "group.id": f"notellm-replay-probe-{uuid.uuid4().hex[:6]}"})
     try:
@@ -40,8 +48,8 @@ def resolve_range(s: Settings, *, from_timestamp: str | None, from_offsets: str 
         c.close()
 
 
-def replay(s: Settings, *, from_timestamp=None, from_offsets=None, until=None, group=None, run_app=None,
-           encoder=None, store=None, resend_dead_letters: bool = False) -> int:
+def replay(s: Settings, *, from_timestamp=None, from_offsets=None, until=None, group=None,
+           encoder=None, store=None, resend_dead_letters: bool = False, stop: threading.Event | None = None) -> int:
     """`resend_dead_letters=False` (default): records that fail decoding/validation were dead-lettered when
     the live worker read them; the replay skips them (counted in the log) instead of duplicating them on
     the DLQ. Notes the encoder rejects are always dead-lettered (that depends on the model)."""
@@ -54,8 +62,8 @@ def replay(s: Settings, *, from_timestamp=None, from_offsets=None, until=None, g
     log.info("replay_range", start=start, end=end, group=group, messages=sum(max(0, end[p] - start[p]) for p in start))
     t0 = time.monotonic()
     app = WorkerApp(s, encoder=encoder, store=store, group_id=group, start_offsets=start, end_offsets=end,
-                    dead_letter_input_errors=resend_dead_letters, name="replay")
-    rc = run_app(app) if run_app else app.run()
+                    dead_letter_input_errors=resend_dead_letters, name="replay", stop=stop)
+    rc = app.run()
     log.info("replay_done", rc=rc, seconds=round(time.monotonic() - t0, 2),
              embedded=app.metrics.embedded._value.get() if app.started else 0,
              dead_letters_not_resent=getattr(getattr(app, "dlq_sink", None), "skipped", 0))

@@ -74,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=8)
     index = client.prepare_index_params()
     index.add_index(field_name="vector", index_type="AUTOINDEX", metric_type="COSINE")
-    client.create_collection(name, schema=schema, index_params=index)
+    # Index without waiting for it (sync=False): the wait asks for a timestamp (AllocTimestamp) that the
+    # in-process milvus-lite server does not implement, and it prints that server-side traceback.
+    client.create_collection(name, schema=schema)
+    client.create_index(name, index, sync=False)
+    client.load_collection(name)
     vecs = np.eye(8, dtype=np.float32)
     rows = [{"note_id": f"{note_id}-{i}", "vector": vecs[i].tolist()} for i in range(8)]
     client.upsert(name, rows)
     client.upsert(name, rows)
-    client.flush(name)
-    count = client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"]
-    hit = client.search(name, data=[vecs[3].tolist()], limit=1)[0][0]
+    count = client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+    hit = client.search(name, data=[vecs[3].tolist()], limit=1, consistency_level="Strong")[0][0]
     client.drop_collection(name)
     client.close()
     ok = count == 8 and hit["note_id"] == f"{note_id}-3"

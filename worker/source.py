@@ -68,8 +68,14 @@ class KafkaSource:
         parts = [tp.partition for tp in partitions]
         with self._lock:
             self._assigned |= set(parts)
-        if self._paused and partitions:
-            consumer.pause(partitions)  # stay consistent with a paused source
+        if partitions:
+            # Reconcile the pause state on every assignment: librdkafka keeps a partition's pause flag
+            # across revoke -> re-assign, so a partition paused under backpressure and revoked would come
+            # back paused while the source believes it is running.
+            if self._paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
         if self._on_assign:
             self._on_assign(parts)
 

@@ -1,18 +1,54 @@
-"""Kafka sinks: generated tags (`note_tags.v1` on notes.tags) and dead letters (`dead_letter.v1` on
-notes.dlq). Idempotent producer, keyed by note_id. `flush()` waits for every delivery report and
-raises on any failure; what failed stays staged, so the next flush re-produces it (at-least-once,
-keyed, so a compacted topic converges)."""
+"""Kafka sinks: generated tags (`note_tags.v1` on notes.tags, keyed by note_id) and dead letters
+(`dead_letter.v2` on notes.dlq, see worker/dead_letters.py). Idempotent producer.
+
+The sink contract (worker/sinks/__init__.py):
+- `add()` stages events (no I/O); `discard()` drops what is staged.
+- `flush()` waits for every delivery report and always returns `[]`: Kafka never refuses one record for
+  its data, because every event is bounded (tags: category and each hashtag cut to note_tags.v1's 256
+  characters, at most `MAX_TAGS` distinct hashtags; dead letters: `dead_letters.build`). Should a delivery
+  fail with MSG_SIZE_TOO_LARGE anyway (a topic whose `max.message.bytes` is below the bound), that record
+  is re-staged as its *minimal* event — a dead letter without payload bytes (sizes and sha256 only), tags
+  without category and hashtags — and sent again in the same flush; a refused minimal event is `GiveUp`
+  (a configuration error, not the record's fault). Any other failure re-stages what was not acknowledged
+  and raises `RetryLater` (retriable, timeouts) or `GiveUp` (fatal), so a retried flush loses nothing;
+  re-sending an event whose report was lost only duplicates it (at-least-once; keyed, so a compacted
+  topic converges).
+
+Strings: generated text is made valid UTF-8 (a lone surrogate becomes "?") before it is cut. The event key
+is the note id, which `decode()` guarantees to be valid Unicode; a Note breaking that contract is a bug,
+and `add()` raises UnicodeEncodeError rather than inventing a key (a bug stops the worker uncommitted).
+"""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from worker import dead_letters
 from worker.records import DeadLetter, Encoded
-from worker.sinks import GiveUp, RetryLater
+from worker.sinks import GiveUp, Rejected, RetryLater
 
-Message = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
+MAX_TAG_CHARS = 256  # note_tags.v1 category / hashtag length (characters)
+MAX_TAGS = 256
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes default
+_TOO_LARGE = KafkaError.MSG_SIZE_TOO_LARGE
+_TIMEOUTS = (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT)
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """One staged message. `minimal` builds the smaller event for the same record (None: already minimal)."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+    minimal: Callable[[], "_Out"] | None = None
+
+
+_ACKED = object()
 
 
 class KafkaEventSink:
@@ -26,61 +62,71 @@ class KafkaEventSink:
         self.producer = Producer(conf)
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
-        self._staged: list[Message] = []
+        self.log = log
+        self.shrunk = 0  # events re-sent minimal after MSG_SIZE_TOO_LARGE
+        self._staged: list[_Out] = []
 
-    def _stage(self, key: bytes | None, value: bytes, headers=None) -> None:
-        self._staged.append((key, value, headers))
+    def discard(self) -> None:
+        self._staged.clear()
 
-    def pending(self) -> int:
-        return len(self._staged)
-
-    def flush(self) -> None:
-        if not self._staged:
-            return
-        batch, self._staged = self._staged, []
-        failed: list[Message] = []
-        fatal: list[KafkaError] = []
-        acked = [0]
-
-        def report(item: Message):
-            def cb(err, _msg):
-                if err is None:
-                    acked[0] += 1
-                else:
-                    failed.append(item)
-                    if err.fatal() or not err.retriable() and err.code() not in (KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT):
-                        fatal.append(err)
-            return cb
-
+    def flush(self) -> list[Rejected]:
         deadline = time.monotonic() + self.flush_timeout_s
-        unsent: list[Message] = []
+        while self._staged:
+            batch, self._staged = self._staged, []
+            self._staged = self._deliver(batch, deadline)
+        return []
+
+    def _deliver(self, batch: list[_Out], deadline: float) -> list[_Out]:
+        """Produce `batch`; returns the minimal events to send next (records refused as too large).
+        On any other failure re-stages what was not acknowledged and raises."""
+        status: list[object] = [None] * len(batch)  # None pending | _ACKED | KafkaError | _Out (minimal)
+
+        def settle(i: int, err: KafkaError | None) -> None:
+            item = batch[i]
+            if err is None:
+                status[i] = _ACKED
+            elif err.code() == _TOO_LARGE and item.minimal is not None:
+                status[i] = item.minimal()
+                self.shrunk += 1
+                if self.log is not None:
+                    self.log.warning("event_too_large", sink=self.name, topic=self.topic, bytes=len(item.value),
+                                     action="re-sent without payload")
+            else:
+                status[i] = err
+
         for i, item in enumerate(batch):
-            k, v, h = item
             while True:
                 try:
-                    self.producer.produce(self.topic, key=k, value=v, headers=h, on_delivery=report(item))
+                    self.producer.produce(self.topic, key=item.key, value=item.value, headers=item.headers,
+                                          on_delivery=lambda err, _msg, i=i: settle(i, err))
                     break
                 except BufferError:  # local queue full: serve delivery reports and try again
                     self.producer.poll(0.05)
                     if time.monotonic() > deadline:
-                        unsent = batch[i:]
                         break
-                except KafkaException as e:
-                    self._staged = batch[i:] + self._staged
-                    raise GiveUp(self.name, f"produce to {self.topic}: {e}") from e
-            if unsent:
-                break
-        remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
-        if remaining or failed or unsent:
-            # Anything not acked is staged again; re-producing an in-flight one only duplicates it.
-            sent = batch[: len(batch) - len(unsent)]
-            if remaining:
-                self._staged = list(sent) + unsent + self._staged  # unknown which ones: resend all
-            else:
-                self._staged = failed + unsent + self._staged
-            if fatal:
-                raise GiveUp(self.name, f"{len(failed)} deliveries to {self.topic} failed: {fatal[0]}")
-            raise RetryLater(self.name, f"{len(failed) + len(unsent)} failed, {remaining} unacked deliveries to {self.topic}")
+                except KafkaException as e:  # refused before sending (e.g. over message.max.bytes)
+                    settle(i, e.args[0])
+                    break
+            if status[i] is None and time.monotonic() > deadline:
+                break  # the rest stays pending (re-staged below)
+        unacked = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        errors = [s for s in status if isinstance(s, KafkaError)]
+        again = [s if isinstance(s, _Out) else item for item, s in zip(batch, status) if s is not _ACKED]
+        if not errors and not any(s is None for s in status):
+            return again  # only minimal events left (or nothing)
+        self._staged = again + self._staged
+        fatal = [e for e in errors if e.fatal() or (not e.retriable() and e.code() not in _TIMEOUTS)]
+        if fatal:
+            raise GiveUp(self.name, f"{len(errors)} deliveries to {self.topic} failed: {fatal[0]}")
+        raise RetryLater(self.name, f"{len(errors)} failed, {sum(s is None for s in status)} unacknowledged "
+                                    f"({unacked} in flight) deliveries to {self.topic}")
+
+
+def _clean(s: str, limit: int) -> str:
+    """Generated text as valid UTF-8, cut to `limit` characters."""
+    if not s.isascii():
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    return s[:limit]
 
 
 class TagsSink(KafkaEventSink):
@@ -93,48 +139,64 @@ class TagsSink(KafkaEventSink):
     def add(self, enc: Encoded) -> None:
         now = int(time.time() * 1000)
         for i, n in enumerate(enc.batch.notes):
+            category = enc.categories[i] if enc.categories else None
+            tags = [_clean(t, MAX_TAG_CHARS) for t in (enc.hashtags[i] if enc.hashtags else []) if t]
             doc = {
                 "schema_version": "note_tags.v1",
                 "note_id": n.note_id,
-                "category": enc.categories[i] if enc.categories else None,
-                "hashtags": list(dict.fromkeys(enc.hashtags[i])) if enc.hashtags else [],
+                "category": None if category is None else _clean(category, MAX_TAG_CHARS),
+                "hashtags": list(dict.fromkeys(tags))[:MAX_TAGS],
                 "model_version": enc.model_version,
                 "source": {"topic": self.source_topic, "partition": n.partition, "offset": n.offset},
                 "produced_at": now,
             }
-            self._stage(n.note_id.encode(), json.dumps(doc, ensure_ascii=False).encode())
+            key = n.note_id.encode("utf-8")
+            self._staged.append(_Out(key, _dumps(doc), minimal=lambda k=key, d=doc: _Out(
+                k, _dumps({**d, "category": None, "hashtags": []}))))
+
+
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 class DeadLetterSink(KafkaEventSink):
     name = "dlq"
 
-    def __init__(self, *a, worker_version: str = "", input_errors: bool = True, **kw) -> None:
-        """`input_errors=False` (replay, backfill): records that failed decoding or validation are not
-        dead-lettered again (the live worker already did, and re-reading them cannot change that);
-        `encode_failed` depends on the model and is always sent."""
-        super().__init__(*a, **kw)
+    def __init__(self, producer_config: dict, topic: str, *, worker_version: str, max_value_bytes: int,
+                 input_errors: bool = True, **kw) -> None:
+        """`max_value_bytes`: values up to this size are carried whole, larger ones truncated (see
+        worker/dead_letters.py); the worst-case event must fit the producer's message.max.bytes (else
+        ValueError). `input_errors=False` (replay, backfill): records that failed decoding or validation
+        are not dead-lettered again (the live worker already did, and re-reading them cannot change that);
+        `encode_failed` and `sink_rejected` depend on the model and the store and are always sent."""
+        limit = int(producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+        if dead_letters.max_event_bytes(max_value_bytes) > limit:
+            raise ValueError(f"dead-letter events with max_value_bytes={max_value_bytes} may reach "
+                             f"{dead_letters.max_event_bytes(max_value_bytes)} bytes, over message.max.bytes={limit}")
+        super().__init__(producer_config, topic, **kw)
         self.worker_version = worker_version
+        self.max_value_bytes = max_value_bytes
         self.input_errors = input_errors
-        self.skipped = 0
+        self.skipped = 0  # input errors not re-sent (input_errors=False)
 
     def letters(self, enc: Encoded) -> list[DeadLetter]:
-        """What this sink sends for `enc`."""
-        if self.input_errors:
-            return [*enc.batch.dead, *enc.failed]
-        return list(enc.failed)
+        """What this sink sends for `enc` (no side effect)."""
+        return self._wanted([*enc.batch.dead, *enc.failed])
+
+    def _wanted(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        return list(letters) if self.input_errors else [d for d in letters if not d.input_error]
 
     def add(self, enc: Encoded) -> None:
-        if not self.input_errors:
-            self.skipped += len(enc.batch.dead)
-        for d in self.letters(enc):
-            self.add_one(d)
+        self.add_letters([*enc.batch.dead, *enc.failed])
 
-    def add_one(self, d: DeadLetter) -> None:
-        headers = [
-            ("error_kind", d.error_kind.encode()),
-            ("error_message", d.error_message[:500].encode("utf-8", "replace")),
-            ("source_topic", d.topic.encode()),
-            ("source_partition", str(d.partition).encode()),
-            ("source_offset", str(d.offset).encode()),
-        ]
-        self._stage(d.key, json.dumps(d.to_event(self.worker_version)).encode(), headers)
+    def add_letters(self, letters: list[DeadLetter]) -> None:
+        """Stage dead letters from any stage (e.g. `sink_rejected` from the checkpoint); input errors are
+        skipped (counted in `skipped`) when `input_errors=False`."""
+        wanted = self._wanted(letters)
+        self.skipped += len(letters) - len(wanted)
+        for d in wanted:
+            self._staged.append(_Out(*self._build(d, True), minimal=lambda d=d: _Out(*self._build(d, False))))
+
+    def _build(self, d: DeadLetter, payload: bool):
+        return dead_letters.build(d, worker_version=self.worker_version, max_value_bytes=self.max_value_bytes,
+                                  payload=payload)

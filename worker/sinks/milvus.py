@@ -1,12 +1,16 @@
-"""Milvus sink: idempotent upsert keyed by note_id (+ deletes for tombstones).
+"""Milvus: the store (`MilvusStore`) and the sink that writes the worker's rows into it (`MilvusSink`).
 
 `MilvusStore` owns the client and the collection: created on first start (dimension from the model
 manifest, COSINE, an index suited to the deployment), reached through an alias (`collection`) that
 points at a physical collection named after the model version, so `worker backfill` can build a new
 one and switch the alias atomically. A dimension or model_version mismatch is a startup error.
-
 One store may be shared by several sinks in one process (milvus-lite locks its db to one process);
-calls are serialised by a lock.
+calls are serialised by `lock`. `reachable()` never waits more than ~0.1 s for it, `similar()` a few
+seconds (then `StoreBusy`).
+
+Data never becomes code: a filter naming ids is built only by `id_filter()`, which escapes every id
+into a string literal that both expression parsers in use read back as exactly that id (see there).
+Rows are built only by `build_row()`, which cuts every string to its field's limit.
 """
 from __future__ import annotations
 
@@ -14,31 +18,201 @@ import os
 import re
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from worker.records import Encoded
-from worker.sinks import GiveUp, RetryLater
+from worker.records import Encoded, Note
+from worker.sinks import GiveUp, Rejected, RetryLater, SinkError
 
 PROP_MODEL_VERSION = "notellm.model_version"
 PROP_DIM = "notellm.dim"
-MAX_HASHTAGS = 64
+
+# Field limits, in UTF-8 bytes. A Milvus server counts VARCHAR max_length in bytes; milvus-lite 3.2 counts
+# characters (checked: it stores an 8-character, 16-byte id in a max_length=8 field, and never checks
+# array elements), so a string cut to its limit in bytes fits both.
+ID_MAX = 256           # never cut: an id over the limit is rejected (a cut id could be another note's)
+MODEL_VERSION_MAX = 128
+CATEGORY_MAX = 256
+HASHTAG_MAX = 256
+AUTHOR_MAX = 256
 TITLE_MAX = 4096
+MAX_HASHTAGS = 64
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+# A note without a category is stored as "" (Milvus 2.3 has no nullable fields; milvus-lite does, but one
+# schema serves both); readers map "" back to None.
+NO_CATEGORY = ""
+
+MAX_K = 100              # similar(): neighbours per query
+IDS_PER_FILTER = 100     # ids per delete/get expression (keeps expressions small for the server's parser)
+READY_WAIT_S = 0.1       # reachable(): longest wait for the store lock
+SIMILAR_WAIT_S = 3.0     # similar(): longest wait for the store lock, then StoreBusy
+PROBE_TIMEOUT_S = 1.0    # reachable(): the probe call's own timeout
+OVERDUE_GRACE_S = 5.0    # reachable(): a call holding the lock longer than its timeout + this is stuck
 
 
 class CollectionMismatch(RuntimeError):
     """The existing collection was built for another model (dimension or model_version)."""
 
 
-def _classify(exc: Exception, what: str):
-    from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, MilvusException, ParamError
+class StoreBusy(RuntimeError):
+    """The store lock was held (a long write) for longer than a reader is willing to wait."""
+
+
+class BadRow(ValueError):
+    """This note's own data cannot be stored (the sink rejects the note; other notes are unaffected)."""
+
+
+# -- filters -------------------------------------------------------------------------------------------
+# The string literal is the intersection of the two grammars that parse our filters:
+#   * milvus-lite 3.2 (milvus_lite/search/filter/tokens.py): a quoted string; escapes \" \' \\ \n \r \t only
+#     (anything else, \u and \x included, is a parse error); any other character, raw, stands for itself
+#     except a raw CR/LF, which ends the literal with an error.
+#   * Milvus server (internal/parser/planparserv2, 2.3.x): Plan.g4 lexes '"' (~["\\\r\n] | EscapeSequence)* '"',
+#     then VisitString -> convertEscapeSingle (only rewrites quotes outside a double-quoted literal's escapes)
+#     -> strconv.Unquote, which decodes \\ \" \n \r \t and takes any other valid UTF-8 raw.
+# So: double quotes, with \ " CR LF TAB escaped as \\ \" \r \n \t and every other character raw. Filter
+# templates (`filter_params`) would avoid the parser altogether, but Milvus 2.3 and milvus-lite 3.2 ignore
+# or reject them.
+# Caveat for a later server upgrade: Milvus >= 2.4.14/2.5 first rewrites Han characters as \uXXXX with
+# four hex digits (convertHanToASCII), which corrupts Han characters above U+FFFF (CJK Extension B+):
+# "\U00021000" would then match U+1000. Use filter templates on such a server.
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def quote(value: str) -> str:
+    """`value` as a Milvus expression string literal that both parsers read back as exactly `value`.
+    Raises ValueError when `value` is not text that UTF-8 can carry (a lone surrogate)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, got {type(value).__name__}")
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return '"' + value.translate(_ESCAPES) + '"'
+
+
+def id_filter(field: str, ids: Iterable[str]) -> str:
+    """The filter `field in ["id", ...]` for `ids` (at least one), every id escaped by `quote()`."""
+    if not _FIELD.match(field):
+        raise ValueError(f"not a field name: {field!r}")
+    lits = [quote(i) for i in ids]
+    if not lits:
+        raise ValueError("id_filter needs at least one id")
+    return f"{field} in [{', '.join(lits)}]"
+
+
+def _storable_id(note_id: object) -> bool:
+    """Whether `note_id` could be a stored row's id (text UTF-8 can carry). Ids that cannot are never
+    stored, so there is nothing to read or delete for them."""
+    if not isinstance(note_id, str):
+        return False
+    try:
+        note_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# -- rows ----------------------------------------------------------------------------------------------
+def _cut(text: object, limit: int, what: str) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, at a character boundary."""
+    if not isinstance(text, str):
+        raise BadRow(f"{what} is not text ({type(text).__name__})")
+    try:
+        b = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow(f"{what} is not valid Unicode text ({e.reason} at {e.start})") from None
+    if len(b) <= limit:
+        return text
+    return b[:limit].decode("utf-8", "ignore")  # drops only the character the cut split
+
+
+def build_row(note: Note, vector, category: str | None, hashtags: list[str], model_version: str) -> dict:
+    """The Milvus row for `note`. Every string is cut to its field's limit in UTF-8 bytes at a character
+    boundary (title 4096, author_id/category/each hashtag 256, model_version 128); hashtags are capped at
+    MAX_HASHTAGS; a missing category is stored as NO_CATEGORY ("").
+
+    Raises BadRow when the note's own data cannot be stored: note_id empty, not valid Unicode text or over
+    256 UTF-8 bytes (never cut: a cut id could be another note's); a string with a lone surrogate;
+    published_at not an integer within int64. Decode rejects all of these upstream.
+    Raises ValueError (not BadRow) for a vector that is not 1-D, finite and of non-zero norm: the encoder
+    stage checks its output, so such a vector is a bug upstream, never one note's fault."""
+    vec = np.asarray(vector, dtype=np.float32)
+    if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+        raise ValueError(f"note {note.note_id!r}: vector must be 1-D, finite and non-empty (shape {vec.shape})")
+    if not np.linalg.norm(vec.astype(np.float64)) > 0.0:
+        raise ValueError(f"note {note.note_id!r}: vector has zero norm")
+    note_id = note.note_id
+    if not isinstance(note_id, str) or not note_id:
+        raise BadRow("note_id is empty")
+    try:
+        id_bytes = len(note_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRow("note_id is not valid Unicode text") from None
+    if id_bytes > ID_MAX:
+        raise BadRow(f"note_id is {id_bytes} bytes; the store holds at most {ID_MAX}")
+    published_at = note.published_at
+    if isinstance(published_at, bool) or not isinstance(published_at, int) or not INT64_MIN <= published_at <= INT64_MAX:
+        raise BadRow(f"published_at {published_at!r} is not an int64")
+    tags = list(hashtags or [])[:MAX_HASHTAGS]
+    return {
+        "note_id": note_id,
+        "embedding": vec,
+        "model_version": _cut(model_version, MODEL_VERSION_MAX, "model_version"),
+        "category": NO_CATEGORY if category is None else _cut(category, CATEGORY_MAX, "category"),
+        "hashtags": [_cut(t, HASHTAG_MAX, "hashtag") for t in tags],
+        "published_at": published_at,
+        "author_id": _cut(note.author_id, AUTHOR_MAX, "author_id"),
+        "title": _cut(note.title, TITLE_MAX, "title"),
+    }
+
+
+# -- error classes -------------------------------------------------------------------------------------
+DATA, TRANSIENT, FATAL = "data", "transient", "fatal"
+# Milvus server codes (merr, low 16 bits): collection / database not found, not authenticated / permitted.
+_FATAL_CODES = frozenset({100, 800, 1400, 1401})
+_FATAL_LEGACY = frozenset({3, 4})            # common.ErrorCode PermissionDenied, CollectionNotExists
+_DATA_CODES = frozenset({1100, 1101, 1102})  # merr: parameter invalid / missing / too large
+_DATA_LEGACY = frozenset({5, 7, 11})         # common.ErrorCode IllegalArgument, IllegalDimension, IllegalRowRecord
+_LITE_DATA = (6, 6)                          # milvus-lite: SchemaValidationError -> code 6, error_code 6
+
+
+def classify(exc: BaseException) -> str:
+    """DATA: the store refused the request for the data in it (pymilvus found a row not matching the schema,
+    or the server answered invalid-parameter); retrying the same rows cannot help, bisecting can.
+    FATAL: retrying cannot help and it is no row's fault (collection or database gone, no permission, a
+    bug: an exception that is not Milvus's nor the network's). TRANSIENT: anything else Milvus or the
+    network raises (unavailable, timeout, rate limit, ...)."""
+    from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, MilvusException,
+                                     ParamError)
 
     if isinstance(exc, (ParamError, DataNotMatchException, DataTypeNotMatchException)):
-        return GiveUp("milvus", f"{what}: {exc}")
-    if isinstance(exc, MilvusException) and getattr(exc, "code", None) in (6, 1100):  # bad data / invalid param
-        return GiveUp("milvus", f"{what}: {exc}")
-    return RetryLater("milvus", f"{what}: {type(exc).__name__}: {exc}")
+        return DATA
+    if isinstance(exc, MilvusException):
+        code, legacy = int(exc.code or 0) & 0xFFFF, int(exc.compatible_code or 0)
+        if code in _FATAL_CODES or legacy in _FATAL_LEGACY:
+            return FATAL
+        if getattr(exc, "retriable", False):
+            return TRANSIENT
+        if (code in _DATA_CODES or legacy in _DATA_LEGACY or (code, legacy) == _LITE_DATA
+                or getattr(exc, "is_input_error", False)):
+            return DATA
+        return TRANSIENT
+    import grpc
+
+    if isinstance(exc, (grpc.RpcError, ConnectionError, TimeoutError, OSError)):
+        return TRANSIENT
+    return FATAL
+
+
+def _message(exc: BaseException) -> str:
+    msg = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {msg}"[:500]
 
 
 def physical_name(alias: str, model_version: str) -> str:
@@ -63,20 +237,45 @@ class MilvusStore:
             kw["db_name"] = db_name
         self.client = MilvusClient(**kw)
         self.lock = threading.RLock()
+        self._depth = 0                          # nesting of locked() in the thread holding the lock
+        self._held_since: float | None = None    # when the outermost locked() began
+        self._last_ok = True                     # outcome of the last store call (for reachable())
+
+    @contextmanager
+    def locked(self, wait_s: float | None = None) -> Iterator[Any]:
+        """Hold the store lock around client calls (yields the client); records the calls' outcome for
+        `reachable()`. With `wait_s`, raises StoreBusy when the lock is not free within that time."""
+        if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise StoreBusy(f"the Milvus store is busy (a write has held it for over {wait_s:g} s); try again")
+        self._depth += 1
+        if self._depth == 1:
+            self._held_since = time.monotonic()
+        try:
+            yield self.client
+            self._last_ok = True
+        except BaseException as e:
+            if not isinstance(e, (SinkError, StoreBusy, KeyError)):
+                self._last_ok = classify(e) != TRANSIENT
+            raise
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._held_since = None
+            self.lock.release()
 
     # -- collection management -------------------------------------------------------------------
     def resolve(self, name: str | None = None) -> str | None:
         """Physical collection behind alias `name` (or the collection itself), None if absent."""
         name = name or self.alias
-        with self.lock:
+        with self.locked() as c:
             # list first: describe_alias on a missing alias makes pymilvus log an ERROR on a normal first start
-            if name in self.client.list_aliases().get("aliases", []):
-                return self.client.describe_alias(name)["collection_name"]
-            return name if self.client.has_collection(name) else None
+            if name in c.list_aliases().get("aliases", []):
+                return c.describe_alias(name)["collection_name"]
+            return name if c.has_collection(name) else None
 
     def describe(self, collection: str) -> tuple[int | None, str | None]:
-        with self.lock:
-            d = self.client.describe_collection(collection)
+        with self.locked() as c:
+            d = c.describe_collection(collection)
         dim = next((int(f["params"]["dim"]) for f in d["fields"] if f["name"] == "embedding"), None)
         return dim, (d.get("properties") or {}).get(PROP_MODEL_VERSION)
 
@@ -85,13 +284,14 @@ class MilvusStore:
 
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                        description=f"notellm embeddings, model_version={model_version}")
-        s.add_field("note_id", DataType.VARCHAR, is_primary=True, max_length=256)
+        s.add_field("note_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
         s.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-        s.add_field("model_version", DataType.VARCHAR, max_length=128)
-        s.add_field("category", DataType.VARCHAR, max_length=256, nullable=True)
-        s.add_field("hashtags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_HASHTAGS, max_length=256)
+        s.add_field("model_version", DataType.VARCHAR, max_length=MODEL_VERSION_MAX)
+        s.add_field("category", DataType.VARCHAR, max_length=CATEGORY_MAX)  # "" = none (NO_CATEGORY)
+        s.add_field("hashtags", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_HASHTAGS,
+                    max_length=HASHTAG_MAX)
         s.add_field("published_at", DataType.INT64)
-        s.add_field("author_id", DataType.VARCHAR, max_length=256)
+        s.add_field("author_id", DataType.VARCHAR, max_length=AUTHOR_MAX)
         s.add_field("title", DataType.VARCHAR, max_length=TITLE_MAX)
         ip = self.client.prepare_index_params()
         if self.is_lite:
@@ -99,21 +299,26 @@ class MilvusStore:
         else:  # a server: HNSW is a good default for low-latency top-k at this scale
             ip.add_index(field_name="embedding", index_type="HNSW", metric_type="COSINE",
                          params={"M": 16, "efConstruction": 200})
-        with self.lock:
-            self.client.create_collection(collection, schema=s, index_params=ip,
-                                          properties={PROP_MODEL_VERSION: model_version, PROP_DIM: str(dim)})
+        with self.locked() as c:
+            # The index is created without waiting for it (sync=False): the wait asks the server for a
+            # timestamp (AllocTimestamp), which milvus-lite does not implement; its in-process gRPC server
+            # then prints a traceback into the worker's output. Loading waits for what it needs.
+            c.create_collection(collection, schema=s,
+                                properties={PROP_MODEL_VERSION: model_version, PROP_DIM: str(dim)})
+            c.create_index(collection, ip, sync=False)
+            c.load_collection(collection)
 
     def ensure(self, dim: int, model_version: str, *, collection: str | None = None, create_alias: bool = True) -> str:
         """The physical collection to write to; created (and aliased) if missing. Raises
         CollectionMismatch when the existing one was built for another model."""
-        with self.lock:
+        with self.locked() as c:
             phys = collection or self.resolve()
-            if phys is None or (collection and not self.client.has_collection(collection)):
+            if phys is None or (collection and not c.has_collection(collection)):
                 phys = collection or physical_name(self.alias, model_version)
-                if not self.client.has_collection(phys):
+                if not c.has_collection(phys):
                     self.create(phys, dim, model_version)
                 if create_alias and collection is None:
-                    self.client.create_alias(phys, self.alias)
+                    c.create_alias(phys, self.alias)
                 return phys
             have_dim, have_mv = self.describe(phys)
             if have_dim != dim:
@@ -131,59 +336,99 @@ class MilvusStore:
     def load(self, collection: str | None = None) -> None:
         """Load a collection that is released (a reopened milvus-lite db starts released)."""
         name = collection or self.alias
-        with self.lock:
-            state = str(self.client.get_load_state(name).get("state", ""))
+        with self.locked() as c:
+            state = str(c.get_load_state(name).get("state", ""))
             if "NotLoad" in state or "released" in state.lower():
-                self.client.load_collection(name)
+                c.load_collection(name)
 
     def switch_alias(self, collection: str) -> None:
-        with self.lock:
-            if self.alias in self.client.list_aliases().get("aliases", []):
-                self.client.alter_alias(collection, self.alias)
+        with self.locked() as c:
+            if self.alias in c.list_aliases().get("aliases", []):
+                c.alter_alias(collection, self.alias)
             else:
-                self.client.create_alias(collection, self.alias)
+                c.create_alias(collection, self.alias)
 
-    def ping(self) -> bool:
+    def reachable(self) -> bool:
+        """Whether Milvus answers. Never waits more than READY_WAIT_S for the store lock: while a call holds
+        it, the answer is the last call's outcome, unless that call has run past its own timeout."""
+        if not self.lock.acquire(timeout=READY_WAIT_S):
+            since = self._held_since
+            overdue = since is not None and time.monotonic() - since > self.timeout_s + OVERDUE_GRACE_S
+            return self._last_ok and not overdue
         try:
-            with self.lock:
-                self.client.has_collection(self.alias)
+            with self.locked() as c:
+                c.has_collection(self.alias, timeout=PROBE_TIMEOUT_S)
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"; locked() recorded it
             return False
+        finally:
+            self.lock.release()
+
+    # -- writes (MilvusSink) ---------------------------------------------------------------------
+    def upsert(self, collection: str, rows: list[dict]) -> None:
+        with self.locked() as c:
+            c.upsert(collection, rows, timeout=self.timeout_s)
+
+    def delete(self, collection: str, ids: Iterable[str]) -> None:
+        """Delete the rows of `ids` (ids no row can have are skipped), IDS_PER_FILTER ids per call."""
+        todo = [i for i in ids if _storable_id(i)]
+        for part in _chunks(todo, IDS_PER_FILTER):
+            with self.locked() as c:
+                c.delete(collection, filter=id_filter("note_id", part), timeout=self.timeout_s)
 
     # -- reads -----------------------------------------------------------------------------------
+    def get(self, ids: Iterable[str], output_fields: list[str], collection: str | None = None,
+            wait_s: float | None = None) -> list[dict]:
+        """The stored rows of `ids` (absent ids are simply missing from the answer)."""
+        coll = collection or self.alias
+        todo = list(dict.fromkeys(i for i in ids if _storable_id(i)))
+        out: list[dict] = []
+        with self.locked(wait_s):
+            self.load(coll)
+            for part in _chunks(todo, IDS_PER_FILTER):
+                out.extend(self.client.query(coll, filter=id_filter("note_id", part), output_fields=output_fields,
+                                             timeout=self.timeout_s))
+        return out
+
     def similar(self, note_id: str, k: int = 10, collection: str | None = None) -> dict:
+        """The stored note `note_id` and its `k` (1..MAX_K) nearest other notes. Raises ValueError for a bad
+        k, KeyError when the note is not stored, StoreBusy when a write holds the store for over
+        SIMILAR_WAIT_S."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         coll = collection or self.alias
         fields = ["title", "category", "hashtags", "published_at", "model_version"]
-        self.load(coll)
-        with self.lock:
-            got = self.client.get(coll, ids=[note_id], output_fields=["embedding", *fields])
+        with self.locked(SIMILAR_WAIT_S):
+            got = self.get([note_id], ["embedding", *fields], coll)
             if not got:
                 raise KeyError(note_id)
             me = got[0]
-            hits = self.client.search(coll, data=[list(me["embedding"])], limit=k + 1, output_fields=fields)[0]
+            hits = self.client.search(coll, data=[list(me["embedding"])], limit=k + 1, output_fields=fields,
+                                      timeout=self.timeout_s)[0]
         out = []
         for h in hits:
             hid = h.get("id", h.get("note_id"))
             if hid == note_id:
                 continue
             ent = h.get("entity", {})
-            out.append({"note_id": hid, "score": float(h["distance"]), **{f: ent.get(f) for f in fields[:3]}})
+            out.append({"note_id": hid, "score": float(h["distance"]),
+                        **{f: ent.get(f) for f in fields[:3]}, "category": ent.get("category") or None})
         q = {f: me.get(f) for f in fields}
+        q["category"] = q["category"] or None
         q["note_id"] = note_id
         return {"note": q, "neighbours": out[:k]}
 
     def count(self, collection: str | None = None) -> int:
-        self.load(collection)
-        with self.lock:
-            r = self.client.query(collection or self.alias, filter="", output_fields=["count(*)"])
+        with self.locked() as c:
+            self.load(collection)
+            r = c.query(collection or self.alias, filter="", output_fields=["count(*)"])
         return int(r[0]["count(*)"])
 
     def all_ids(self, collection: str | None = None) -> list[str]:
         """Every note_id in the collection (tests, backfill checks)."""
-        self.load(collection)
-        with self.lock:
-            it = self.client.query_iterator(collection or self.alias, batch_size=1000, filter="", output_fields=["note_id"])
+        with self.locked() as c:
+            self.load(collection)
+            it = c.query_iterator(collection or self.alias, batch_size=1000, filter="", output_fields=["note_id"])
             out: list[str] = []
             while True:
                 page = it.next()
@@ -193,65 +438,99 @@ class MilvusStore:
                 out.extend(r["note_id"] for r in page)
 
     def close(self) -> None:
-        with self.lock:
-            self.client.close()
+        with self.locked() as c:
+            c.close()
 
 
 class MilvusSink:
+    """The Milvus side of the sink contract (worker/sinks/__init__.py), writing to one physical collection.
+
+    add(enc)   stages one row per note (a later record of the same note_id wins) and a delete per tombstone.
+               A note whose data cannot be stored (`BadRow`) is staged as rejected; a vector that is not
+               finite with a non-zero norm raises ValueError (a bug upstream).
+    flush()    upserts the staged rows, then deletes the tombstoned ids. When the store refuses a batch for
+               its data, the batch is bisected: every good row is written, each bad row comes back as
+               `Rejected` and nothing of it is written (a rejected update keeps the note's previous row).
+               A transient fault raises RetryLater, anything else that is no row's fault GiveUp; what was
+               written or rejected before the fault stays done, the rest stays staged for the next flush.
+    discard()  drops everything staged, rejections included.
+    """
+
     name = "milvus"
 
     def __init__(self, store: MilvusStore, collection: str) -> None:
         self.store = store
         self.collection = collection
-        self._rows: dict[str, dict] = {}
+        self._rows: dict[str, dict] = {}          # note_id -> row to upsert
+        self._notes: dict[str, Note] = {}         # note_id -> the note of that row
         self._deletes: set[str] = set()
+        self._rejected: dict[str, Rejected] = {}  # note_id -> rejection not yet returned by flush()
 
     def add(self, enc: Encoded) -> None:
         b = enc.batch
-        vecs = np.asarray(enc.embeddings, dtype=np.float32)  # rows go to pymilvus as float32 arrays
         for i, n in enumerate(b.notes):
-            tags = enc.hashtags[i] if enc.hashtags else []
-            self._deletes.discard(n.note_id)
-            self._rows[n.note_id] = {
-                "note_id": n.note_id,
-                "embedding": vecs[i],
-                "model_version": enc.model_version,
-                "category": (enc.categories[i] if enc.categories else None) or None,
-                "hashtags": [t[:256] for t in tags[:MAX_HASHTAGS]],
-                "published_at": int(n.published_at),
-                "author_id": n.author_id,
-                "title": n.title[:TITLE_MAX],
-            }
-        for t in b.tombstones:
-            self._rows.pop(t.note_id, None)
-            self._deletes.add(t.note_id)
-        # A note the encoder failed on goes to the DLQ; it must not stay searchable (an early upsert
-        # at low load may have written its vector before generation failed).
-        for d in enc.failed:
-            if d.note_id and d.note_id not in self._rows:
-                self._deletes.add(d.note_id)
-
-    def flush(self) -> None:
-        """Upsert staged rows, delete tombstoned ids; staged work stays until it succeeded."""
-        if self._rows:
+            self._forget(n.note_id)
             try:
-                with self.store.lock:
-                    self.store.client.upsert(self.collection, list(self._rows.values()), timeout=self.store.timeout_s)
-            except Exception as e:  # noqa: BLE001
-                raise _classify(e, f"upsert of {len(self._rows)} rows") from e
-            self._rows.clear()
+                row = build_row(n, enc.embeddings[i], enc.categories[i] if enc.categories else None,
+                                enc.hashtags[i] if enc.hashtags else [], enc.model_version)
+            except BadRow as e:
+                self._rejected[n.note_id] = Rejected(n, str(e))
+                continue
+            self._rows[n.note_id] = row
+            self._notes[n.note_id] = n
+        for t in b.tombstones:
+            self._forget(t.note_id)
+            self._deletes.add(t.note_id)
+
+    def flush(self) -> list[Rejected]:
+        if self._rows:
+            self._upsert(list(self._rows))
         if self._deletes:
             ids = sorted(self._deletes)
-            try:
-                with self.store.lock:
-                    self.store.client.delete(self.collection, ids=ids, timeout=self.store.timeout_s)
-            except Exception as e:  # noqa: BLE001
-                raise _classify(e, f"delete of {len(ids)} ids") from e
-            self._deletes.clear()
-
-    def pending(self) -> int:
-        return len(self._rows) + len(self._deletes)
+            for part in _chunks(ids, IDS_PER_FILTER):
+                try:
+                    self.store.delete(self.collection, part)
+                except Exception as e:  # noqa: BLE001 - classified; a data error here is our bug, not a record's
+                    kind = classify(e)
+                    raise (RetryLater if kind == TRANSIENT else GiveUp)(
+                        "milvus", f"delete of {len(part)} ids: {_message(e)}") from e
+                self._deletes.difference_update(part)
+        out, self._rejected = list(self._rejected.values()), {}
+        return out
 
     def discard(self) -> None:
         self._rows.clear()
+        self._notes.clear()
         self._deletes.clear()
+        self._rejected.clear()
+
+    def _forget(self, note_id: str) -> None:
+        """Drop what is staged for `note_id` (a later record of it replaces it)."""
+        self._rows.pop(note_id, None)
+        self._notes.pop(note_id, None)
+        self._deletes.discard(note_id)
+        self._rejected.pop(note_id, None)
+
+    def _upsert(self, ids: list[str]) -> None:
+        """Write the staged rows `ids`; on a data error, bisect down to the rows the store refuses."""
+        try:
+            self.store.upsert(self.collection, [self._rows[i] for i in ids])
+        except Exception as e:  # noqa: BLE001 - classified below
+            kind = classify(e)
+            if kind == TRANSIENT:
+                raise RetryLater("milvus", f"upsert of {len(ids)} rows: {_message(e)}") from e
+            if kind == FATAL:
+                raise GiveUp("milvus", f"upsert of {len(ids)} rows: {_message(e)}") from e
+            if len(ids) == 1:
+                note_id = ids[0]
+                self._rejected[note_id] = Rejected(self._notes[note_id], f"milvus refused the row: {_message(e)}")
+                self._rows.pop(note_id)
+                self._notes.pop(note_id)
+                return
+            mid = len(ids) // 2
+            self._upsert(ids[:mid])
+            self._upsert(ids[mid:])
+            return
+        for i in ids:
+            del self._rows[i]
+            del self._notes[i]

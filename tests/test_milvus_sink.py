@@ -1,0 +1,349 @@
+"""MilvusSink / MilvusStore on a real milvus-lite: hostile ids never reach another note's row, rows the store
+refuses are isolated by bisection, strings are cut to their field's byte limit, staged work survives a
+transient outage, and readiness never waits on a long write."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import worker.sinks.milvus as mv
+from worker.records import Batch, Encoded, Note, Tombstone
+from worker.sinks import GiveUp, RetryLater
+from worker.sinks.milvus import BadRow, MilvusSink, MilvusStore, StoreBusy, build_row, classify, id_filter, quote
+
+DIM = 8
+MV = "mv-test"
+
+HOSTILE = [
+    "'", '"', "\\", "\\\\", "\\'", "a\\", "n0\\", '\\"', "\\n", "'\\", "\"'\"",
+    "zz'] or note_id not in ['n0", 'zz"] or note_id not in ["n0', '" or 1==1 or "', "' or 1==1 or '",
+    "%", "_", "*", "n%", "n_", "[", "]", ",", " n0", "n0 ",
+    "\u202en0", "\u200fn0", "\u200bn0", "\ufeffn0", "😀", "中文", "\U00021000", "é", "e\u0301",
+    "x" * 256, "é" * 128, "a\tb", "a\nb",
+]
+INNOCENT = [f"n{i}" for i in range(10)] + ["a", "e", "zz", "x" * 255]
+
+
+def _vec(seed: int, dim: int = DIM) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _note(note_id: str, *, title: str | None = None, author_id: str = "author", published_at: int = 1_700_000_000_000,
+          offset: int = 0) -> Note:
+    return Note(note_id=note_id, title=title if title is not None else f"title of {note_id}", content="c",
+                author_id=author_id, published_at=published_at, topic=None, category=None, hashtags=None,
+                partition=0, offset=offset)
+
+
+def _enc(notes: list[Note], vectors=None, *, tombstones: list[str] = (), categories=None, hashtags=None) -> Encoded:
+    b = Batch(seq=0, notes=list(notes), tombstones=[Tombstone(t, 0, 0) for t in tombstones], dead=[],
+              offsets={0: 1}, records=len(notes) + len(tombstones), padded_tokens=0, opened_at=0.0, closed_at=0.0,
+              reason="notes")
+    if vectors is None:
+        vectors = np.stack([_vec(i) for i in range(len(notes))]) if notes else np.zeros((0, DIM), np.float32)
+    return Encoded(batch=b, embeddings=vectors, categories=categories if categories is not None else [None] * len(notes),
+                   hashtags=hashtags if hashtags is not None else [[] for _ in notes], model_version=MV)
+
+
+@pytest.fixture
+def store(milvus_uri):
+    s = MilvusStore(milvus_uri, alias="notes")
+    s.collection = s.ensure(DIM, MV)
+    yield s
+    try:
+        s.close()
+    except Exception:  # noqa: BLE001 - a test may have stopped the server
+        pass
+
+
+def _rows(store: MilvusStore, ids) -> dict[str, dict]:
+    return {r["note_id"]: r for r in store.get(ids, ["title", "embedding", "category", "hashtags", "author_id"])}
+
+
+# -- filters -------------------------------------------------------------------------------------------
+# Plan.g4 (Milvus server) accepts, between double quotes, any char but " \ CR LF, or a simple escape.
+_SERVER_LITERAL = re.compile(r'"(?:[^"\\\r\n]|\\["\\nrt])*"\Z')
+
+
+def test_id_filter_literals_read_back_as_exactly_the_ids():
+    from milvus_lite.search.filter.tokens import TokenKind, tokenize
+
+    for i in HOSTILE + INNOCENT:
+        lit = quote(i)
+        assert _SERVER_LITERAL.match(lit), lit                     # the server's lexer takes it whole
+        toks = tokenize(id_filter("note_id", [i, "n0"]))            # milvus-lite's own lexer
+        assert [t.kind for t in toks] == [TokenKind.IDENT, TokenKind.IN, TokenKind.LBRACKET, TokenKind.STRING,
+                                          TokenKind.COMMA, TokenKind.STRING, TokenKind.RBRACKET, TokenKind.EOF]
+        assert [t.value for t in toks if t.kind is TokenKind.STRING] == [i, "n0"]
+    for bad_field in ("note_id or 1", "", "1x", "a-b"):
+        with pytest.raises(ValueError):
+            id_filter(bad_field, ["n0"])
+    with pytest.raises(ValueError):
+        id_filter("note_id", [])
+    with pytest.raises(ValueError):
+        quote("a\ud800")
+
+
+def test_hostile_ids_get_and_delete_exactly_their_own_row(store):
+    ids = HOSTILE + INNOCENT
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note(i) for i in ids]))
+    assert sink.flush() == []
+    assert sorted(store.all_ids()) == sorted(ids)
+    for i in ids:  # get returns exactly the asked row
+        got = store.get([i], ["title"])
+        assert [(r["note_id"], r["title"]) for r in got] == [(i, f"title of {i}")]
+    nb = store.similar(HOSTILE[11], k=3)
+    assert nb["note"]["note_id"] == HOSTILE[11] and nb["note"]["title"] == f"title of {HOSTILE[11]}"
+    assert len(nb["neighbours"]) == 3 and HOSTILE[11] not in {h["note_id"] for h in nb["neighbours"]}
+
+    left = set(ids)
+    for i in HOSTILE:  # each tombstone deletes exactly its note
+        sink.add(_enc([], tombstones=[i]))
+        assert sink.flush() == []
+        left.discard(i)
+        assert set(store.all_ids()) == left, i
+        assert store.get([i], ["title"]) == []
+    assert set(store.all_ids()) == set(INNOCENT)
+    assert {r["note_id"]: r["title"] for r in store.get(INNOCENT, ["title"])} == {i: f"title of {i}" for i in INNOCENT}
+
+
+# -- bisection -----------------------------------------------------------------------------------------
+def test_rows_the_store_refuses_are_isolated_and_keep_their_previous_version(store):
+    sink = MilvusSink(store, store.collection)
+    old = ["dim-a", "dim-b", "ts", "author"]
+    sink.add(_enc([_note(i, title="v1") for i in old], np.stack([_vec(100 + k) for k in range(len(old))])))
+    assert sink.flush() == []
+
+    good = [_note(f"g{k:02d}", title="v2") for k in range(40)]
+    bad_dim = [_note("dim-a", title="v2"), _note("dim-b", title="v2"), _note("dim-c", title="v2")]
+    bad_data = [_note("ts", title="v2", published_at=2 ** 63), _note("author", title="v2", author_id="x\ud800y"),
+                _note("i" * 300, title="v2")]
+    notes = [bad_dim[0], *good[:17], bad_dim[1], *good[17:], bad_data[0], bad_dim[2], *bad_data[1:]]
+    vectors = [_vec(k, DIM + 1) if n in bad_dim else _vec(k) for k, n in enumerate(notes)]  # wrong dim: the store refuses
+    sink.add(_enc(notes, vectors))
+    rejected = sink.flush()
+
+    assert sorted(r.note.note_id for r in rejected) == sorted(n.note_id for n in bad_dim + bad_data)
+    by_id = {r.note.note_id: r.reason for r in rejected}
+    assert all("dim" in by_id[n.note_id] for n in bad_dim)           # refused by milvus-lite, found by bisection
+    assert "int64" in by_id["ts"] and "Unicode" in by_id["author"] and "300 bytes" in by_id["i" * 300]
+    assert set(store.all_ids()) == {n.note_id for n in good} | set(old)
+    rows = _rows(store, [n.note_id for n in good] + old)
+    assert all(rows[n.note_id]["title"] == "v2" for n in good)
+    for k, i in enumerate(old):  # a rejected update leaves the previous row as it was
+        assert rows[i]["title"] == "v1"
+        assert np.allclose(np.asarray(rows[i]["embedding"], np.float32), _vec(100 + k), atol=1e-6)
+    assert sink.flush() == []  # each rejection is reported once
+
+
+# -- rows ----------------------------------------------------------------------------------------------
+def _assert_cut(original: str, cut: str, limit: int) -> None:
+    """A maximal prefix at a character boundary within `limit` UTF-8 bytes."""
+    assert original.startswith(cut) and len(cut.encode()) <= limit
+    assert cut == original or len(original[:len(cut) + 1].encode()) > limit
+
+
+def test_build_row_cuts_every_string_to_its_byte_limit_and_never_the_id(store):
+    titles = ["é" * 3000, "€" * 2000, "😀" * 1100, "a" + "😀" * 1100, "x" * 4096, "y" * 5000]
+    for t in titles:
+        row = build_row(_note("n1", title=t), _vec(0), "類" * 100, ["標" * 90] * 70, "m" * 200)
+        _assert_cut(t, row["title"], 4096)
+        _assert_cut("類" * 100, row["category"], 256)
+        assert len(row["hashtags"]) == mv.MAX_HASHTAGS
+        assert all(h == "標" * 85 for h in row["hashtags"])       # 255 bytes: the 86th character would be 258
+        assert row["model_version"] == "m" * 128
+    assert len(build_row(_note("n1", title="é" * 3000), _vec(0), None, [], MV)["title"]) == 2048
+    assert build_row(_note("n1", title="€" * 2000), _vec(0), None, [], MV)["title"] == "€" * 1365
+    assert build_row(_note("n1", author_id="ü" * 300), _vec(0), None, [], MV)["author_id"] == "ü" * 128
+    assert build_row(_note("n1"), _vec(0), None, [], MV)["category"] == ""      # missing category
+    assert build_row(_note("é" * 128), _vec(0), None, [], MV)["note_id"] == "é" * 128  # 256 bytes: kept whole
+
+    for bad in (_note("é" * 128 + "a"), _note(""), _note("a\udc00"), _note("n", published_at=2 ** 63),
+                _note("n", published_at=-(2 ** 63) - 1), _note("n", published_at=True),
+                _note("n", published_at=1.0), _note("n", title="\ud800")):
+        with pytest.raises(BadRow):
+            build_row(bad, _vec(0), None, [], MV)
+    with pytest.raises(BadRow):
+        build_row(_note("n"), _vec(0), "cat\udfff", [], MV)
+    assert build_row(_note("n", published_at=-(2 ** 63)), _vec(0), None, [], MV)["published_at"] == -(2 ** 63)
+    for vec in (np.full(DIM, np.nan, np.float32), np.array([np.inf] + [0.0] * (DIM - 1), np.float32),
+                np.zeros(DIM, np.float32), np.ones((2, DIM), np.float32), np.zeros(0, np.float32)):
+        with pytest.raises(ValueError) as e:
+            build_row(_note("n"), vec, None, [], MV)
+        assert not isinstance(e.value, BadRow)  # an upstream bug, never one note's fault
+
+    # What is cut is what the store keeps (multi-byte strings exactly at their byte limits).
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("n1", title="😀" * 1100, author_id="ü" * 300)], categories=["類" * 100],
+                  hashtags=[["標" * 90] * 70]))
+    assert sink.flush() == []
+    got = _rows(store, ["n1"])["n1"]
+    assert got["title"] == "😀" * 1024 and got["author_id"] == "ü" * 128
+    assert got["category"] == "類" * 85 and got["hashtags"] == ["標" * 85] * 64
+    assert store.similar("n1", 1)["note"]["category"] == "類" * 85
+
+
+# -- the sink contract ---------------------------------------------------------------------------------
+def test_later_record_wins_tombstones_delete_and_bad_rows_are_rejected_before_the_store(store):
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("keep", title="v1"), _note("gone"), _note("upd", title="v1")]))
+    assert sink.flush() == []
+    sink.add(_enc([_note("new", title="first"), _note("upd", title="v2")]))
+    sink.add(_enc([_note("new", title="second"), _note("upd", published_at=2 ** 63)], tombstones=["gone"]))
+    rejected = sink.flush()
+    assert [r.note.note_id for r in rejected] == ["upd"]
+    assert set(store.all_ids()) == {"keep", "new", "upd"}
+    rows = _rows(store, ["keep", "new", "upd"])
+    assert rows["new"]["title"] == "second" and rows["upd"]["title"] == "v1" and rows["keep"]["title"] == "v1"
+    sink.add(_enc([], tombstones=["new"]))
+    sink.add(_enc([_note("new", title="third")]))          # a note after its tombstone: the note wins
+    assert sink.flush() == []
+    assert _rows(store, ["new"])["new"]["title"] == "third"
+
+
+def test_discard_drops_everything_staged(store):
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("old")]))
+    assert sink.flush() == []
+    sink.add(_enc([_note("n1"), _note("bad", published_at=2 ** 63)], tombstones=["old"]))
+    sink.discard()
+    assert sink.flush() == []
+    assert store.all_ids() == ["old"]
+
+
+def _stop_server(uri: str):
+    """Stop milvus-lite's in-process gRPC server (a real outage); returns a function that restarts it on
+    the same port, so the client reconnects."""
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+    from milvus_lite.server_manager import server_manager_instance as mgr
+
+    path = os.path.abspath(uri)
+    port = mgr._servers[path][2]
+    mgr.release_server(path)
+
+    def restart() -> None:
+        server, db, bound = start_server_in_thread(path, port=port)
+        assert bound == port
+        mgr._servers[path] = (server, db, bound)
+
+    return restart
+
+
+def test_a_transient_fault_keeps_staged_work_for_the_retry(store, milvus_uri):
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("gone")]))
+    assert sink.flush() == []
+    sink.add(_enc([_note(f"n{k}") for k in range(5)] + [_note("bad", published_at=2 ** 63)], tombstones=["gone"]))
+    restart = _stop_server(milvus_uri)
+    with pytest.raises(RetryLater) as e:
+        sink.flush()
+    assert e.value.retryable
+    t0 = time.monotonic()
+    assert store.reachable() is False and time.monotonic() - t0 < 1.5
+    restart()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            rejected = sink.flush()
+            break
+        except RetryLater:
+            assert time.monotonic() < deadline, "milvus-lite did not come back"
+            time.sleep(0.2)
+    assert [r.note.note_id for r in rejected] == ["bad"]
+    assert set(store.all_ids()) == {f"n{k}" for k in range(5)}
+    assert store.reachable() is True
+    assert sink.flush() == []
+
+
+def test_errors_are_classified_by_whose_fault_they_are():
+    from pymilvus.exceptions import DataNotMatchException, DescribeCollectionException, MilvusException, ParamError
+
+    assert classify(DataNotMatchException(message="Value out of range")) == mv.DATA
+    assert classify(ParamError(message="bad")) == mv.DATA
+    assert classify(MilvusException(6, "VARCHAR field too long", 6)) == mv.DATA            # milvus-lite
+    assert classify(MilvusException(1100, "invalid parameter", 5)) == mv.DATA              # Milvus server
+    assert classify(MilvusException(1100 | (1 << 20), "invalid parameter", 5, retriable=True)) == mv.TRANSIENT
+    assert classify(MilvusException(2, "Fail connecting to server")) == mv.TRANSIENT
+    assert classify(MilvusException(65535, "unexpected error", 1)) == mv.TRANSIENT
+    assert classify(DescribeCollectionException(100, "collection 'x' does not exist", 4)) == mv.FATAL
+    assert classify(ConnectionResetError()) == mv.TRANSIENT and classify(TimeoutError()) == mv.TRANSIENT
+    assert classify(TypeError("a bug")) == mv.FATAL
+
+
+def test_a_missing_collection_is_no_rows_fault(store):
+    sink = MilvusSink(store, "no_such_collection")
+    sink.add(_enc([_note("n1")]))
+    with pytest.raises(GiveUp):
+        sink.flush()
+
+
+# -- readiness and reads -------------------------------------------------------------------------------
+def _hold(store: MilvusStore, ctx) -> tuple[threading.Event, threading.Event, threading.Thread]:
+    held, release = threading.Event(), threading.Event()
+
+    def run():
+        with ctx:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert held.wait(5)
+    return held, release, t
+
+
+def test_reachable_and_similar_never_wait_long_on_a_write_holding_the_store(store, monkeypatch):
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note(f"n{k}") for k in range(5)]))
+    assert sink.flush() == []
+    assert store.reachable() is True
+
+    monkeypatch.setattr(mv, "SIMILAR_WAIT_S", 0.3)
+    _, release, t = _hold(store, store.lock)   # a long write holds the lock
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert store.reachable() is True                 # the last call's outcome
+            assert time.monotonic() - t0 < 0.5
+        t0 = time.monotonic()
+        with pytest.raises(StoreBusy):
+            store.similar("n1", 2)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        release.set()
+        t.join(5)
+    assert [h["note_id"] for h in store.similar("n1", 2)["neighbours"]] != []
+
+    # A call that has run past its own timeout is not "reachable".
+    monkeypatch.setattr(mv, "OVERDUE_GRACE_S", 0.0)
+    monkeypatch.setattr(store, "timeout_s", 0.2)
+    _, release, t = _hold(store, store.locked())
+    try:
+        time.sleep(0.4)
+        t0 = time.monotonic()
+        assert store.reachable() is False and time.monotonic() - t0 < 0.5
+    finally:
+        release.set()
+        t.join(5)
+    assert store.reachable() is True
+
+
+def test_similar_bounds_k_and_reports_absent_notes(store):
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("n1"), _note("n2")]))
+    assert sink.flush() == []
+    for k in (0, 101, -1, True, "5", 2.0):
+        with pytest.raises(ValueError):
+            store.similar("n1", k)
+    for absent in ("nope", "a\ud800", "n1' or '1'=='1"):
+        with pytest.raises(KeyError):
+            store.similar(absent, 5)
+    ans = store.similar("n1", 100)
+    assert ans["note"]["category"] is None and [h["note_id"] for h in ans["neighbours"]] == ["n2"]
