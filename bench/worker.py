@@ -195,7 +195,7 @@ def latency(enc, docs, rate, seconds, bootstrap, milvus_uri, store, generate, ba
             return sink
 
         app, th = run_worker(enc, s, store, wrap)
-        while not app.source.assigned():
+        while not app.ownership.owned():
             time.sleep(0.01)
         time.sleep(1.0)
         p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0})

@@ -47,3 +47,28 @@ def test_secrets_do_not_leak(monkeypatch):
     assert conf["sasl.password"] == "hunter2" and conf["security.protocol"] == "SASL_SSL"
     assert conf["enable.auto.commit"] is False
     assert s.kafka.producer_config()["enable.idempotence"] is True
+
+
+def test_http_binds_loopback_unless_told(monkeypatch):
+    from worker.config import load_settings
+
+    monkeypatch.delenv("NOTELLM_HTTP__HOST", raising=False)
+    assert load_settings().http.host == "127.0.0.1"
+    monkeypatch.setenv("NOTELLM_HTTP__HOST", "0.0.0.0")
+    assert load_settings().http.host == "0.0.0.0"
+
+
+def test_deployment_grace_period_covers_the_drain_budget():
+    """SIGTERM drains for at most lifecycle.drain_s; Kubernetes kills at terminationGracePeriodSeconds."""
+    from pathlib import Path
+
+    import yaml
+
+    from worker.config import LifecycleSettings
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    env = yaml.safe_load((deploy / "configmap.yaml").read_text())["data"]
+    spec = yaml.safe_load((deploy / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    drain = float(env.get("NOTELLM_LIFECYCLE__DRAIN_S", LifecycleSettings().drain_s))
+    assert spec["terminationGracePeriodSeconds"] >= drain + 15
+    assert env["NOTELLM_HTTP__HOST"] == "0.0.0.0"  # probes and the scraper reach it inside the pod

@@ -143,7 +143,7 @@ def test_low_load_note_is_searchable_before_its_tags(kafka_bootstrap, topics, mi
 
     app = WorkerApp(s, encoder=encoder, store=store, wrap_sink=lambda sk: Spy(sk) if sk.name == "milvus" else sk)
     t = AppThread(app)
-    while not (app.started and app.source.assigned()):
+    while not (app.started and app.ownership.owned()):
         time.sleep(0.02)
     produce_notes(kafka_bootstrap, topics["notes"], [note_doc(7)])
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)

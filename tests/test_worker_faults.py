@@ -80,7 +80,7 @@ def test_sink_outage_then_recovery_loses_nothing_and_commits_only_after(kafka_bo
     t = AppThread(app)
     # During the outage the worker stays in the group (keeps polling, paused) and commits nothing.
     time.sleep(2.0)
-    assert t.alive() and app.source.assigned() == {0, 1, 2}
+    assert t.alive() and app.ownership.owned() == {0, 1, 2}
     assert committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], [0, 1, 2]) == {0: -1001, 1: -1001, 2: -1001}
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=120, alive=t.alive)
     assert t.stop() == 0
@@ -170,13 +170,13 @@ def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, mil
     wait_for(lambda: a.metrics.embedded._value.get() >= 300 or not ta.alive(), "a to embed 300")
     b = WorkerApp(s, encoder=encoder, store=store, name="b")   # joins mid-run: partitions move to b
     tb = AppThread(b)
-    wait_for(lambda: (b.started and b.source.assigned()) or not tb.alive(), "b to get partitions")
+    wait_for(lambda: (b.started and b.ownership.owned()) or not tb.alive(), "b to get partitions")
     # Publish more once the group settled, so both members have work after the rebalance.
     ids += produce_notes(kafka_bootstrap, tps["notes"], docs[800:1600])
     wait_for(lambda: b.metrics.embedded._value.get() >= 100 or not tb.alive(), "b to embed 100")
     assert ta.alive() and tb.alive()
     assert ta.stop() == 0                                        # leaves: b takes every partition
-    wait_for(lambda: len(b.source.assigned()) == 6 or not tb.alive(), "b to get every partition")
+    wait_for(lambda: len(b.ownership.owned()) == 6 or not tb.alive(), "b to get every partition")
     ids += produce_notes(kafka_bootstrap, tps["notes"], docs[1600:])
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, tps["notes"], timeout=180, alive=tb.alive)
     assert tb.stop() == 0

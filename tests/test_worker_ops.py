@@ -4,6 +4,7 @@ and the startup check against a collection built for another model."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -51,6 +52,17 @@ def test_http_probes_metrics_and_similar(kafka_bootstrap, topics, milvus_uri, en
     assert all(h["note_id"] != ids[0] and -1.0 <= h["score"] <= 1.0001 for h in ans["neighbours"])
     assert ans["note"]["category"] is not None or ans["note"]["hashtags"] is not None
     assert _get(f"{base}/similar/nope")[0] == 404
+    # Bounded k, hostile ids, undecodable paths: client errors, never a traceback or an internal message.
+    for bad in ("k=0", "k=101", "k=abc", "k=-1", "k=1e3"):
+        assert _get(f"{base}/similar/{ids[0]}?{bad}")[0] == 400, bad
+    assert _get(f"{base}/similar/%ff%fe")[0] == 400
+    code, body = _get(f"{base}/similar/" + urllib.parse.quote("zz'] or note_id not in ['" + ids[0], safe=""))
+    assert code == 404 and json.loads(body)["error"] == "note not found"
+    real = app.store.similar
+    app.store.similar = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("secret /internal/path detail"))
+    code, body = _get(f"{base}/similar/{ids[0]}")
+    app.store.similar = real
+    assert code == 500 and b"secret" not in body and json.loads(body)["error_id"]
     # The CLI goes through the worker while the worker holds the lite db.
     from notellm.cli import main
     assert main(["similar", ids[0], "-k", "2", "--url", base]) == 0

@@ -43,17 +43,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="seconds to read the DLQ to its end and deliver (default 120)")
 
 
-def run(args, *, settings=None, stop: threading.Event | None = None) -> int:
-    """Run `redrive` for parsed `args` (kinds, dry_run, dlq_from_offsets, redrive_timeout_s). `settings`:
-    already built ones (default: `worker.cli.settings_from(args)`); `stop`: set to end the read early."""
+def run(args, *, settings, stop: threading.Event | None = None) -> int:
+    """Run `redrive` for parsed `args` (kinds, dry_run, dlq_from_offsets, redrive_timeout_s) with the
+    command's `settings` (worker/cli.py builds them); `stop`: set to end the read early."""
     from confluent_kafka import KafkaException
 
     from worker.source import parse_offsets
 
-    if settings is None:
-        from worker.cli import settings_from
-
-        settings = settings_from(args)
     try:
         start = parse_offsets(args.dlq_from_offsets) if getattr(args, "dlq_from_offsets", None) else None
         return redrive(settings, kinds=set(args.kinds) if args.kinds else None, dry_run=args.dry_run,

@@ -8,7 +8,6 @@ partition reached its end).
 from __future__ import annotations
 
 import json
-import threading
 from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -33,8 +32,6 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._on_stats = on_stats
         self._log = log
-        self._lock = threading.Lock()
-        self._assigned: set[int] = set()
         self._paused = False
         self._end = dict(end_offsets or {})
         self._done: set[int] = set()
@@ -55,10 +52,8 @@ class KafkaSource:
                     self._done.add(p)
             tps = [tp for tp in tps if tp.partition not in self._done]
             self.consumer.assign(tps)
-            with self._lock:
-                self._assigned = {tp.partition for tp in tps} | self._done
             if on_assign:
-                on_assign(sorted(self._assigned))
+                on_assign(sorted({tp.partition for tp in tps} | self._done))
         else:
             self.consumer.subscribe([topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb,
                                     on_lost=self._lost_cb)
@@ -66,8 +61,6 @@ class KafkaSource:
     # -- callbacks (polling thread) --------------------------------------------------------------
     def _assign_cb(self, consumer, partitions) -> None:
         parts = [tp.partition for tp in partitions]
-        with self._lock:
-            self._assigned |= set(parts)
         if partitions:
             # Reconcile the pause state on every assignment: librdkafka keeps a partition's pause flag
             # across revoke -> re-assign, so a partition paused under backpressure and revoked would come
@@ -83,8 +76,6 @@ class KafkaSource:
         parts = [tp.partition for tp in partitions]
         if self._on_revoke:
             self._on_revoke(parts, lost)  # finishes in-flight work while the partitions are still ours
-        with self._lock:
-            self._assigned -= set(parts)
 
     def _lost_cb(self, consumer, partitions) -> None:
         self._revoke_cb(consumer, partitions, lost=True)
@@ -100,10 +91,6 @@ class KafkaSource:
             self._log.warning("kafka_error", error=str(err), fatal=err.fatal(), retriable=err.retriable())
 
     # -- state -----------------------------------------------------------------------------------
-    def assigned(self) -> set[int]:
-        with self._lock:
-            return set(self._assigned)
-
     @property
     def exhausted(self) -> bool:
         """Manual mode with end offsets: every partition read to its end."""
