@@ -46,6 +46,9 @@ def test_http_probes_metrics_and_similar(kafka_bootstrap, topics, milvus_uri, en
                  "notellm_freshness_seconds_bucket", "notellm_consumer_lag"):
         assert name in text, name
     assert 'notellm_embedded_total 40.0' in text
+    # Freshness as a reader sees it: at least one sampled probe found a note at the readers' level.
+    visible = [ln for ln in text.splitlines() if ln.startswith("notellm_visible_seconds_count")]
+    assert visible and float(visible[0].split()[-1]) >= 1
     code, body = _get(f"{base}/similar/{ids[0]}?k=3")
     ans = json.loads(body)
     assert code == 200 and ans["note"]["note_id"] == ids[0] and len(ans["neighbours"]) == 3

@@ -32,6 +32,7 @@ from worker.records import Batch, Note
 from worker.sinks.kafka import DeadLetterSink, TagsSink
 from worker.sinks.milvus import CollectionMismatch, MilvusSink, MilvusStore
 from worker.source import KafkaSource
+from worker.visibility import VisibilityProbe
 
 POLL_S = 0.1  # longest single poll; the loop comes back at least this often
 PAUSE_AFTER_S = 1.0  # a closed batch waiting longer than this for the encoder: pause and keep polling
@@ -136,11 +137,18 @@ class WorkerApp:
                                   on_commit=lambda ok: self.metrics.commits.labels(result="ok" if ok else "failed").inc(),
                                   start_offsets=self._start_offsets, end_offsets=self._end_offsets, log=self.log)
         self._opened.append(self._close_source)
+        self.probe = None
+        if s.milvus.visibility_probe:
+            mv = s.milvus
+            self.probe = VisibilityProbe(self.store.uri, self.collection,
+                                         token=mv.token.get_secret_value() if mv.token else None, db_name=mv.db_name,
+                                         consistency_level=mv.read_consistency, metrics=self.metrics, log=self.log)
+            self._opened.append(self.probe.close)
         r = s.retry
         self.checkpoint = Checkpoint(commit=self.source.commit, ownership=self.ownership,
                                      milvus=self.milvus_sink, tags=self.tags_sink, dlq=self.dlq_sink,
                                      topic=k.topic_notes, policy=RetryPolicy(r.initial_s, r.max_wait_s, r.budget_s),
-                                     metrics=self.metrics, log=self.log)
+                                     metrics=self.metrics, log=self.log, on_acked=self._acked)
         self.pipeline = Pipeline(self._encode, self.checkpoint.complete, log=self.log,
                                  early_sink=self.checkpoint.early if s.model.generate != "none" else None)
         self._opened.append(lambda: self.pipeline.close(timeout=5.0))
@@ -166,6 +174,11 @@ class WorkerApp:
             self.metrics.batch_tokens.observe(batch.padded_tokens)
             self.metrics.encode_seconds.observe(enc.encode_s)
         return enc
+
+    def _acked(self, enc, acked_ms: float) -> None:
+        if self.probe is not None:
+            n = enc.batch.notes[-1]
+            self.probe.offer(n.note_id, n.published_at, acked_ms)
 
     # -- rebalance (called on the polling thread, inside poll) -------------------------------------
     def _on_assign(self, partitions: list[int]) -> None:

@@ -42,7 +42,9 @@ class RetryPolicy:
 
 class Checkpoint:
     def __init__(self, *, commit: Callable[..., object], ownership: Ownership, milvus, tags=None, dlq=None,
-                 topic: str = "", policy: RetryPolicy = RetryPolicy(), metrics=None, log=None) -> None:
+                 topic: str = "", policy: RetryPolicy = RetryPolicy(), metrics=None, log=None,
+                 on_acked: Callable[[Encoded, float], None] | None = None) -> None:
+        """`on_acked(encoded, acked_ms)`: called after a batch's Milvus write (e.g. the visibility probe)."""
         self._commit_fn = commit
         self.ownership = ownership
         self.milvus, self.tags, self.dlq = milvus, tags, dlq
@@ -50,6 +52,7 @@ class Checkpoint:
         self.policy = policy
         self.metrics = metrics
         self.log = log
+        self._on_acked = on_acked
         self.committed: dict[int, int] = {}
         self._ready: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -78,6 +81,8 @@ class Checkpoint:
             self.log.warning("batch_partitions_lost", batch=b.seq, lost=sorted(set(b.offsets) - set(done)))
         if self.metrics is not None:
             self._count(kept.only(set(done)), [d for d in letters if d.partition in done], acked_ms)
+        if self._on_acked is not None and kept.batch.notes:
+            self._on_acked(kept, acked_ms)
         return done
 
     def early(self, enc: Encoded) -> None:

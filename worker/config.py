@@ -97,6 +97,11 @@ class MilvusSettings(BaseModel):
     db_name: str | None = None
     collection: str = "notes"
     timeout_s: float = Field(30.0, gt=0)
+    # The consistency level the readers (the recommendation service) search with. The worker measures
+    # freshness as they see it: a sampled probe reads new notes at this level (notellm_visible_seconds).
+    # The worker's own /similar reads at Strong (read-your-writes: a note just acknowledged is found).
+    read_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
+    visibility_probe: bool = True
 
     @property
     def is_lite(self) -> bool:

@@ -21,6 +21,10 @@ class Metrics:
         self.batch_tokens = Histogram("notellm_batch_tokens", "Padded tokens per encoded batch", buckets=_TOKENS, registry=r)
         self.encode_seconds = Histogram("notellm_encode_seconds", "Encoder time per batch", buckets=_SECONDS, registry=r)
         self.freshness = Histogram("notellm_freshness_seconds", "Sink-ack time minus published_at", buckets=_FRESH, registry=r)
+        self.visible = Histogram("notellm_visible_seconds", "published_at -> found by a read at the readers' "
+                                 "consistency level (sampled, see worker/visibility.py)", buckets=_FRESH, registry=r)
+        self.visible_after_ack = Histogram("notellm_visible_after_ack_seconds", "Milvus ack -> visible to a reader "
+                                           "(sampled)", buckets=_SECONDS, registry=r)
         self.sink_retries = Counter("notellm_sink_retries", "Transient sink failures retried", ["sink"], registry=r)
         self.commits = Counter("notellm_commits", "Offset commits", ["result"], registry=r)
         self.lag = Gauge("notellm_consumer_lag", "Consumer lag per partition (messages)", ["partition"], registry=r)

@@ -1,7 +1,8 @@
 """`notellm similar NOTE_ID [-k 10]`: the nearest notes of a stored note.
 
 milvus-lite locks its database to one process, so while a worker holds the db this asks the worker's
-HTTP port (`GET /similar/{note_id}?k=`); when no worker answers it opens Milvus directly."""
+HTTP port (`GET /similar/{note_id}?k=`); when no worker answers it opens Milvus directly. With a Milvus
+server URI it asks the server directly (unless `--url` names a worker)."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,9 @@ def run(args) -> int:
     s = load_settings({"milvus": {"uri": args.milvus_uri, "collection": args.collection}})
     base = args.url or f"http://127.0.0.1:{s.http.port or 8088}"
     try:
-        ans = via_http(base, args.note_id, args.k)
+        # milvus-lite: a running worker holds the db, so ask it first. A Milvus server: ask it directly
+        # (any number of readers), unless a worker URL was given explicitly.
+        ans = via_http(base, args.note_id, args.k) if (s.milvus.is_lite or args.url) else None
         if ans is None:
             ans = via_milvus(s.milvus.uri, s.milvus.collection, args.note_id, args.k)
     except KeyError:
