@@ -57,3 +57,40 @@ def test_second_broker_lifecycle(tmp_path, kafka_bootstrap):
     from confluent_kafka.admin import AdminClient
 
     assert AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=20).brokers
+
+
+def test_cluster_layout_commands_without_a_broker(tmp_path):
+    """The layout rules of `--brokers N` (no JVM starts here: every case is refused or answered from DIR)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTELLM_KAFKA_")}
+    single, cluster, empty = tmp_path / "single", tmp_path / "cluster", tmp_path / "empty"
+    single.mkdir()
+    (single / "server.properties").write_text("node.id=1\n")
+    cluster.mkdir()
+    (cluster / "cluster.env").write_text("brokers=3\nport=19092\n")
+
+    three = "127.0.0.1:19092,127.0.0.1:19094,127.0.0.1:19096"
+    got = _kafka("bootstrap", "--brokers", "3", "--port", "19092", "--dir", str(empty), env=env).stdout.strip()
+    assert got == three
+    assert _kafka("bootstrap", "--dir", str(cluster), env=env).stdout.strip() == three  # recorded layout
+    assert _kafka("bootstrap", "--dir", str(empty), "--port", "29092", env=env).stdout.strip() == "127.0.0.1:29092"
+    st = _kafka("status", "--dir", str(cluster), env=env)
+    assert st.returncode == 3 and st.stdout.startswith("stopped brokers=0/3")
+    stop = _kafka("stop", "--dir", str(cluster), env=env)
+    assert stop.returncode == 0 and "not running" in stop.stderr
+
+    refused = [
+        (("start", "--brokers", "3", "--dir", str(single)), "holds a single-node broker"),
+        (("start", "--brokers", "1", "--dir", str(cluster)), "holds a 3-broker cluster"),
+        (("start", "--dir", str(cluster), "--port", "29092"), "use --port 19092"),
+        (("stop-broker", "2", "--dir", str(single)), "holds no cluster"),
+        (("stop-broker", "--dir", str(cluster)), "give a node id from 1 to 3"),
+        (("start-broker", "4", "--dir", str(cluster)), "give a node id from 1 to 3"),
+        (("start-broker", "2", "--dir", str(cluster)), "was never started"),
+        (("stop", "--kill", "--dir", str(cluster)), "--kill is for stop-broker"),
+    ]
+    for args, msg in refused:
+        r = _kafka(*args, env=env)
+        assert r.returncode == 1 and msg in r.stderr, (args, r.stderr)
+    for args in (("start", "--brokers", "0"), ("start", "--bogus"), ("start", "--port", "x"), ("frobnicate",)):
+        assert _kafka(*args, "--dir", str(empty), env=env).returncode == 2, args
+    assert not (empty / "cluster.env").exists() and not (single / "cluster.env").exists()

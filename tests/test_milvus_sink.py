@@ -1,10 +1,11 @@
-"""MilvusSink / MilvusStore on a real milvus-lite: hostile ids never reach another note's row, rows the store
+"""MilvusSink / MilvusStore on a real milvus-lite AND a real Milvus 2.3 server (every store test runs on both): hostile ids never reach another note's row, rows the store
 refuses are isolated by bisection, strings are cut to their field's byte limit, staged work survives a
 transient outage, and readiness never waits on a long write."""
 from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import time
 
@@ -52,8 +53,9 @@ def _enc(notes: list[Note], vectors=None, *, tombstones: list[str] = (), categor
 
 
 @pytest.fixture
-def store(milvus_uri):
-    s = MilvusStore(milvus_uri, alias="notes")
+def store(milvus_backend):
+    """A store with its collection made, on milvus-lite and on the Milvus server (each test runs on both)."""
+    s = milvus_backend.store()
     s.collection = s.ensure(DIM, MV)
     yield s
     try:
@@ -115,32 +117,53 @@ def test_hostile_ids_get_and_delete_exactly_their_own_row(store):
 
 
 # -- bisection -----------------------------------------------------------------------------------------
-def test_rows_the_store_refuses_are_isolated_and_keep_their_previous_version(store):
+def test_rows_the_store_refuses_are_isolated_and_keep_their_previous_version(store, milvus_backend, monkeypatch):
     sink = MilvusSink(store, store.collection)
-    old = ["dim-a", "dim-b", "ts", "author"]
+    old = ["long-a", "long-b", "ts", "author", "bytes"]
     sink.add(_enc([_note(i, title="v1") for i in old], np.stack([_vec(100 + k) for k in range(len(old))])))
     assert sink.flush() == []
 
+    # build_row cuts a title to the collection's 4096 bytes; let it pass longer ones (as after a schema drift)
+    # so that the store itself refuses them, and bisection has to find them among good rows.
+    monkeypatch.setattr(mv, "TITLE_MAX", 4 * 4096)
     good = [_note(f"g{k:02d}", title="v2") for k in range(40)]
-    bad_dim = [_note("dim-a", title="v2"), _note("dim-b", title="v2"), _note("dim-c", title="v2")]
+    too_long = [_note("long-a", title="x" * 5000), _note("long-b", title="x" * 4097), _note("long-c", title="y" * 6000)]
+    # 2100 characters, 4200 UTF-8 bytes: a server counts max_length in bytes (refused), milvus-lite in characters.
+    in_bytes = _note("bytes", title="é" * 2100)
     bad_data = [_note("ts", title="v2", published_at=2 ** 63), _note("author", title="v2", author_id="x\ud800y"),
                 _note("i" * 300, title="v2")]
-    notes = [bad_dim[0], *good[:17], bad_dim[1], *good[17:], bad_data[0], bad_dim[2], *bad_data[1:]]
-    vectors = [_vec(k, DIM + 1) if n in bad_dim else _vec(k) for k, n in enumerate(notes)]  # wrong dim: the store refuses
-    sink.add(_enc(notes, vectors))
+    notes = [too_long[0], *good[:17], too_long[1], in_bytes, *good[17:], bad_data[0], too_long[2], *bad_data[1:]]
+    sink.add(_enc(notes))
     rejected = sink.flush()
 
-    assert sorted(r.note.note_id for r in rejected) == sorted(n.note_id for n in bad_dim + bad_data)
+    refused = too_long + ([in_bytes] if milvus_backend.is_server else [])
+    assert sorted(r.note.note_id for r in rejected) == sorted(n.note_id for n in refused + bad_data)
     by_id = {r.note.note_id: r.reason for r in rejected}
-    assert all("dim" in by_id[n.note_id] for n in bad_dim)           # refused by milvus-lite, found by bisection
+    assert all(by_id[n.note_id].startswith("milvus refused the row") for n in refused)  # found by bisection
     assert "int64" in by_id["ts"] and "Unicode" in by_id["author"] and "300 bytes" in by_id["i" * 300]
-    assert set(store.all_ids()) == {n.note_id for n in good} | set(old)
-    rows = _rows(store, [n.note_id for n in good] + old)
+    stored = {n.note_id for n in good} | set(old)
+    assert set(store.all_ids()) == stored
+    rows = _rows(store, sorted(stored))
     assert all(rows[n.note_id]["title"] == "v2" for n in good)
     for k, i in enumerate(old):  # a rejected update leaves the previous row as it was
-        assert rows[i]["title"] == "v1"
-        assert np.allclose(np.asarray(rows[i]["embedding"], np.float32), _vec(100 + k), atol=1e-6)
+        want = in_bytes.title if i == "bytes" and not milvus_backend.is_server else "v1"
+        assert rows[i]["title"] == want, i
+        if want == "v1":
+            assert np.allclose(np.asarray(rows[i]["embedding"], np.float32), _vec(100 + k), atol=1e-6)
     assert sink.flush() == []  # each rejection is reported once
+
+
+def test_a_vector_of_another_dimension_is_a_bug_not_a_rejection(store):
+    """Both stores refuse it, differently (milvus-lite as a schema error, a 2.3 server as an "unexpected
+    error"); the sink stops before either: no good note is dead-lettered, nothing is written."""
+    sink = MilvusSink(store, store.collection)
+    sink.add(_enc([_note("a"), _note("b"), _note("c")], [_vec(0), _vec(1, DIM + 1), _vec(2)]))
+    with pytest.raises(GiveUp, match="dim"):
+        sink.flush()
+    assert store.all_ids() == []
+    sink.discard()
+    sink.add(_enc([_note("a"), _note("c")]))
+    assert sink.flush() == [] and sorted(store.all_ids()) == ["a", "c"]
 
 
 # -- rows ----------------------------------------------------------------------------------------------
@@ -236,25 +259,94 @@ def _stop_server(uri: str):
     return restart
 
 
-def test_a_transient_fault_keeps_staged_work_for_the_retry(store, milvus_uri):
+class _Proxy:
+    """A TCP relay to a Milvus server that can be cut (listener and every connection closed: the client
+    sees the server gone) and resumed on the same port: a real outage without stopping the shared server."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.split("://", 1)[-1].rsplit(":", 1)
+        self.target = (host, int(port))
+        self.conns: list[socket.socket] = []
+        self._listen(0)
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", port))
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.lsock,), daemon=True).start()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = lsock.accept()
+                up = socket.create_connection(self.target)
+            except OSError:
+                return
+            self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.lsock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone would not)
+        self.lsock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.conns.clear()
+        return lambda: self._listen(self.port)
+
+
+def test_a_transient_fault_keeps_staged_work_for_the_retry(store, milvus_backend):
+    if milvus_backend.is_server:  # the same store, reached through a relay that the test cuts
+        proxy = _Proxy(milvus_backend.uri)
+        store = MilvusStore(proxy.uri, alias=milvus_backend.alias, timeout_s=5.0)
+        store.collection = store.resolve()
+        outage = proxy.cut
+    else:
+        outage = lambda: _stop_server(milvus_backend.uri)  # noqa: E731
+    try:
+        _transient_fault(store, outage)
+    finally:
+        if milvus_backend.is_server:
+            store.close()
+
+
+def _transient_fault(store: MilvusStore, outage) -> None:
     sink = MilvusSink(store, store.collection)
     sink.add(_enc([_note("gone")]))
     assert sink.flush() == []
     sink.add(_enc([_note(f"n{k}") for k in range(5)] + [_note("bad", published_at=2 ** 63)], tombstones=["gone"]))
-    restart = _stop_server(milvus_uri)
+    restart = outage()
+    t0 = time.monotonic()
     with pytest.raises(RetryLater) as e:
         sink.flush()
-    assert e.value.retryable
+    assert e.value.retryable and time.monotonic() - t0 < store.timeout_s + 5
     t0 = time.monotonic()
     assert store.reachable() is False and time.monotonic() - t0 < 1.5
     restart()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while True:
         try:
             rejected = sink.flush()
             break
         except RetryLater:
-            assert time.monotonic() < deadline, "milvus-lite did not come back"
+            assert time.monotonic() < deadline, "Milvus did not come back"
             time.sleep(0.2)
     assert [r.note.note_id for r in rejected] == ["bad"]
     assert set(store.all_ids()) == {f"n{k}" for k in range(5)}
@@ -347,3 +439,44 @@ def test_similar_bounds_k_and_reports_absent_notes(store):
             store.similar(absent, 5)
     ans = store.similar("n1", 100)
     assert ans["note"]["category"] is None and [h["note_id"] for h in ans["neighbours"]] == ["n2"]
+
+
+# -- the model guard and the alias -------------------------------------------------------------------
+def test_the_collection_guards_its_model_and_the_alias_switches_to_a_backfilled_one(milvus_backend):
+    from worker.sinks.milvus import CollectionMismatch, physical_name
+
+    s = milvus_backend.store()
+    alias = milvus_backend.alias
+    try:
+        phys = s.ensure(DIM, "mv-a")
+        assert phys == physical_name(alias, "mv-a") and s.resolve() == phys
+        assert s.describe(phys) == (DIM, "mv-a")
+        sink = MilvusSink(s, phys)
+        sink.add(_enc([_note("a1"), _note("a2")]))
+        assert sink.flush() == []
+        assert s.ensure(DIM, "mv-a") == phys            # a restart with the same model: the same collection
+        with pytest.raises(CollectionMismatch, match="dim 8, but the model produces 9"):
+            s.ensure(DIM + 1, "mv-a")
+        with pytest.raises(CollectionMismatch, match="model_version 'mv-a', but the model is 'mv-b'"):
+            s.ensure(DIM, "mv-b")
+
+        # backfill: a new collection for the new model, written while readers still see the old one
+        new = s.ensure(DIM, "mv-b", collection=physical_name(alias, "mv-b"), create_alias=False)
+        assert new != phys and s.resolve() == phys and s.describe(new) == (DIM, "mv-b")
+        sink_b = MilvusSink(s, new)
+        sink_b.add(_enc([_note("b1", title="new model")]))
+        assert sink_b.flush() == []
+        assert sorted(s.all_ids()) == ["a1", "a2"]      # through the alias: still the old collection
+        s.switch_alias(new)
+        assert s.resolve() == new and s.all_ids() == ["b1"] and s.get(["b1"], ["title"])[0]["title"] == "new model"
+        assert s.similar("b1", 5) == {"note": {"note_id": "b1", "title": "new model", "category": None, "hashtags": [],
+                                               "published_at": 1_700_000_000_000, "model_version": MV},
+                                      "neighbours": []}
+        assert s.ensure(DIM, "mv-b") == new             # the worker restarted on the new model
+        with pytest.raises(CollectionMismatch, match="model_version 'mv-b'"):
+            s.ensure(DIM, "mv-a")                       # ... and the old model is refused
+        assert sorted(s.all_ids(phys)) == ["a1", "a2"]  # the old collection is kept until dropped by hand
+        s.switch_alias(phys)                            # switching back (a rollback) works the same way
+        assert s.resolve() == phys and s.ensure(DIM, "mv-a") == phys
+    finally:
+        s.close()

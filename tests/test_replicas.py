@@ -4,6 +4,7 @@ is SIGKILLed mid-batch, another stopped with SIGTERM. Every id ends up exactly o
 has its tags, and the group's offsets reach the end of every partition."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,14 +22,14 @@ from worker.sinks.milvus import MilvusStore
 pytestmark = pytest.mark.timeout(420)
 
 
-def _replica(kafka_bootstrap, topics, server, alias, group, tiny_dir, name):
+def _replica(kafka_bootstrap, topics, server, alias, group, tiny_dir, name, log_dir):
     env = {**os.environ, "NOTELLM_LOG__FORMAT": "json", "NOTELLM_KAFKA__SESSION_TIMEOUT_MS": "6000",
            "NOTELLM_KAFKA__CLIENT_ID": name}
     cmd = [sys.executable, "-m", "notellm.cli", "worker", "run", "--bootstrap", kafka_bootstrap,
            "--topic", topics["notes"], "--tags-topic", topics["tags"], "--dlq-topic", topics["dlq"], "--group", group,
            "--model", str(tiny_dir), "--milvus-uri", server, "--collection", alias, "--http-port", "0",
            "--threads", "1", "--generate", "category", "--max-batch-notes", "16", "--linger-ms", "20"]
-    log = open(REPO / ".local" / f"replica-{name}-{group}.log", "wb")
+    log = open(log_dir / f"replica-{name}.log", "wb")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log.name
 
 
@@ -41,10 +42,10 @@ def _wait(pred, what: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap, new_topic, milvus_server, tiny_dir):
+def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap, new_topic, milvus_server, tiny_dir,
+                                                                 tmp_path):
     topics = {"notes": new_topic(6, prefix="notes"), "tags": new_topic(3, prefix="tags"), "dlq": new_topic(1, prefix="dlq")}
     alias, group = f"notes_{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
-    (REPO / ".local").mkdir(exist_ok=True)
     produced: list[str] = []
     done = threading.Event()
 
@@ -56,7 +57,7 @@ def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap
         done.set()
 
     procs, logs = {}, {}
-    procs["a"], logs["a"] = _replica(kafka_bootstrap, topics, milvus_server, alias, group, tiny_dir, "a")
+    procs["a"], logs["a"] = _replica(kafka_bootstrap, topics, milvus_server, alias, group, tiny_dir, "a", tmp_path)
     store = MilvusStore(milvus_server, alias=alias)
     try:
         pub = threading.Thread(target=publish, daemon=True)
@@ -64,7 +65,7 @@ def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap
         _wait(lambda: any(o >= 0 for o in committed(kafka_bootstrap, group, topics["notes"], range(6)).values()),
               "replica a to commit its first batch")
         for n in ("b", "c"):  # scale to 3
-            procs[n], logs[n] = _replica(kafka_bootstrap, topics, milvus_server, alias, group, tiny_dir, n)
+            procs[n], logs[n] = _replica(kafka_bootstrap, topics, milvus_server, alias, group, tiny_dir, n, tmp_path)
         time.sleep(12)
         procs["b"].send_signal(signal.SIGKILL)   # mid-batch: notes are flowing, batches in flight
         procs["c"].send_signal(signal.SIGTERM)   # and back to 1
@@ -79,6 +80,9 @@ def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap
         ids = store.all_ids()
         assert len(ids) == len(set(ids)) == len(set(produced)) == 1500 and set(ids) == set(produced)
         assert set(tag_ids(kafka_bootstrap, topics["tags"])) == set(produced)
+        for n in ("a", "b", "c"):  # every replica really took part: it was assigned partitions
+            got = [json.loads(ln) for ln in open(logs[n]) if '"partitions_assigned"' in ln]
+            assert any(e["partitions"] for e in got), (n, got)
         for n in ("a", "c"):
             assert "Traceback" not in open(logs[n]).read()
     finally:

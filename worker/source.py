@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from worker.decode import decode
+from worker.kafka_log import KafkaErrorLog
 from worker.records import Record
 
 class KafkaSource:
@@ -39,7 +40,10 @@ class KafkaSource:
         if on_stats is not None:
             conf.setdefault("statistics.interval.ms", 5000)
             conf["stats_cb"] = self._stats
+        self._errors = KafkaErrorLog(log, "consumer")  # client errors logged on state changes, not per retry
         conf["error_cb"] = self._error
+        if log is not None:
+            conf["logger"] = self._errors  # librdkafka's own lines too, instead of raw stderr
         conf["on_commit"] = self._committed_cb
         self._on_commit = on_commit
         self.consumer = Consumer(conf)
@@ -87,8 +91,7 @@ class KafkaSource:
             pass
 
     def _error(self, err: KafkaError) -> None:
-        if self._log is not None:
-            self._log.warning("kafka_error", error=str(err), fatal=err.fatal(), retriable=err.retriable())
+        self._errors.error(err, "kafka_error")
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -99,6 +102,7 @@ class KafkaSource:
     # -- polling ---------------------------------------------------------------------------------
     def poll(self, timeout: float, max_messages: int = 500) -> list[Record]:
         out: list[Record] = []
+        clean = True
         for msg in self.consumer.consume(num_messages=max_messages, timeout=timeout):
             err = msg.error()
             if err is not None:
@@ -106,8 +110,8 @@ class KafkaSource:
                     continue
                 if err.fatal():
                     raise KafkaException(err)
-                if self._log is not None:
-                    self._log.warning("consume_error", error=str(err))
+                self._errors.error(err, "consume_error")
+                clean = False
                 continue
             p = msg.partition()
             if self._end:
@@ -118,6 +122,8 @@ class KafkaSource:
             out.append(decode(msg, self.max_note_bytes))
             if self._end and p in self._end and msg.offset() + 1 >= self._end[p]:
                 self._finish_partition(p)
+        if clean:
+            self._errors.ok()  # a poll turn without errors: ends a logged outage after a quiet window
         if self._end and not out:
             # An end offset may never be delivered (compaction, transaction markers): the position says.
             todo = [TopicPartition(self.topic, p) for p in self._end if p not in self._done]

@@ -28,6 +28,7 @@ from typing import Callable
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from worker import dead_letters
+from worker.kafka_log import KafkaErrorLog
 from worker.records import DeadLetter, Encoded
 from worker.sinks import GiveUp, Rejected, RetryLater
 
@@ -57,8 +58,11 @@ class KafkaEventSink:
     def __init__(self, producer_config: dict, topic: str, *, flush_timeout_s: float = 30.0, log=None) -> None:
         conf = dict(producer_config)
         conf.setdefault("message.timeout.ms", int(flush_timeout_s * 1000))
+        # Client errors logged on state changes (first of a kind, periodic summary, recovered), not per retry.
+        self._errors = KafkaErrorLog(log, f"producer:{self.name}")
         if log is not None:
-            conf["error_cb"] = lambda err: log.warning("producer_error", sink=self.name, error=str(err))
+            conf["error_cb"] = lambda err: self._errors.error(err, "producer_error")
+            conf["logger"] = self._errors  # librdkafka's own lines too, instead of raw stderr
         self.producer = Producer(conf)
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
@@ -70,6 +74,12 @@ class KafkaEventSink:
         self._staged.clear()
 
     def flush(self) -> list[Rejected]:
+        if not self._staged:
+            # Idle: serve the client's callbacks now (errors, logs), not in a burst at the next send or at
+            # close; a turn without errors counts as working for the error log's recovery.
+            self.producer.poll(0)
+            self._errors.ok()
+            return []
         deadline = time.monotonic() + self.flush_timeout_s
         while self._staged:
             batch, self._staged = self._staged, []
@@ -113,6 +123,7 @@ class KafkaEventSink:
         errors = [s for s in status if isinstance(s, KafkaError)]
         again = [s if isinstance(s, _Out) else item for item, s in zip(batch, status) if s is not _ACKED]
         if not errors and not any(s is None for s in status):
+            self._errors.ok()  # every delivery acknowledged: ends a logged outage after a quiet window
             return again  # only minimal events left (or nothing)
         self._staged = again + self._staged
         fatal = [e for e in errors if e.fatal() or (not e.retriable() and e.code() not in _TIMEOUTS)]

@@ -3,7 +3,8 @@
 `MilvusStore` owns the client and the collection: created on first start (dimension from the model
 manifest, COSINE, an index suited to the deployment), reached through an alias (`collection`) that
 points at a physical collection named after the model version, so `worker backfill` can build a new
-one and switch the alias atomically. A dimension or model_version mismatch is a startup error.
+one and switch the alias atomically. A dimension or model_version mismatch is a startup error. Reads are
+at `consistency_level` (default "Strong": see MilvusStore).
 One store may be shared by several sinks in one process (milvus-lite locks its db to one process);
 calls are serialised by `lock`. `reachable()` never waits more than ~0.1 s for it, `similar()` a few
 seconds (then `StoreBusy`).
@@ -44,6 +45,7 @@ INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 # schema serves both); readers map "" back to None.
 NO_CATEGORY = ""
 
+QUERY_WINDOW = 16384     # a server's largest query limit (quotaAndLimits maxQueryResultWindow)
 MAX_K = 100              # similar(): neighbours per query
 IDS_PER_FILTER = 100     # ids per delete/get expression (keeps expressions small for the server's parser)
 READY_WAIT_S = 0.1       # reachable(): longest wait for the store lock
@@ -219,14 +221,32 @@ def physical_name(alias: str, model_version: str) -> str:
     return f"{alias}__{re.sub(r'[^0-9A-Za-z_]', '_', model_version)[:24]}"
 
 
+CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
+
+
 class MilvusStore:
+    """The client of one Milvus (a milvus-lite db path or a server URI) and the collection behind `alias`.
+
+    `consistency_level` is the level of this store's reads (`get`, `similar`, `count`, `all_ids`). On a
+    server an acknowledged upsert is not yet visible to a read at the server's default level (Bounded: it
+    may miss the last few seconds of writes); "Strong" (the default here) makes a read wait until the
+    server has applied every write acknowledged before the read began, so `similar()` right after a flush
+    finds the note. The trade-off: a Strong read waits for the server's time tick (typically up to
+    ~0.2 s more latency per read, more under write load); "Bounded" reads answer at once from
+    slightly stale data; "Session" sees this client's own writes only. milvus-lite applies every write
+    before it acknowledges it, so the level makes no difference there."""
+
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
-                 alias: str = "notes", timeout_s: float = 30.0) -> None:
+                 alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong") -> None:
         from pymilvus import MilvusClient
 
+        if consistency_level not in CONSISTENCY_LEVELS:
+            raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, "
+                             f"got {consistency_level!r}")
         self.uri = uri
         self.alias = alias
         self.timeout_s = timeout_s
+        self.consistency_level = consistency_level
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
         if self.is_lite:
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
@@ -387,7 +407,7 @@ class MilvusStore:
             self.load(coll)
             for part in _chunks(todo, IDS_PER_FILTER):
                 out.extend(self.client.query(coll, filter=id_filter("note_id", part), output_fields=output_fields,
-                                             timeout=self.timeout_s))
+                                             timeout=self.timeout_s, consistency_level=self.consistency_level))
         return out
 
     def similar(self, note_id: str, k: int = 10, collection: str | None = None) -> dict:
@@ -404,7 +424,7 @@ class MilvusStore:
                 raise KeyError(note_id)
             me = got[0]
             hits = self.client.search(coll, data=[list(me["embedding"])], limit=k + 1, output_fields=fields,
-                                      timeout=self.timeout_s)[0]
+                                      timeout=self.timeout_s, consistency_level=self.consistency_level)[0]
         out = []
         for h in hits:
             hid = h.get("id", h.get("note_id"))
@@ -421,14 +441,21 @@ class MilvusStore:
     def count(self, collection: str | None = None) -> int:
         with self.locked() as c:
             self.load(collection)
-            r = c.query(collection or self.alias, filter="", output_fields=["count(*)"])
+            r = c.query(collection or self.alias, filter="", output_fields=["count(*)"], timeout=self.timeout_s,
+                        consistency_level=self.consistency_level)
         return int(r[0]["count(*)"])
 
     def all_ids(self, collection: str | None = None) -> list[str]:
         """Every note_id in the collection (tests, backfill checks)."""
+        coll = collection or self.alias
         with self.locked() as c:
-            self.load(collection)
-            it = c.query_iterator(collection or self.alias, batch_size=1000, filter="", output_fields=["note_id"])
+            n = self.count(coll)
+            if n <= QUERY_WINDOW:  # one query (a server's query_iterator needs 2.4+ for its snapshot timestamp)
+                rows = c.query(coll, filter="", output_fields=["note_id"], limit=max(n, 1), timeout=self.timeout_s,
+                               consistency_level=self.consistency_level) if n else []
+                return [r["note_id"] for r in rows]
+            it = c.query_iterator(coll, batch_size=1000, filter="", output_fields=["note_id"],
+                                  consistency_level=self.consistency_level)
             out: list[str] = []
             while True:
                 page = it.next()
@@ -451,7 +478,8 @@ class MilvusSink:
     flush()    upserts the staged rows, then deletes the tombstoned ids. When the store refuses a batch for
                its data, the batch is bisected: every good row is written, each bad row comes back as
                `Rejected` and nothing of it is written (a rejected update keeps the note's previous row).
-               A transient fault raises RetryLater, anything else that is no row's fault GiveUp; what was
+               A transient fault raises RetryLater, anything else that is no row's fault GiveUp (a staged
+               vector whose dimension is not the collection's included: checked before writing); what was
                written or rejected before the fault stays done, the rest stays staged for the next flush.
     discard()  drops everything staged, rejections included.
     """
@@ -465,6 +493,7 @@ class MilvusSink:
         self._notes: dict[str, Note] = {}         # note_id -> the note of that row
         self._deletes: set[str] = set()
         self._rejected: dict[str, Rejected] = {}  # note_id -> rejection not yet returned by flush()
+        self._dim: int | None = None              # the collection's embedding dim, read at the first flush
 
     def add(self, enc: Encoded) -> None:
         b = enc.batch
@@ -484,6 +513,7 @@ class MilvusSink:
 
     def flush(self) -> list[Rejected]:
         if self._rows:
+            self._check_dim()
             self._upsert(list(self._rows))
         if self._deletes:
             ids = sorted(self._deletes)
@@ -510,6 +540,23 @@ class MilvusSink:
         self._notes.pop(note_id, None)
         self._deletes.discard(note_id)
         self._rejected.pop(note_id, None)
+
+    def _check_dim(self) -> None:
+        """GiveUp when a staged vector's dimension is not the collection's. The encoder stage checks its
+        output against the model, and the store's start-up check the model against the collection, so such
+        a vector is a bug, never one note's fault. Checked here because the stores refuse it differently:
+        milvus-lite as a schema error (which would dead-letter good notes), a 2.3 server as an "unexpected
+        error" (code 65535, indistinguishable from a transient fault)."""
+        if self._dim is None:
+            try:
+                self._dim = self.store.describe(self.collection)[0]
+            except Exception as e:  # noqa: BLE001 - classified
+                raise (RetryLater if classify(e) == TRANSIENT else GiveUp)(
+                    "milvus", f"describe {self.collection!r}: {_message(e)}") from e
+        wrong = sorted({len(r["embedding"]) for r in self._rows.values()} - {self._dim})
+        if wrong:
+            raise GiveUp("milvus", f"vectors of dim {wrong} for collection {self.collection!r} of dim {self._dim} "
+                                   f"(a bug upstream: the encoder's output must match the model's dim)")
 
     def _upsert(self, ids: list[str]) -> None:
         """Write the staged rows `ids`; on a data error, bisect down to the rows the store refuses."""

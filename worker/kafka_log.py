@@ -1,0 +1,132 @@
+"""Kafka client errors in the log without a flood.
+
+librdkafka reports every failed connection attempt of every client (the consumer, the tags producer,
+the DLQ producer) through `error_cb`, and, without a `logger`, prints its own `%3|...|FAIL|...` lines
+to stderr as well: a 20 s outage of the single local broker wrote ~650 lines. A `KafkaErrorLog` per
+client, used as its `error_cb` target and its `logger`, turns that into state changes:
+
+- the first error of a kind (event + error code, or librdkafka log facility) since the client last
+  worked: one warning line (error level when fatal; a fatal error is always logged);
+- repeats of a known kind: counted, at most one `kafka_errors_repeated` line per `summary_s` with the
+  counts per kind since the previous line;
+- `ok()` (evidence that the client works: a consumer poll turn without an error message, a producer
+  flush whose every delivery was acknowledged, an idle producer's poll turn) once no error has come for
+  `quiet_s`: one `kafka_recovered` line (how long errors came, how many), and the next error is a first
+  occurrence again. The quiet window (longer than librdkafka's `reconnect.backoff.max.ms`, 10 s) keeps a
+  partial outage (one broker of three down while the client works through the others) from flapping
+  between error and recovered lines;
+- librdkafka's log lines (`log`, the `logger` protocol): informational ones and `FAIL` (the same
+  failures error_cb reports) are dropped, other warnings go through the same state machine.
+
+Thread-safe (a producer's callbacks run on whichever thread serves it); `ok()` outside an outage is
+one attribute test. The clock is injectable for tests.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from confluent_kafka import KafkaError
+
+
+def _code_name(err: KafkaError) -> str:
+    try:
+        return err.name()
+    except Exception:  # noqa: BLE001 - a KafkaError without a known code still gets a kind
+        return str(err.code())
+
+
+class KafkaErrorLog:
+    def __init__(self, log, client: str, *, summary_s: float = 30.0, quiet_s: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._out = log
+        self.client = client
+        self.summary_s = summary_s
+        self.quiet_s = quiet_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._since: float | None = None  # first error of the current outage
+        self._total = 0                    # errors in the current outage
+        self._kinds: set[tuple[str, str]] = set()
+        self._repeats: dict[str, int] = {}  # "event:CODE" -> repeats since the last line
+        self._last_line = 0.0
+        self._last_error_at = 0.0
+        self._last_error = ""
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def error(self, err: KafkaError, event: str = "kafka_error") -> None:
+        """One client error (error_cb, or an error message from consume)."""
+        self._record(event, _code_name(err), err.str(), fatal=bool(err.fatal()), retriable=bool(err.retriable()))
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        """A librdkafka log line (confluent-kafka calls `logger.log(level, "%s [%s] %s", facility, name,
+        message)`). Warnings and worse, except `FAIL`, go through the state machine, one kind per facility."""
+        if level < logging.WARNING or self._out is None:
+            return
+        fac = str(args[0]) if args else ""
+        if fac == "FAIL":
+            return
+        try:
+            text = fmt % args
+        except (TypeError, ValueError):
+            text = " ".join(map(str, (fmt, *args)))
+        self._record("kafka_client_log", fac or "?", text, fatal=False, retriable=None, level=level)
+
+    def _record(self, event: str, code: str, text: str, *, fatal: bool, retriable: bool | None,
+                level: int = logging.WARNING) -> None:
+        if self._out is None:
+            return
+        line = None
+        with self._lock:
+            now = self.clock()
+            if self._since is None:
+                self._since = now
+            self._total += 1
+            self._last_error = text
+            self._last_error_at = now
+            kind = (event, code)
+            if fatal or kind not in self._kinds:
+                self._kinds.add(kind)
+                self._last_line = now
+                kw = {"error": text, "code": code, "fatal": fatal}
+                if retriable is not None:
+                    kw["retriable"] = retriable
+                line = ("error" if fatal or (event == "kafka_client_log" and level >= logging.ERROR) else "warning",
+                        event, kw)
+            else:
+                key = f"{event}:{code}"
+                self._repeats[key] = self._repeats.get(key, 0) + 1
+                if now - self._last_line >= self.summary_s:
+                    line = ("warning", "kafka_errors_repeated",
+                            {"repeats": dict(self._repeats), "last_error": text,
+                             "failing_s": round(now - self._since, 1)})
+                    self._repeats.clear()
+                    self._last_line = now
+        if line is not None:
+            lvl, ev, kw = line
+            getattr(self._out, lvl)(ev, client=self.client, **kw)
+
+    def ok(self) -> None:
+        """The client works: ends an outage with one line once no error has come for `quiet_s`."""
+        if self._since is None or self._out is None:  # the common case, without the lock
+            return
+        with self._lock:
+            now = self.clock()
+            if self._since is None or now - self._last_error_at < self.quiet_s:
+                return
+            kw = {"outage_s": round(self._last_error_at - self._since, 1), "errors": self._total,
+                  "last_error": self._last_error}
+            self._since = None
+            self._total = 0
+            self._kinds.clear()
+            self._repeats.clear()
+            self._last_error = ""
+        self._out.info("kafka_recovered", client=self.client, **kw)
+
+
+__all__ = ["KafkaErrorLog"]
