@@ -45,10 +45,14 @@ def test_sigterm_during_startup_and_at_steady_state_exits_0_without_traceback(ka
     # 1. SIGTERM while the model is still loading: a clean exit 0, not the default handler's 143.
     port = free_port()
     w = _worker(kafka_bootstrap, topics, milvus_uri, tiny_dir, port, group)
-    time.sleep(1.0)
+    first = w.stderr.readline()  # the command's first log line: its handlers are installed by then
+    assert '"command_starting"' in first, first
+    time.sleep(0.3)  # loading the model
+    assert not _ready(port)
     t0 = time.monotonic()
     w.send_signal(signal.SIGTERM)
     out, err = w.communicate(timeout=60)
+    err = first + err
     assert w.returncode == 0, err[-3000:]
     assert time.monotonic() - t0 < 30
     assert "Traceback" not in err + out

@@ -480,3 +480,15 @@ def test_the_collection_guards_its_model_and_the_alias_switches_to_a_backfilled_
         assert s.resolve() == phys and s.ensure(DIM, "mv-a") == phys
     finally:
         s.close()
+
+
+def test_an_rpc_failure_with_a_grpc_status_code_is_transient():
+    """pymilvus raises MilvusException(code=StatusCode.UNAVAILABLE) when the server is down mid-call (seen
+    on a Milvus server restart): transient, retried — not a crash of the classifier."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    from worker.sinks.milvus import TRANSIENT, classify
+
+    assert classify(MilvusException(code=grpc.StatusCode.UNAVAILABLE, message="Retry timeout: 5.0s")) == TRANSIENT
+    assert classify(MilvusException(code=grpc.StatusCode.DEADLINE_EXCEEDED, message="deadline")) == TRANSIENT

@@ -74,14 +74,18 @@ def settings_from(args):
     return load_settings(over)
 
 
-def stop_on_signals(log) -> threading.Event:
+def stop_on_signals() -> threading.Event:
     """One stop event for the whole command, set by SIGTERM/SIGINT (graceful: the command finishes what
-    is in flight). Installed before anything slow starts, so a signal during start-up ends cleanly."""
+    is in flight). Installed first thing in `run`, before anything slow, so a signal during start-up ends
+    cleanly (exit 0) instead of by the default handler (143)."""
     stop = threading.Event()
 
     def handler(signum, _frame):
-        log.info("signal_received", signal=signal.Signals(signum).name)
         stop.set()
+        from worker import logs
+
+        if logs.is_configured():
+            logs.get_logger("notellm.worker").info("signal_received", signal=signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
@@ -89,11 +93,12 @@ def stop_on_signals(log) -> threading.Event:
 
 
 def run(args) -> int:
+    stop = stop_on_signals()
     from worker.logs import configure_logging, get_logger
 
     s = settings_from(args)
     configure_logging(s.log.format, s.log.level)
-    stop = stop_on_signals(get_logger("notellm.worker"))
+    get_logger("notellm.worker").info("command_starting", command=f"worker {args.action}", stop_requested=stop.is_set())
     if args.action == "run":
         from worker.app import WorkerApp
 

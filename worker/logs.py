@@ -34,6 +34,9 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     # library with AVX512 support ...") would put non-JSON noise between our JSON lines.
     for noisy in ("faiss", "faiss.loader", "milvus_lite"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # pymilvus logs every failed RPC at ERROR with a traceback; the sinks classify and report the same
+    # failure themselves (sink_retry, pipeline_failed), so its own lines would only add tracebacks.
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     processors: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -49,6 +52,10 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         cache_logger_on_first_use=True,
     )
     _configured = True
+
+
+def is_configured() -> bool:
+    return _configured
 
 
 def get_logger(name: str | None = None, **bound):

@@ -196,6 +196,10 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, (ParamError, DataNotMatchException, DataTypeNotMatchException)):
         return DATA
     if isinstance(exc, MilvusException):
+        # `code` is an int from the server, but a grpc.StatusCode when the RPC itself failed (server down,
+        # deadline): those are transient.
+        if not isinstance(exc.code, (int, type(None))) or not isinstance(exc.compatible_code, (int, type(None))):
+            return TRANSIENT
         code, legacy = int(exc.code or 0) & 0xFFFF, int(exc.compatible_code or 0)
         if code in _FATAL_CODES or legacy in _FATAL_LEGACY:
             return FATAL

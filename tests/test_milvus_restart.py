@@ -1,0 +1,68 @@
+"""A Milvus server restart mid-run (issue 10): the worker retries, pauses, and resumes without loss. The
+server is one of the test's own (own directory and ports), so the shared test server keeps running."""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.fakes import FakeEncoder
+from tests.test_milvus_script import _ports
+from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
+from tests.worker_support import AppThread, note_doc, produce_notes, wait_committed_to_end
+from worker.app import WorkerApp
+from worker.sinks.milvus import MilvusStore
+
+SCRIPT = str(REPO / "scripts" / "milvus")
+pytestmark = pytest.mark.timeout(400)
+
+
+def _milvus(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_milvus_server_restart_mid_run_loses_nothing(kafka_bootstrap, topics, tmp_path):
+    grpc, etcd = _ports()
+    where = ["--dir", str(tmp_path / "milvus"), "--port", str(grpc), "--etcd-port", str(etcd)]
+    up = _milvus("start", *where)
+    assert up.returncode == 0, up.stderr[-3000:]
+    uri = up.stdout.strip().splitlines()[-1]
+    s = settings_for(kafka_bootstrap, topics, uri, model={"generate": "none"}, batch={"max_batch_notes": 16},
+                     retry={"initial_s": 0.2, "max_wait_s": 2.0, "budget_s": 120}, milvus={"timeout_s": 5})
+    app = WorkerApp(s, encoder=FakeEncoder(dim=16))
+    t = AppThread(app)
+    produced: list[str] = []
+
+    def publish():  # notes flow before, during and after the outage
+        for k in range(30):
+            produced.extend(produce_notes(kafka_bootstrap, topics["notes"], [note_doc(k * 20 + i) for i in range(20)]))
+            time.sleep(1.0)
+
+    pub = threading.Thread(target=publish, daemon=True)
+    try:
+        pub.start()
+        time.sleep(5)
+        down = _milvus("stop", "--dir", str(tmp_path / "milvus"))
+        assert down.returncode == 0, down.stderr[-3000:]
+        time.sleep(5)
+        paused_during_outage = app.source.paused and t.alive()
+        again = _milvus("start", *where)
+        assert again.returncode == 0, again.stderr[-3000:]
+        pub.join(120)
+        wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=180, alive=t.alive)
+        assert paused_during_outage, "the worker did not pause its partitions while Milvus was down"
+        assert app.metrics.sink_retries.labels(sink="milvus")._value.get() > 0
+        assert t.stop() == 0
+        store = MilvusStore(uri, alias="notes")
+        try:
+            ids = store.all_ids()
+        finally:
+            store.close()
+        assert len(produced) == 600 and len(ids) == len(set(ids)) and set(ids) == set(produced)
+    finally:
+        if t.alive():
+            t.stop()
+        _milvus("stop", "--dir", str(tmp_path / "milvus"))
