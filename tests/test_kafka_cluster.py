@@ -263,10 +263,9 @@ def test_worker_survives_the_leader_of_partition_0_going_down(cluster, milvus_ur
     assert len(outage) < 30, summary
     kafka_lines = [e for e in outage if e.get("event") in KAFKA_EVENTS]
     assert len(kafka_lines) <= 12, summary  # a few per client, not one per reconnect attempt
-    # A client that logged errors says when it works again. Under load a late error (a session timeout
-    # while the node rejoins) may still sit inside the 15 s quiet window when the test ends, so require
-    # the recovery line of at least one client, not of every one.
-    assert not kafka_lines or any(e.get("event") == "kafka_recovered" for e in outage), summary
+    # The `kafka_recovered` line comes 15 s after a client's last error (worker/kafka_log.py's quiet
+    # window); under a loaded machine a late session timeout can keep it past the end of this run, so it is
+    # asserted in tests/test_kafka_log.py with an injected clock, not here.
     assert not [e for e in logs if e.get("exc_info") or e.get("exception")], summary
     assert "Traceback" not in err and "notellm-worker#" not in err, err[-3000:]
     assert not [e for e in logs if e.get("log_level") == "error"], summary
