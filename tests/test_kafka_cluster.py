@@ -25,9 +25,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from tests.fakes import FakeEncoder
+from tests.test_worker_e2e import settings_for
 from tests.worker_support import AppThread, committed, high_watermarks, note_doc, wait_committed_to_end
 from worker.app import WorkerApp
-from worker.config import load_settings
 from worker.sinks.milvus import MilvusStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,16 +110,7 @@ def test_the_script_runs_a_three_node_cluster(cluster):
 
 
 def _settings(bootstrap: str, topics: dict, milvus_uri: str):
-    return load_settings({
-        "kafka": {"bootstrap_servers": bootstrap, "topic_notes": topics["notes"], "topic_tags": topics["tags"],
-                  "topic_dlq": topics["dlq"], "group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000,
-                  "max_poll_interval_ms": 30000},
-        "milvus": {"uri": milvus_uri},
-        "batch": {"max_batch_notes": 32, "linger_ms": 20},
-        "model": {"generate": "both"},
-        "retry": {"initial_s": 0.05, "max_wait_s": 1.0, "budget_s": 90},
-        "http": {"port": 0},
-    })
+    return settings_for(bootstrap, topics, milvus_uri, retry={"max_wait_s": 1.0, "budget_s": 90})
 
 
 class _Feeder(threading.Thread):
