@@ -15,6 +15,7 @@ import pytest
 
 from tests.fakes import FakeEncoder
 from tests.worker_support import tiny_dir  # noqa: F401 - fixture
+from tests.worker_support import wait_process_gone
 from worker.encoding import (EncodeStage, Encoder, EncoderHealth, EngineError, EngineFailed, NoteError, padded_tokens,
                              prepare)
 from worker.records import Batch, DeadLetter, Encoded, Note, Raw
@@ -364,11 +365,4 @@ def test_a_busy_child_dies_with_a_killed_parent(tiny_dir, tmp_path):
     finally:
         p.kill()
         p.wait(10)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"encoder child {child} outlived its SIGKILLed parent")
+    wait_process_gone(child, f"encoder child {child} outlived its SIGKILLed parent")

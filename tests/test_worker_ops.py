@@ -12,7 +12,7 @@ import pytest
 from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
 from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
 from tests.worker_support import (REPO, AppThread, dlq_events, free_port, high_watermarks, note_doc, produce_notes,
-                                  produce_raw, wait_committed_to_end)
+                                  produce_raw, wait_committed_to_end, wait_process_gone)
 from worker.app import WorkerApp
 
 pytestmark = pytest.mark.timeout(300)
@@ -204,15 +204,4 @@ def test_process_encoder_left_open_does_not_hang_interpreter_exit(tiny_dir, tmp_
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     child = int(r.stdout.split()[-1])
-    import os
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"encoder child {child} outlived its parent")
+    wait_process_gone(child, f"encoder child {child} outlived its parent")

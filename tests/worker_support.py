@@ -117,6 +117,20 @@ def dlq_events(bootstrap: str, topic: str) -> list[tuple[dict, dict]]:
     return [(json.loads(m.value()), {k: v.decode() for k, v in (m.headers() or [])}) for m in read_topic(bootstrap, topic)]
 
 
+def wait_process_gone(pid: int, what: str, timeout: float = 10.0) -> None:
+    """Wait until process `pid` no longer exists; AssertionError(`what`) after `timeout`."""
+    import os
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(what)
+
+
 class AppThread:
     """Run a WorkerApp.run() in a thread; .stop() returns its exit code."""
 

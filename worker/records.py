@@ -141,22 +141,21 @@ class Encoded:
         b = self.batch
         if all(p in partitions for p in b.offsets):
             return self
-        keep = [i for i, n in enumerate(b.notes) if n.partition in partitions]
-        nb = replace(b, notes=[b.notes[i] for i in keep],
-                     tombstones=[t for t in b.tombstones if t.partition in partitions],
+        part = self._notes([i for i, n in enumerate(b.notes) if n.partition in partitions])
+        nb = replace(part.batch, tombstones=[t for t in b.tombstones if t.partition in partitions],
                      dead=[d for d in b.dead if d.partition in partitions],
                      offsets={p: o for p, o in b.offsets.items() if p in partitions})
-        return replace(self, batch=nb, embeddings=self.embeddings[keep] if len(keep) else self.embeddings[:0],
-                       categories=[self.categories[i] for i in keep] if self.categories else [],
-                       hashtags=[self.hashtags[i] for i in keep] if self.hashtags else [],
-                       failed=[d for d in self.failed if d.partition in partitions])
+        return replace(part, batch=nb, failed=[d for d in self.failed if d.partition in partitions])
 
     def without(self, note_ids: set[str]) -> "Encoded":
         """This batch less the notes `note_ids` (rows a sink rejected: no tags for them)."""
         if not note_ids:
             return self
-        keep = [i for i, n in enumerate(self.batch.notes) if n.note_id not in note_ids]
-        nb = replace(self.batch, notes=[self.batch.notes[i] for i in keep])
-        return replace(self, batch=nb, embeddings=self.embeddings[keep] if len(keep) else self.embeddings[:0],
+        return self._notes([i for i, n in enumerate(self.batch.notes) if n.note_id not in note_ids])
+
+    def _notes(self, keep: list[int]) -> "Encoded":
+        """This batch with only the notes at `keep` (and their rows)."""
+        return replace(self, batch=replace(self.batch, notes=[self.batch.notes[i] for i in keep]),
+                       embeddings=self.embeddings[keep] if len(keep) else self.embeddings[:0],
                        categories=[self.categories[i] for i in keep] if self.categories else [],
                        hashtags=[self.hashtags[i] for i in keep] if self.hashtags else [])

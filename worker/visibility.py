@@ -14,16 +14,15 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.sinks.milvus import MilvusStore, id_filter
+from worker.sinks.milvus import MilvusStore
 
 
 class VisibilityProbe:
     def __init__(self, uri: str, collection: str, *, token: str | None = None, db_name: str | None = None,
                  consistency_level: str = "Bounded", metrics=None, interval_s: float = 0.05,
                  give_up_s: float = 60.0, min_gap_s: float = 1.0, log=None) -> None:
-        self.store = MilvusStore(uri, token=token, db_name=db_name, alias=collection, timeout_s=5.0)
-        self.collection = collection
-        self.level = consistency_level
+        self.store = MilvusStore(uri, token=token, db_name=db_name, alias=collection, timeout_s=5.0,
+                                 consistency_level=consistency_level)
         self.metrics = metrics
         self.interval_s = interval_s
         self.give_up_s = give_up_s
@@ -48,9 +47,7 @@ class VisibilityProbe:
         self.store.close()
 
     def _visible(self, note_id: str, published_at_ms: int) -> bool:
-        with self.store.locked(wait_s=1.0) as c:
-            rows = c.query(self.collection, filter=id_filter("note_id", [note_id]), output_fields=["published_at"],
-                           consistency_level=self.level, timeout=5.0)
+        rows = self.store.get([note_id], ["published_at"], wait_s=1.0)
         return any(int(r["published_at"]) == published_at_ms for r in rows)
 
     def _run(self) -> None:
