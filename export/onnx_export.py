@@ -57,6 +57,7 @@ class StepGraph(nn.Module):
         self.head = model.lm.get_output_embeddings()
         self.proj = model.proj
         self.num_layers = int(model.lm.config.num_hidden_layers)
+        self.cache_kwarg = cache_kwarg(self.decoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         from transformers.cache_utils import DynamicCache
@@ -78,7 +79,7 @@ class StepGraph(nn.Module):
         mask4d = torch.where(allowed, zero, neg)
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.decoder(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
-                           cache=cache, use_cache=True)
+                           use_cache=True, **{self.cache_kwarg: cache})
         last = out.last_hidden_state[:, -1, :]
         logits = self.head(last).float()
         vec = F.normalize(self.proj(last).float(), dim=-1)
@@ -86,6 +87,20 @@ class StepGraph(nn.Module):
         for layer in cache.layers:
             presents += [layer.keys, layer.values]
         return (vec, logits, *presents)
+
+
+def cache_kwarg(decoder: nn.Module) -> str:
+    """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.2x, where ``past_key_values`` is a
+    deprecated alias) or ``past_key_values`` (earlier 5.x, which silently ignores an unknown ``cache=``
+    and would start from an empty cache)."""
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(f"{type(decoder).__name__}.forward takes neither cache nor past_key_values")
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
