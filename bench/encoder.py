@@ -69,6 +69,8 @@ class _QuoteStop:
 
     def __call__(self, input_ids, scores, **kwargs):
         gen = input_ids[:, self.prompt_len:]
+        if self.mask.device != gen.device:
+            self.mask = self.mask.to(gen.device)
         return self.mask[gen].any(dim=1)
 
 

@@ -61,9 +61,12 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
-                     max_new_tokens: int = 16, batch_notes: int = 5) -> dict[str, Any]:
-    """Compare the package in ``package_dir`` with ``model`` (a torch NoteLLM). Returns a report with
-    ``passed``, ``metrics``, ``failures`` and per-note generation mismatches."""
+                     max_new_tokens: int = 16, batch_notes: int = 5, device: str = "cpu",
+                     provider_options: dict | None = None) -> dict[str, Any]:
+    """Compare the package in ``package_dir`` with ``model`` (a torch NoteLLM, on whatever device it is).
+    ``device`` is the ONNX Runtime side's ("cpu" or "cuda"; with "cuda", pass
+    ``provider_options={"use_tf32": 0}`` to compare fp32 with torch's default full-precision matmuls).
+    Returns a report with ``passed``, ``metrics``, ``failures`` and per-note generation mismatches."""
     from worker.encoder import OnnxNoteEncoder
 
     import json
@@ -73,8 +76,9 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
     manifest = json.loads((Path(package_dir) / "notellm.json").read_text())
     kind = "int8" if manifest.get("quantization") == "int8" else manifest.get("dtype", "fp32")
     t0 = time.perf_counter()
-    enc = OnnxNoteEncoder(package_dir, device="cpu", max_batch_notes=batch_notes,
-                          max_batch_tokens=100_000, max_new_tokens=max_new_tokens)
+    enc = OnnxNoteEncoder(package_dir, device=device, max_batch_notes=batch_notes,
+                          max_batch_tokens=100_000, max_new_tokens=max_new_tokens,
+                          provider_options=provider_options)
     ort_vec = enc.embed(notes)
     ref_vec = model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
     metrics: dict[str, Any] = {
@@ -107,6 +111,8 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
     return {
         "passed": not failures,
         "kind": kind,
+        "device": device,
+        "providers": list(enc.providers),
         "thresholds": th,
         "metrics": metrics,
         "failures": failures,

@@ -171,6 +171,36 @@ def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_layers: int = 2, num
     return model, tok
 
 
+# SmolLM2-135M-Instruct's exact architecture (its config.json): for speed and parity checks that need the
+# real shapes but not the weights (the GPU check builds it on a machine the GGUF does not travel to).
+SMOLLM2_ARCH = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+
+
+def smollm2_architecture(seed: int = 0, *, tokenizer=None, cache_dir=None, embed_std: float = 0.2
+                         ) -> tuple[Any, Any]:
+    """(model, tokenizer): SmolLM2-135M's exact architecture with seeded random weights and SmolLM2's real
+    tokenizer. The (tied) embedding is drawn wider than the transformer's layers (``embed_std``), so the
+    logits of a random model have clear greedy winners and generation parity is not decided by noise."""
+    _offline()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer if tokenizer is not None else smollm2_tokenizer(cache_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=pad, **SMOLLM2_ARCH)
+    cfg._name_or_path = f"smollm2-architecture-seed{seed}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    model.eval()
+    return model, tok
+
+
 def load_base(name_or_path: str | os.PathLike, *, cache_dir=None, dtype=None) -> tuple[Any, Any, str]:
     """(model, tokenizer, base_model_id) for ``"smollm2"``, ``"tiny"``/``"tiny-llama"`` or a local HF dir."""
     name = str(name_or_path)

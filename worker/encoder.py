@@ -79,10 +79,18 @@ class OnnxNoteEncoder:
 
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None):
         self.model_dir = Path(model_dir)
         self.share_prefix = bool(share_prefix)
+        # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
+        # without it every step round-trips the cache through host memory (kept for measurement).
+        self.io_binding = bool(io_binding)
+        self._provider_options = dict(provider_options or {})
         self._prefix_kv: dict[str, list[np.ndarray]] = {}
+        # The shared prefix's KV broadcast to a batch size, where the session reads it (the device for
+        # CUDA): built once per (task, batch size), not copied from the host for every batch (at batch 512
+        # of SmolLM2 in fp16 that copy is ~0.5 GB and took more time on an H200 than the prefill itself).
+        self._prefix_batch: dict[tuple[str, int], list[Any]] = {}
         mpath = self.model_dir / "notellm.json"
         if not mpath.exists():
             raise EncoderError(f"{self.model_dir}: no notellm.json (not an exported NoteLLM package)")
@@ -146,7 +154,10 @@ class OnnxNoteEncoder:
         t0 = time.perf_counter()
         self.session = None
         self._prefix_kv = {}
-        session = ort.InferenceSession(str(self.model_dir / m["graph"]), sess_options=so, providers=wanted)
+        providers: list[Any] = list(wanted)
+        if wanted[0] == "CUDAExecutionProvider" and self._provider_options:
+            providers[0] = ("CUDAExecutionProvider", {k: str(v) for k, v in self._provider_options.items()})
+        session = ort.InferenceSession(str(self.model_dir / m["graph"]), sess_options=so, providers=providers)
         self.providers: list[str] = list(session.get_providers())
         if wanted[0] == "CUDAExecutionProvider" and self.providers[0] != "CUDAExecutionProvider":
             if device == "cuda":
@@ -176,7 +187,7 @@ class OnnxNoteEncoder:
         ids = np.full((n, seq), self.pad_id, dtype=np.int64)
         mask = np.ones((n, seq), dtype=np.int64)
         t0 = time.perf_counter()
-        _, _, past = self._step(ids, mask, self._empty_past(n), want_vec=True)
+        _, _, past = self._step(ids, mask, self._empty_past(n), want_vec=True, want_logits=False)
         cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
         mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
         _, logits, past = self._step(cont, mask, past)
@@ -231,6 +242,7 @@ class OnnxNoteEncoder:
     def close(self) -> None:
         self.session = None
         self._prefix_kv = {}
+        self._prefix_batch = {}
 
     # ---------------------------------------------------- conveniences on notes (export, bench, eval)
     def prompt_tokens(self, note: NoteLike) -> int:
@@ -259,8 +271,17 @@ class OnnxNoteEncoder:
         return [z] * (2 * self.num_layers)
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[Any], *,
-              want_vec: bool = False) -> tuple[np.ndarray | None, np.ndarray, list[Any]]:
-        """One graph call. ``past`` holds numpy arrays or OrtValues (kept on the device between steps)."""
+              want_vec: bool = False, want_logits: bool = True
+              ) -> tuple[np.ndarray | None, np.ndarray | None, list[Any]]:
+        """One graph call. ``past`` holds numpy arrays or OrtValues (kept on the device between steps).
+        Outputs not wanted stay on the device (an embed-only prefill never copies the [B, vocab] logits)."""
+        if not self.io_binding:
+            feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                                     "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+            for name, value in zip(self._past_names, past):
+                feeds[name] = value if isinstance(value, np.ndarray) else value.numpy()
+            outs = self.session.run(None, feeds)
+            return (outs[0] if want_vec else None), (outs[1] if want_logits else None), list(outs[2:])
         b = self.session.io_binding()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -268,14 +289,14 @@ class OnnxNoteEncoder:
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             b.bind_ortvalue_input(name, value)
-        b.bind_output("note_vector", "cpu")
-        b.bind_output("logits", "cpu")
+        b.bind_output("note_vector", "cpu" if want_vec else self._device)
+        b.bind_output("logits", "cpu" if want_logits else self._device)
         for name in self._present_names:
             b.bind_output(name, self._device)
         self.session.run_with_iobinding(b)
         outs = b.get_outputs()
         vec = outs[0].numpy() if want_vec else None
-        logits = outs[1].numpy()
+        logits = outs[1].numpy() if want_logits else None
         return vec, logits, list(outs[2:])
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -323,7 +344,8 @@ class OnnxNoteEncoder:
         extra = len(cont) if generate else 0
         # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
         for idx in self._batches([len(instruction) + len(s) + extra for s in segments]):
-            v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None, shared)
+            v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
+                                     None if shared is None else self._prefix_past(task, len(idx)))
             vecs[idx] = v
             for k, i in enumerate(idx):
                 out_ids[i] = gen[k]
@@ -333,12 +355,29 @@ class OnnxNoteEncoder:
         """KV cache of the task's instruction (identical for every note), batch 1, kept on the host."""
         if task not in self._prefix_kv:
             ids = np.asarray([self.prompts.instruction_ids(task)], dtype=np.int64)
-            _, _, past = self._step(ids, np.ones_like(ids), self._empty_past(1))
-            self._prefix_kv[task] = [p.numpy() for p in past]
+            _, _, past = self._step(ids, np.ones_like(ids), self._empty_past(1), want_logits=False)
+            self._prefix_kv[task] = [p if isinstance(p, np.ndarray) else p.numpy() for p in past]
         return self._prefix_kv[task]
 
+    _PREFIX_BATCH_SIZES = 4  # batch sizes whose broadcast prefix KV is kept (a backlog repeats one size)
+
+    def _prefix_past(self, task: str, batch: int) -> list[Any]:
+        """The task's shared-prefix KV for `batch` rows: OrtValues on the session's device with I/O binding,
+        numpy arrays without. Read-only inputs of every call, so one copy serves every batch of that size."""
+        key = (task, batch)
+        past = self._prefix_batch.pop(key, None)
+        if past is None:
+            host = [np.ascontiguousarray(np.broadcast_to(kv, (batch,) + kv.shape[1:]))
+                    for kv in self._shared_prefix(task)]
+            past = host if not self.io_binding else [ort.OrtValue.ortvalue_from_numpy(a, self._device, 0)
+                                                     for a in host]
+            while len(self._prefix_batch) >= self._PREFIX_BATCH_SIZES:
+                self._prefix_batch.pop(next(iter(self._prefix_batch)))
+        self._prefix_batch[key] = past  # most recently used last
+        return past
+
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
-                   shared: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[list[int]]]:
+                   shared: list[Any] | None = None) -> tuple[np.ndarray, list[list[int]]]:
         """Prefill ``prefixes`` (left-padded, so every row ends at the last position) after the optional
         shared KV, then greedy-decode when a continuation is given. With a shared prefix the padding sits
         between the shared part and the note; the graph's mask and position ids make that exact."""
@@ -349,12 +388,13 @@ class OnnxNoteEncoder:
         for r, p in enumerate(prefixes):
             ids[r, T - len(p):] = p
             mask[r, T - len(p):] = 1
-        if shared is not None:
-            past: list[Any] = [np.ascontiguousarray(np.broadcast_to(kv, (B,) + kv.shape[1:])) for kv in shared]
-            mask = np.concatenate([np.ones((B, shared[0].shape[2]), np.int64), mask], axis=1)
+        if shared is not None:  # the shared prefix's KV, already broadcast to B rows (`_prefix_past`)
+            past: list[Any] = list(shared)
+            shared_len = shared[0].shape[2] if isinstance(shared[0], np.ndarray) else shared[0].shape()[2]
+            mask = np.concatenate([np.ones((B, int(shared_len)), np.int64), mask], axis=1)
         else:
             past = self._empty_past(B)
-        vec, _, past = self._step(ids, mask, past, want_vec=True)
+        vec, _, past = self._step(ids, mask, past, want_vec=True, want_logits=False)
         vec = vec.astype(np.float32, copy=False)
         if continuation is None:
             return vec, [[] for _ in range(B)]

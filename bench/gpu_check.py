@@ -1,0 +1,696 @@
+"""The GPU path in one run: CUDA-EP parity, encoder throughput, the worker's encode -> sink path, fusions.
+
+    python bench/gpu_check.py --out DIR [--notes notes.jsonl] [--cpu] [--budget-s 420]
+
+Run on the device machine by ``scripts/gpu-check`` (which first installs the carried wheels); ``--cpu`` is
+the rehearsal here: the same code path on the CPU provider with a tiny model and a tiny budget.
+
+Phases (each one's result is written to ``DIR/gpu-check.json`` as soon as it ends, so a run cut short
+still reports what it measured; a phase that fails is recorded with its error and the run goes on):
+
+1. environment   versions, the device, ONNX Runtime's providers.
+2. export        a NoteLLM on SmolLM2-135M's exact architecture (random weights; ``--arch tiny`` for the
+                 rehearsal) exported as fp32 and fp16 packages with the project's exporter, each validated
+                 on the run's execution provider against torch on the same device (fp32: max |diff| with
+                 TF32 off on both sides; fp16: min cosine vs torch fp32; greedy generation agreement).
+3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
+                 for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
+                 binding), on real note texts. Prompts are tokenised before timing on both sides (the worker
+                 tokenises on its polling thread).
+4. worker        the worker's own path (decode -> prepare -> Batcher -> Pipeline(EncodeStage -> Milvus sink)
+                 on milvus-lite; no Kafka on that machine): pipeline notes/s against the same encoder alone
+                 on the batches the batcher formed, and the busy time of each stage.
+5. fusions       onnxruntime.transformers.optimizer's decoder fusions (the recipe ORT uses for Llama:
+                 model_type gpt2 = rotary attention, RoPE, (skip) simplified layer norm) on each package:
+                 fused-op counts, parity with the plain graph, embed throughput beside it.
+
+Goals checked (issue 13): ORT CUDA fp16 >= 2x torch eager at the best batch; >= 1M prompt tokens/s
+embed-only; worker pipeline >= 0.9x the encoder alone.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GPU_BATCHES = (1, 8, 32, 128, 512)
+WARM_BATCHES = 4
+CPU_BATCHES = (1, 4)
+# Without I/O binding every step copies the whole KV cache to the host and back: measured up to these sizes.
+NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
+
+
+def progress(msg: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Report:
+    """The JSON document and its markdown table, rewritten after every phase."""
+
+    def __init__(self, out: Path, deadline: float) -> None:
+        self.out = out
+        self.deadline = deadline
+        self.doc: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "phases": {}}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def phase(self, name: str, fn: Callable[[], Any], *, need_s: float = 0.0) -> Any:
+        if self.left() < need_s:
+            self.doc["phases"][name] = {"status": "skipped", "why": f"time budget: {self.left():.0f} s left"}
+            progress(f"{name}: skipped (budget)")
+            self.save()
+            return None
+        progress(f"{name} ...")
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+            self.doc["phases"][name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)}
+            self.doc[name] = result
+            progress(f"{name}: ok in {time.perf_counter() - t0:.1f} s")
+            return result
+        except Exception as e:  # noqa: BLE001 - record it and go on with the next phase
+            self.doc["phases"][name] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 1),
+                                        "error": f"{type(e).__name__}: {e}",
+                                        "traceback": traceback.format_exc()[-3000:]}
+            progress(f"{name}: FAILED {type(e).__name__}: {e}")
+            return None
+        finally:
+            self.save()
+
+    def save(self) -> None:
+        (self.out / "gpu-check.json").write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+        (self.out / "gpu-check.md").write_text(markdown(self.doc))
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def load_notes(path: str | None, n: int):
+    from notellm.prompts import NoteText
+
+    notes = []
+    if path:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                notes.append(NoteText(title=d["title"], content=d.get("content") or "", topic=d.get("topic")))
+    else:
+        from bench.encoder import load_notes as shared_notes
+
+        notes = shared_notes("mind", n)
+    if not notes:
+        raise SystemExit("no notes")
+    return (notes * (n // len(notes) + 1))[:n]
+
+
+def environment(device: str) -> dict[str, Any]:
+    import numpy
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
+        "onnxruntime": ort.__version__, "onnxruntime_package": Path(ort.__file__).parent.as_posix(),
+        "ort_available_providers": ort.get_available_providers(), "device": device,
+    }
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        if "CUDAExecutionProvider" not in env["ort_available_providers"]:
+            raise RuntimeError(f"onnxruntime at {env['onnxruntime_package']} offers no CUDAExecutionProvider: "
+                               f"{env['ort_available_providers']}")
+    return env
+
+
+def preload_cuda() -> None:
+    """ORT's CUDA provider dlopens libcublas/libcudnn/... by soname: load the ones torch's nvidia wheels
+    carry (the device image has no system CUDA libraries on the loader path)."""
+    import torch  # noqa: F401 - torch first: its CUDA libraries are then in the process
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+
+
+# --------------------------------------------------------------------------------------------- phase 2
+def build_model(arch: str, seed: int = 0):
+    from notellm.base_models import smollm2_architecture, tiny_llama
+    from notellm.model import NoteLLM
+
+    lm, tok = smollm2_architecture(seed) if arch == "smollm2" else tiny_llama(seed)
+    return NoteLLM.from_base(model=lm, tokenizer=tok, base_model_id=lm.config._name_or_path, seed=seed).eval()
+
+
+def export_and_validate(model, dtype: str, work: Path, device: str) -> dict[str, Any]:
+    """Export on the CPU with the project's exporter (validation off there), then validate the package on
+    the run's device against torch on that device."""
+    from export.onnx_export import export_package
+    from export.validate import validate_package
+
+    out = work / f"pkg-{dtype}"
+    t0 = time.perf_counter()
+    export_package(model, out, dtype=dtype, validate=False)
+    export_s = time.perf_counter() - t0
+    ref = copy.deepcopy(model).to(device)  # fp32 torch reference on the device (fp16 is compared with it)
+    opts = {"use_tf32": 0} if device == "cuda" else None
+    t1 = time.perf_counter()
+    report = validate_package(ref, out, device=device, provider_options=opts)
+    del ref
+    _empty_cache()
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return {"package": str(out), "export_s": round(export_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
+            "bytes": size, "validation": report}
+
+
+def _empty_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- phase 3
+def measure(run: Callable[[Any], int], batches: list[Any], notes_per: Callable[[Any], int], point_s: float,
+            sync: Callable[[], None]) -> dict[str, Any]:
+    """Warm up on every distinct batch (up to WARM_BATCHES: each padded length is a new shape, and an
+    engine's first call on a shape - kernel choice, allocator growth - is not its speed), then run batches
+    round-robin until `point_s` has passed (at least two). `run(batch)` returns the prompt tokens."""
+    for b in batches[:WARM_BATCHES]:
+        run(b)
+    sync()
+    n = tokens = calls = 0
+    t0 = time.perf_counter()
+    while True:
+        b = batches[calls % len(batches)]
+        tokens += run(b)
+        n += notes_per(b)
+        calls += 1
+        if calls >= 2 and time.perf_counter() - t0 >= point_s:
+            break
+    sync()
+    dt = time.perf_counter() - t0
+    return {"notes_per_s": round(n / dt, 1), "prompt_tokens_per_s": round(tokens / dt, 1), "notes": n,
+            "batches": calls, "seconds": round(dt, 3)}
+
+
+def chunks(items: list, size: int) -> list[list]:
+    full = [items[i:i + size] for i in range(0, len(items) - size + 1, size)]
+    return full or [items[:size]]
+
+
+def ort_engine(pkg: str, device: str, *, io_binding: bool, batch: int, tf32: bool = True):
+    from worker.encoder import OnnxNoteEncoder
+
+    opts = None if device != "cuda" else {"use_tf32": int(tf32)}
+    return OnnxNoteEncoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9,
+                           io_binding=io_binding, provider_options=opts)
+
+
+def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_binding: bool, point_s: float,
+              deadline: float, tf32: bool = True) -> dict[str, Any]:
+    generate = "category" if mode == "embed+category" else "none"
+    enc = ort_engine(pkg, device, io_binding=io_binding, batch=max(batches_sizes), tf32=tf32)
+    prompts = [enc.tokenize(n, "category") for n in notes]
+    out: dict[str, Any] = {"providers": enc.providers}
+    for b in batches_sizes:
+        if not io_binding and b > NO_BINDING_MAX_BATCH[mode]:
+            out[str(b)] = {"skipped": f"no I/O binding above batch {NO_BINDING_MAX_BATCH[mode]} (KV round-trips)"}
+            continue
+        if time.monotonic() > deadline:
+            out[str(b)] = {"skipped": "time budget"}
+            continue
+        enc.max_batch_notes = b
+        try:
+            out[str(b)] = measure(lambda ps: (enc.encode(ps, generate), sum(p.tokens for p in ps))[1],
+                                  chunks(prompts, b), len, point_s, lambda: None)
+        except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: record, go on
+            out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    enc.close()
+    _empty_cache()
+    return out
+
+
+def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: str, *, point_s: float,
+                deadline: float, max_new_tokens: int = 16) -> dict[str, Any]:
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from bench.encoder import _QuoteStop
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out: dict[str, Any] = {}
+    for b in batch_sizes:
+        if time.monotonic() > deadline:
+            out[str(b)] = {"skipped": "time budget"}
+            continue
+        batches = [m.tokenize_notes(c, "category", padding_side="left", include_continuation=mode != "embed",
+                                    device=device) for c in chunks(notes, b)]
+
+        def run(nb) -> int:
+            with torch.no_grad():
+                if mode == "embed":
+                    m.embed_batch(nb.input_ids, nb.attention_mask, nb.emb_positions)
+                else:
+                    T = nb.input_ids.shape[1]
+                    g = m.lm.generate(input_ids=nb.input_ids, attention_mask=nb.attention_mask, do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=m.eos_token_id,
+                                      pad_token_id=m.pad_token_id, return_dict_in_generate=True,
+                                      output_hidden_states=True,
+                                      stopping_criteria=StoppingCriteriaList([_QuoteStop(m.tokenizer, T)]))
+                    hidden = g.hidden_states[0][-1]
+                    m.project(hidden[torch.arange(hidden.shape[0], device=hidden.device), nb.emb_positions - 1])
+            return int(nb.attention_mask.sum())
+
+        try:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            r = measure(run, batches, lambda nb: int(nb.input_ids.shape[0]), point_s, sync)
+            if device == "cuda":
+                r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            out[str(b)] = r
+        except Exception as e:  # noqa: BLE001
+            out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            _empty_cache()
+    del m
+    _empty_cache()
+    return out
+
+
+def best(points: dict[str, Any], key: str = "notes_per_s") -> tuple[int | None, float]:
+    vals = [(int(b), r[key]) for b, r in points.items() if isinstance(r, dict) and key in r]
+    if not vals:
+        return None, 0.0
+    return max(vals, key=lambda x: x[1])
+
+
+def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_sizes, point_s: float,
+                  deadline: float, *, modes=("embed", "embed+category"), engines: set[str] | None = None
+                  ) -> dict[str, Any]:
+    res: dict[str, Any] = {"batch_sizes": list(batch_sizes), "point_s": point_s}
+    torch_dtypes = ("fp16", "bf16") if device == "cuda" else ("fp32", "bf16")
+    for mode in modes:
+        rows: dict[str, Any] = {}
+        for kind, pkg in packages.items():
+            for binding in (True, False):
+                name = f"ort-{kind}{'' if binding else '-nobinding'}"
+                if engines and name not in engines:
+                    continue
+                progress(f"  {mode}: {name}")
+                rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=binding,
+                                       point_s=point_s, deadline=deadline, tf32=False)
+        for dt in torch_dtypes:
+            if engines and f"torch-{dt}" not in engines:
+                continue
+            progress(f"  {mode}: torch-{dt}")
+            rows[f"torch-{dt}"] = bench_torch(model, dt, device, notes, batch_sizes,
+                                              "embed" if mode == "embed" else "generate",
+                                              point_s=point_s, deadline=deadline)
+        res[mode] = rows
+        res[f"best_{mode}"] = {name: dict(zip(("batch", "notes_per_s"), best(pts))) for name, pts in rows.items()}
+    return res
+
+
+# --------------------------------------------------------------------------------------------- phase 4
+class _Msg:
+    """A consumed record's interface (confluent_kafka.Message's getters) for notes fed without a broker."""
+
+    __slots__ = ("_k", "_v", "_p", "_o")
+
+    def __init__(self, key: bytes, value: bytes, partition: int, offset: int) -> None:
+        self._k, self._v, self._p, self._o = key, value, partition, offset
+
+    def key(self): return self._k
+    def value(self): return self._v
+    def topic(self): return "notes"
+    def partition(self): return self._p
+    def offset(self): return self._o
+    def timestamp(self): return (1, int(time.time() * 1000))
+    def headers(self): return None
+
+
+def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path,
+                 isolation: str) -> dict[str, Any]:
+    """The worker's polling-thread work (decode, prepare) and its two stage threads on real notes, against
+    the same encoder alone on the very batches the batcher closed."""
+    from worker.batcher import Batcher
+    from worker.decode import decode
+    from worker.encoders import load_encoder
+    from worker.encoding import EncodeStage, prepare
+    from worker.pipeline import Pipeline
+    from worker.records import Note
+    from worker.sinks.milvus import MilvusSink, MilvusStore
+
+    enc = load_encoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9, isolation=isolation)
+    enc.warmup()
+    store = MilvusStore(str(work / "milvus" / "gpu-check.db"), alias="gpu_check")
+    coll = store.ensure(enc.dim, enc.model_version)
+    sink = MilvusSink(store, coll)
+    stage = EncodeStage(enc, topic="notes")
+    msgs = []
+    for i, n in enumerate(notes):
+        doc = {"schema_version": "note.v1", "note_id": f"g{i:06d}", "title": n.title, "content": n.content,
+               "topic": n.topic, "author_id": "gpu-check", "published_at": int(time.time() * 1000)}
+        msgs.append(_Msg(doc["note_id"].encode(), json.dumps(doc).encode(), i % 3, i // 3))
+    sink_s = [0.0, 0]
+
+    def flush(encoded) -> None:
+        t = time.perf_counter()
+        sink.add(encoded)
+        rejected = sink.flush()
+        if rejected:
+            raise RuntimeError(f"{len(rejected)} rows rejected: {rejected[0]}")
+        sink_s[0] += time.perf_counter() - t
+        sink_s[1] += 1
+
+    def run_pipeline(batches_out: list | None) -> tuple[float, float, dict]:
+        batcher = Batcher(max_notes=batch, max_tokens=10**9, linger_s=0.05)
+        pipe = Pipeline(lambda b, idle=False, early=None: stage(b, generate), flush)
+        poll_s = 0.0
+        t0 = time.perf_counter()
+        for m in msgs:
+            tp = time.perf_counter()
+            r = decode(m, 1 << 20)
+            if isinstance(r, Note):
+                r = prepare(enc, r, generate, "notes")
+            closed = batcher.add(r, time.monotonic(), pipe.slot_free())
+            poll_s += time.perf_counter() - tp
+            for b in closed:
+                if batches_out is not None:
+                    batches_out.append(b)
+                if not pipe.submit(b, 600):
+                    raise RuntimeError(f"pipeline failed: {pipe.error}")
+        last = batcher.flush(time.monotonic())
+        if last is not None:
+            if batches_out is not None:
+                batches_out.append(last)
+            pipe.submit(last, 600)
+        if not pipe.drain(600):
+            raise RuntimeError(f"pipeline failed: {pipe.error}")
+        dt = time.perf_counter() - t0
+        busy = dict(pipe.busy_s)
+        pipe.close()
+        return dt, poll_s, busy
+
+    run_pipeline(None)  # warm-up pass (shapes, Milvus segments); every note is written once here
+    formed: list = []
+    sink_s[:] = [0.0, 0]
+    dt, poll_s, busy = run_pipeline(formed)  # the same ids again: idempotent upserts
+    sizes = [len(b.notes) for b in formed]
+    t0 = time.perf_counter()
+    for b in formed:
+        enc.encode([n.prompt for n in b.notes], generate)
+    alone = time.perf_counter() - t0
+    count = store.count(coll)
+    enc.close()
+    store.close()
+    n = len(msgs)
+    return {
+        "isolation": isolation, "generate": generate, "max_batch_notes": batch, "notes": n,
+        "batches": len(formed), "mean_batch": round(sum(sizes) / max(len(sizes), 1), 1),
+        "pipeline_notes_per_s": round(n / dt, 1), "encoder_alone_notes_per_s": round(n / alone, 1),
+        "ratio": round(alone / dt, 3),
+        "time_s": {"pipeline_wall": round(dt, 3), "encoder_alone": round(alone, 3),
+                   "polling_thread_decode_prepare_batch": round(poll_s, 3),
+                   "encode_stage_busy": round(busy["encode"], 3), "sink_stage_busy": round(busy["sink"], 3),
+                   "milvus_flush": round(sink_s[0], 3)},
+        "milvus_rows": count,
+    }
+
+
+# --------------------------------------------------------------------------------------------- phase 5
+FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "RotaryEmbedding",
+             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+             "FastGelu", "BiasGelu", "MatMul", "Softmax")
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+
+    def walk(g) -> None:
+        for node in g.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for a in node.attribute:
+                if a.g is not None and a.g.node:
+                    walk(a.g)
+
+    walk(m.graph)
+    return {k: counts.get(k, 0) for k in FUSED_OPS} | {"total_nodes": sum(counts.values())}
+
+
+def _fuse_ort_transformers(src: Path, dst: Path, model, device: str) -> dict[str, Any]:
+    """onnxruntime.transformers.optimizer with ORT's Llama recipe (models/llama/convert_to_onnx.py)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cfg = model.lm.config
+    opt = optimize_model(str(src / "model.onnx"), model_type="gpt2", num_heads=int(cfg.num_attention_heads),
+                         hidden_size=int(cfg.hidden_size), opt_level=0, optimization_options=FusionOptions("gpt2"),
+                         only_onnxruntime=False, use_gpu=device == "cuda")
+    opt.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=True, all_tensors_to_one_file=True)
+    return {}
+
+
+def _fuse_onnxscript(src: Path, dst: Path, model, device: str) -> dict[str, Any]:
+    """onnxscript's rewriter for ORT (made for torch.onnx dynamo exports): SDPA/MHA/GQA, rotary
+    embedding, (skip) RMS normalisation."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    m = ir.load(str(src / "model.onnx"))
+    m, counts = optimize_for_ort(m)
+    ir.save(m, str(dst / "model.onnx"), external_data="model.onnx.data")
+    return {"fusion_counts": {k: v for k, v in counts.items() if v}}
+
+
+FUSIONS = {"ort_transformers_gpt2": _fuse_ort_transformers, "onnxscript_ort_fusions": _fuse_onnxscript}
+
+
+def fusion_phase(packages: dict[str, str], model, device: str, notes, batch: int, point_s: float,
+                 work: Path, deadline: float) -> dict[str, Any]:
+    import numpy as np
+
+    res: dict[str, Any] = {}
+    sample = notes[:64]
+    for kind, pkg in packages.items():
+        src = Path(pkg)
+        res[f"{kind}/plain"] = {"ops": op_counts(src / "model.onnx")}
+        for fname, fuse in FUSIONS.items():
+            if time.monotonic() > deadline:
+                res[f"{kind}/{fname}"] = {"skipped": "time budget"}
+                continue
+            row: dict[str, Any] = {}
+            dst = work / f"pkg-{kind}-{fname}"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"))
+            try:
+                t0 = time.perf_counter()
+                row.update(fuse(src, dst, model, device))
+                row["optimize_s"] = round(time.perf_counter() - t0, 1)
+                row["ops"] = op_counts(dst / "model.onnx")
+                plain = ort_engine(pkg, device, io_binding=True, batch=batch, tf32=False)
+                fused = ort_engine(str(dst), device, io_binding=True, batch=batch, tf32=False)
+                a, b = plain.embed(sample), fused.embed(sample)
+                row["parity_min_cosine"] = round(float((a * b).sum(1).min()), 6)
+                row["parity_max_abs"] = float(np.abs(a - b).max())
+                plain.close()
+                fused.close()
+                row["embed"] = {
+                    "plain": bench_ort(pkg, device, notes, [batch], "embed", io_binding=True, point_s=point_s,
+                                       deadline=deadline + 60, tf32=False).get(str(batch)),
+                    "fused": bench_ort(str(dst), device, notes, [batch], "embed", io_binding=True,
+                                       point_s=point_s, deadline=deadline + 60, tf32=False).get(str(batch)),
+                }
+            except Exception as e:  # noqa: BLE001 - a fusion that breaks the graph is a finding, not a crash
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            shutil.rmtree(dst, ignore_errors=True)
+            res[f"{kind}/{fname}"] = row
+    return res
+
+
+# --------------------------------------------------------------------------------------------- report
+def goals(doc: dict[str, Any]) -> dict[str, Any]:
+    enc = doc.get("encoder") or {}
+    b = enc.get("best_embed") or {}
+    ort16 = (b.get("ort-fp16") or {}).get("notes_per_s") or 0.0
+    torch_best = max([(b.get(k) or {}).get("notes_per_s") or 0.0 for k in ("torch-fp16", "torch-bf16")] or [0.0])
+    tok = 0.0
+    for name, pts in (enc.get("embed") or {}).items():
+        if name.startswith("ort-"):
+            tok = max(tok, best(pts, "prompt_tokens_per_s")[1])
+    w = doc.get("worker") or {}
+    out = {
+        "ort_fp16_vs_torch_eager_embed": {"value": round(ort16 / torch_best, 2) if torch_best else None,
+                                          "goal": ">= 2"},
+        "embed_prompt_tokens_per_s": {"value": tok, "goal": ">= 1e6 (135M, one H100)"},
+        "pipeline_vs_encoder_alone": {"value": w.get("ratio"), "goal": ">= 0.9"},
+    }
+    for g in out.values():
+        v = g["value"]
+        g["met"] = None if v is None else bool(v >= float(g["goal"].split()[1]))
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["# GPU check", ""]
+    env = doc.get("environment") or {}
+    if env:
+        lines.append(f"Device: {env.get('gpu', 'CPU (rehearsal)')}; torch {env.get('torch')}, onnxruntime "
+                     f"{env.get('onnxruntime')}, providers {env.get('ort_available_providers')}; "
+                     f"started {doc.get('started_at')}.")
+        lines.append("")
+    lines += ["| phase | status | seconds |", "| --- | --- | --- |"]
+    for name, p in doc["phases"].items():
+        lines.append(f"| {name} | {p['status']}{': ' + p.get('error', p.get('why', '')) if p['status'] != 'ok' else ''}"
+                     f" | {p.get('seconds', '')} |")
+    for kind in ("fp32", "fp16"):
+        e = doc.get(f"export_{kind}")
+        if e:
+            v = e["validation"]["metrics"]
+            lines.append("")
+            lines.append(f"Parity {kind} on {e['validation'].get('providers', ['?'])[0]}: "
+                         f"{'passed' if e['validation']['passed'] else 'FAILED'}; max |diff| {v['max_abs_diff']:.2e}, "
+                         f"min cosine {v['min_cosine']:.6f}, generation agreement {v['generation_agreement']:.2f}.")
+    enc = doc.get("encoder")
+    if enc:
+        for mode in ("embed", "embed+category"):
+            rows = enc.get(mode) or {}
+            sizes = [str(b) for b in enc["batch_sizes"]]
+            lines += ["", f"**{mode}**: notes/s (prompt tokens/s) by batch size", "",
+                      "| engine | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+            for name, pts in rows.items():
+                cells = []
+                for b in sizes:
+                    r = pts.get(b) or {}
+                    if "notes_per_s" in r:
+                        cells.append(f"{r['notes_per_s']:,.0f} ({r['prompt_tokens_per_s']:,.0f})")
+                    else:
+                        cells.append("skipped" if "skipped" in r else ("error" if "error" in r else ""))
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    w = doc.get("worker")
+    if w:
+        lines += ["", f"Worker path ({w['isolation']} encoder, generate={w['generate']}, batch {w['max_batch_notes']}): "
+                  f"{w['pipeline_notes_per_s']:,.0f} notes/s vs encoder alone {w['encoder_alone_notes_per_s']:,.0f} "
+                  f"(ratio {w['ratio']}); time: {json.dumps(w['time_s'])}."]
+    f = doc.get("fusions")
+    if f:
+        lines += ["", "| graph / fusions | fused ops | parity (min cos) | embed notes/s plain -> fused |",
+                  "| --- | --- | --- | --- |"]
+        for name, r in f.items():
+            if not isinstance(r, dict) or name.endswith("/plain"):
+                continue
+            ops = {k: v for k, v in (r.get("ops") or {}).items() if v and k not in ("MatMul", "Softmax", "total_nodes")}
+            e = r.get("embed") or {}
+            speed = ""
+            if isinstance(e.get("plain"), dict) and isinstance(e.get("fused"), dict):
+                speed = f"{e['plain'].get('notes_per_s')} -> {e['fused'].get('notes_per_s')}"
+            what = ops or r.get("error") or r.get("skipped") or "none"
+            lines.append(f"| {name} | {what} | {r.get('parity_min_cosine', '')} | {speed} |")
+    g = doc.get("goals")
+    if g:
+        lines += ["", "| goal | value | target | met |", "| --- | --- | --- | --- |"]
+        for k, v in g.items():
+            lines.append(f"| {k} | {v['value']} | {v['goal']} | {v['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for gpu-check.json and gpu-check.md")
+    ap.add_argument("--notes", help="notes.jsonl (title, content, topic); default: MIND from ../shared/data")
+    ap.add_argument("--cpu", action="store_true", help="rehearsal: CPU provider, tiny model, tiny budget")
+    ap.add_argument("--arch", choices=("smollm2", "tiny"), help="default: smollm2 on CUDA, tiny with --cpu")
+    ap.add_argument("--budget-s", type=float, help="whole-run budget (default 420 on CUDA, 240 with --cpu)")
+    ap.add_argument("--point-s", type=float, help="seconds per measured point (default 0.75 / 0.2 with --cpu)")
+    ap.add_argument("--batches", help="comma-separated batch sizes")
+    ap.add_argument("--n-notes", type=int, help="notes used (default 2048 / 24 with --cpu)")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one)")
+    ap.add_argument("--dtypes", default="fp32,fp16", help="packages to export (default fp32,fp16)")
+    ap.add_argument("--modes", default="embed,embed+category", help="encoder modes measured")
+    ap.add_argument("--engines", help="only these engines, e.g. ort-fp16,torch-fp16 (default: all)")
+    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions")
+    a = ap.parse_args(argv)
+    device = "cpu" if a.cpu else "cuda"
+    arch = a.arch or ("tiny" if a.cpu else "smollm2")
+    budget = a.budget_s or (240.0 if a.cpu else 420.0)
+    point_s = a.point_s or (0.2 if a.cpu else 0.75)
+    sizes = tuple(int(x) for x in a.batches.split(",")) if a.batches else (CPU_BATCHES if a.cpu else GPU_BATCHES)
+    n_notes = a.n_notes or (24 if a.cpu else 2048)
+    t_start = time.monotonic()
+    rep = Report(Path(a.out), t_start + budget)
+    rep.doc["args"] = {"device": device, "arch": arch, "budget_s": budget, "point_s": point_s,
+                       "batches": list(sizes), "notes": n_notes}
+    if device == "cuda":
+        preload_cuda()
+    if rep.phase("environment", lambda: environment(device)) is None:
+        return 1
+    notes = load_notes(a.notes, n_notes)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    model = rep.phase("model", lambda: build_model(arch))
+    if model is None:
+        return 1
+    rep.doc["model"] = {"arch": arch, "base_model_id": model.base_model_id,
+                        "parameters": sum(p.numel() for p in model.parameters()),
+                        "layers": model.lm.config.num_hidden_layers, "hidden": model.lm.config.hidden_size}
+    packages: dict[str, str] = {}
+    for kind in a.dtypes.split(","):
+        r = rep.phase(f"export_{kind}", lambda kind=kind: export_and_validate(model, kind, work, device))
+        if r is not None:
+            packages[kind] = r["package"]
+    if not packages:
+        return 1
+    # encoder benchmarks get what is left minus the worker and fusion phases' share
+    reserve = 0.3 * rep.left()
+    engines = set(a.engines.split(",")) if a.engines else None
+    enc = rep.phase("encoder", lambda: encoder_phase(model, packages, device, notes, sizes, point_s,
+                                                     time.monotonic() + rep.left() - reserve,
+                                                     modes=tuple(a.modes.split(",")), engines=engines))
+    kind = "fp16" if "fp16" in packages and device == "cuda" else next(iter(packages))
+    best_batch = None
+    if enc:
+        best_batch = (enc.get("best_embed+category") or {}).get(f"ort-{kind}", {}).get("batch")
+    batch = int(best_batch or max(sizes))
+    skip = set(filter(None, a.skip.split(",")))
+    if "worker" not in skip:
+        rep.phase("worker", lambda: worker_phase(packages[kind], device, notes, batch, "category", work, "process"),
+                  need_s=20)
+    if "fusions" not in skip:
+        rep.phase("fusions", lambda: fusion_phase(packages, model, device, notes, batch, point_s, work,
+                                                  time.monotonic() + rep.left()), need_s=20)
+    rep.doc["goals"] = goals(rep.doc)
+    rep.doc["total_s"] = round(time.monotonic() - t_start, 1)
+    rep.save()
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [k for k, p in rep.doc["phases"].items() if p["status"] == "failed"]
+    progress(f"done in {rep.doc['total_s']} s; failed phases: {failed or 'none'}; "
+             f"report: {Path(a.out) / 'gpu-check.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
