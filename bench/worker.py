@@ -3,6 +3,7 @@ and batch settings, in the same run, on the real broker and milvus-lite.
 
     python bench/worker.py [--smollm2 DIR] [--tiny DIR] [--smol-notes 128] [--tiny-notes 3000]
                            [--latency-seconds 40] [--skip-smol] [--skip-tiny]
+                           [--calibration-budget-s 20] [--compare-repeats 2] [--skip-compare]
 
 (a) the SmolLM2 package (generation as configured, default "both"): encoder-alone notes/s, worker
     notes/s (backlog drained from the topic, through Milvus + tags + commit), their ratio, and
@@ -10,6 +11,9 @@ and batch settings, in the same run, on the real broker and milvus-lite.
 (b) a tiny exported test model, embeddings only, one intra-op thread (stands in for a fast GPU
     encoder): encoder-alone vs worker notes/s.
 "Alone" runs exactly the batches the worker's batcher forms from the same notes. Prints one JSON doc.
+(c) for each encoder, the fixed batch (--max-batch-notes, default 32, the old default) against the batch
+    the worker calibrates on this machine (max_batch_notes="auto", worker/calibrate.py, the app's own
+    calibration path): worker notes/s on the same notes, runs interleaved (`<label>_fixed_vs_calibrated`).
 """
 from __future__ import annotations
 
@@ -102,7 +106,10 @@ def batches_of(enc, docs, s, generate) -> list:
     from worker.encoding import prepare
     from worker.records import Note
 
-    b = Batcher(max_notes=s.batch.max_batch_notes, max_tokens=s.batch.max_batch_tokens, linger_s=3600)
+    from worker.encoders import resolve_limits
+
+    notes, tokens = resolve_limits(s.batch.max_batch_notes, s.batch.max_batch_tokens)
+    b = Batcher(max_notes=notes, max_tokens=tokens, linger_s=3600)
     out = []
     for i, d in enumerate(docs):
         n = Note(note_id=d["note_id"], title=d["title"], content=d["content"], author_id=d["author_id"],
@@ -152,7 +159,8 @@ class AckTimes:
 def run_worker(enc, s, store, wrap=None):
     from worker.app import WorkerApp
 
-    app = WorkerApp(s, encoder=enc, store=store, wrap_sink=wrap, name="bench")
+    # "auto" batch settings: the app calibrates this (injected) encoder, or reuses its calibration
+    app = WorkerApp(s, encoder=enc, store=store, wrap_sink=wrap, name="bench", calibrate=s.batch.calibrate)
     app.start()
     th = threading.Thread(target=app.run, daemon=True)
     th.start()
@@ -177,7 +185,9 @@ def worker_rate(enc, docs, bootstrap, milvus_uri, store, generate, batch) -> dic
         busy = dict(app.pipeline.busy_s)
         app.stop()
         th.join(60)
-        return {"notes_per_s": n / dt, "seconds": dt, "stage_busy_s": {k: round(v, 3) for k, v in busy.items()}}
+        return {"notes_per_s": n / dt, "seconds": dt, "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+                "batch_notes": app.batch_notes, "batch_tokens": app.batch_tokens, "batch_source": app.batch_source,
+                "calibration": app.calibration}
     finally:
         drop_topics(bootstrap, topics)
 
@@ -276,6 +286,46 @@ def measure(label, enc, wenc, docs, bootstrap, tmp, generate, batch, latency_sec
     return out
 
 
+def compare_batches(label, wenc, docs, bootstrap, tmp, generate, fixed, budget_s, repeats) -> dict:
+    """Worker notes/s on the same notes with the fixed batch vs the calibrated one, runs interleaved
+    (fixed, calibrated, fixed, ...). The first calibrated run calibrates `wenc` as the worker does at
+    start-up (not timed: it happens before the first note is consumed); later runs reuse the result."""
+    from worker.encoders import resolve_limits, set_batch_limits
+    from worker.sinks.milvus import MilvusStore
+
+    auto = {**fixed, "max_batch_notes": "auto", "max_batch_tokens": "auto", "calibration_budget_s": budget_s}
+    limits = resolve_limits(fixed["max_batch_notes"], fixed["max_batch_tokens"])
+    db = str(tmp / f"{label}-cmp.db")
+    store = MilvusStore(db, alias=f"bench_{label}_cmp")
+    runs: dict[str, list[dict]] = {"fixed": [], "calibrated": []}
+    for _ in range(repeats):
+        set_batch_limits(wenc, *limits)  # an injected encoder keeps its limits: the fixed run gets the fixed ones
+        runs["fixed"].append(worker_rate(wenc, docs, bootstrap, db, store, generate, fixed))
+        progress(f"{label}: worker, fixed batch {limits[0]}: {runs['fixed'][-1]['notes_per_s']:.2f} notes/s")
+        runs["calibrated"].append(worker_rate(wenc, docs, bootstrap, db, store, generate, auto))
+        w = runs["calibrated"][-1]
+        progress(f"{label}: worker, calibrated batch {w['batch_notes']} ({w['batch_source']}): "
+                 f"{w['notes_per_s']:.2f} notes/s")
+    store.close()
+    cal = next((w["calibration"] for w in runs["calibrated"] if w["calibration"] is not None), None)
+
+    def side(ws: list[dict]) -> dict:
+        rates = [w["notes_per_s"] for w in ws]
+        return {"batch_notes": ws[0]["batch_notes"], "batch_tokens": ws[0]["batch_tokens"],
+                "batch_source": ws[0]["batch_source"], "worker_runs": [round(x, 2) for x in rates],
+                "worker_notes_per_s": round(max(rates), 2),
+                "worker_notes_per_s_median": round(statistics.median(rates), 2)}
+
+    out = {"generate": generate, "notes": len(docs), "repeats": repeats, "fixed": side(runs["fixed"]),
+           "calibrated": side(runs["calibrated"]), "calibration": cal.as_log() if cal is not None else None,
+           "providers": list(getattr(wenc, "providers", None) or [])}
+    out["calibrated_to_fixed_best"] = round(out["calibrated"]["worker_notes_per_s"]
+                                            / out["fixed"]["worker_notes_per_s"], 3)
+    out["calibrated_to_fixed_median"] = round(out["calibrated"]["worker_notes_per_s_median"]
+                                              / out["fixed"]["worker_notes_per_s_median"], 3)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", default=os.environ.get("NOTELLM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
@@ -292,6 +342,11 @@ def main(argv=None) -> int:
     ap.add_argument("--linger-ms", type=int, default=50)
     ap.add_argument("--isolation", default="process", choices=["process", "thread"],
                     help="how the worker runs the encoder (the worker's default: process)")
+    ap.add_argument("--calibration-budget-s", type=float, default=20.0, help="the worker's calibration budget")
+    ap.add_argument("--compare-repeats", type=int, default=2, help="interleaved runs per side, fixed vs calibrated")
+    ap.add_argument("--skip-compare", action="store_true", help="no fixed-vs-calibrated comparison")
+    ap.add_argument("--skip-measure", action="store_true",
+                    help="only the fixed-vs-calibrated comparison (no alone/worker ratio, no latency)")
     ap.add_argument("--skip-smol", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args(argv)
@@ -320,19 +375,32 @@ def main(argv=None) -> int:
         wenc = load_encoder(tiny, isolation=args.isolation, **kw)
         enc.warmup()
         wenc.warmup()
-        result["tiny_1thread_embed_only"] = measure("tiny", enc, wenc, mind_docs(args.tiny_notes, "t"), args.bootstrap, tmp,
-                                                    "none", batch, min_ratio=0.8, repeats=args.tiny_repeats)
+        docs = mind_docs(args.tiny_notes, "t")
+        if not args.skip_measure:
+            result["tiny_1thread_embed_only"] = measure("tiny", enc, wenc, docs, args.bootstrap, tmp, "none", batch,
+                                                        min_ratio=0.8, repeats=args.tiny_repeats)
+            print(json.dumps(result["tiny_1thread_embed_only"]), file=sys.stderr)
+        if not args.skip_compare:
+            result["tiny_fixed_vs_calibrated"] = compare_batches("tiny", wenc, docs, args.bootstrap, tmp, "none", batch,
+                                                                 args.calibration_budget_s, args.compare_repeats)
+            print(json.dumps(result["tiny_fixed_vs_calibrated"]), file=sys.stderr)
         getattr(wenc, "close", lambda: None)()
-        print(json.dumps(result["tiny_1thread_embed_only"]), file=sys.stderr)
     if not args.skip_smol:
         kw = dict(device="cpu", max_batch_notes=args.max_batch_notes, max_batch_tokens=args.max_batch_tokens)
         enc = load_encoder(args.smollm2, **kw)
         wenc = load_encoder(args.smollm2, isolation=args.isolation, **kw)
         enc.warmup()
         wenc.warmup()
-        result["smollm2"] = measure("smol", enc, wenc, mind_docs(args.smol_notes, "s"), args.bootstrap, tmp,
-                                    args.smol_generate, batch, latency_seconds=args.latency_seconds, min_ratio=0.95,
-                                    repeats=args.smol_repeats)
+        docs = mind_docs(args.smol_notes, "s")
+        if not args.skip_measure:
+            result["smollm2"] = measure("smol", enc, wenc, docs, args.bootstrap, tmp, args.smol_generate, batch,
+                                        latency_seconds=args.latency_seconds, min_ratio=0.95, repeats=args.smol_repeats)
+            print(json.dumps(result["smollm2"]), file=sys.stderr)
+        if not args.skip_compare:
+            result["smollm2_fixed_vs_calibrated"] = compare_batches("smol", wenc, docs, args.bootstrap, tmp,
+                                                                    args.smol_generate, batch,
+                                                                    args.calibration_budget_s, args.compare_repeats)
+            print(json.dumps(result["smollm2_fixed_vs_calibrated"]), file=sys.stderr)
         getattr(wenc, "close", lambda: None)()
     print(json.dumps(result, indent=2))
     return 0

@@ -22,7 +22,7 @@ from typing import Callable
 from worker.batcher import Batcher
 from worker.checkpoint import Checkpoint, RetryPolicy
 from worker.config import Settings
-from worker.encoders import load_encoder
+from worker.encoders import load_encoder, resolve_limits, set_batch_limits
 from worker.encoding import EncodeStage, Encoder, prepare
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -47,14 +47,20 @@ class WorkerApp:
     """One consumer-group member (or one bounded replay when start/end offsets are given).
 
     Test hooks: pass an `encoder`, a shared `store` (one milvus-lite db may serve several apps in one
-    process), and `wrap_sink(sink) -> sink` to inject faults."""
+    process), and `wrap_sink(sink) -> sink` to inject faults.
+
+    Batch limits (`batch_notes`, `batch_tokens`, set by `start`): with `batch.max_batch_notes="auto"` the
+    encoder is calibrated on this device (worker/calibrate.py) when `calibrate` is True; None (default):
+    only an encoder this app builds itself is calibrated, an encoder passed in keeps its last calibration
+    for this task if it has one, else the defaults (32 notes / 4096 tokens). An integer setting is used
+    as it is (no calibration)."""
 
     def __init__(self, settings: Settings, *, encoder: Encoder | None = None, store: MilvusStore | None = None,
                  collection: str | None = None, create_alias: bool = True, group_id: str | None = None,
                  start_offsets: dict[int, int] | None = None, end_offsets: dict[int, int] | None = None,
                  wrap_sink: Callable | None = None, metrics: Metrics | None = None, http: bool = True,
                  dead_letter_input_errors: bool = True, name: str = "worker",
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, calibrate: bool | None = None) -> None:
         self.s = settings
         self.log = get_logger("notellm.worker", app=name)
         self.metrics = metrics or Metrics()
@@ -71,6 +77,11 @@ class WorkerApp:
         self._dlq_input_errors = dead_letter_input_errors  # False: replay/backfill re-read already dead-lettered records
         self._want_http = http and settings.http.port != 0
         self._stop = stop if stop is not None else threading.Event()
+        self._calibrate = calibrate
+        self.calibration = None  # worker.calibrate.Calibration when this app measured (or reused) one
+        self.batch_notes, self.batch_tokens = resolve_limits(settings.batch.max_batch_notes,
+                                                             settings.batch.max_batch_tokens)
+        self.batch_source = "default" if settings.batch.calibrate else "configured"
         self._pending: deque[Batch] = deque()
         self._pending_since: float | None = None
         self._opened: list = []  # what start() opened, closed in reverse by _close()
@@ -115,7 +126,9 @@ class WorkerApp:
             self.http = HttpServer(self, s.http.host, s.http.port, max_k=s.http.max_k)
             self._opened.append(self.http.close)
         self._check_stop()
-        enc.warmup()
+        self._choose_batch_limits(enc)
+        self._check_stop()
+        enc.warmup()  # at the chosen limits (the largest batch shape the worker will send)
         self.warmed = True
         self._check_stop()
         self.stage = EncodeStage(enc, topic=k.topic_notes, restarts=s.model.engine_restarts,
@@ -129,7 +142,7 @@ class WorkerApp:
                                                   input_errors=self._dlq_input_errors,
                                                   max_value_bytes=k.dlq_max_value_bytes,
                                                   flush_timeout_s=s.retry.flush_timeout_s, log=self.log))
-        self.batcher = Batcher(max_notes=s.batch.max_batch_notes, max_tokens=s.batch.max_batch_tokens,
+        self.batcher = Batcher(max_notes=self.batch_notes, max_tokens=self.batch_tokens,
                                linger_s=s.batch.linger_ms / 1000.0)
         self.source = KafkaSource(k.consumer_config(self._group_id), k.topic_notes, max_note_bytes=s.batch.max_note_bytes,
                                   on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -155,11 +168,37 @@ class WorkerApp:
         self.started = True
         self.log.info("worker_started", collection=self.collection, model_version=enc.model_version, dim=enc.dim,
                       providers=getattr(enc, "providers", None), topic=k.topic_notes,
-                      group=self._group_id or k.group_id, http_port=self.http.port if self.http else None)
+                      group=self._group_id or k.group_id, http_port=self.http.port if self.http else None,
+                      batch_notes=self.batch_notes, batch_tokens=self.batch_tokens, batch_source=self.batch_source)
+
+    def _choose_batch_limits(self, enc: Encoder) -> None:
+        """Set `batch_notes` / `batch_tokens` (the batcher's limits): configured, calibrated, or the defaults."""
+        from worker import calibrate as cal
+
+        b, gen = self.s.batch, self.s.model.generate
+        wanted = self._calibrate if self._calibrate is not None else self._own_encoder
+        if b.calibrate:
+            fixed_tokens = None if b.max_batch_tokens == "auto" else int(b.max_batch_tokens)
+            found = cal.calibrated(enc, gen)
+            if found is not None and fixed_tokens is None:
+                self.calibration = found
+                self.batch_source = "calibrated"
+                self.batch_notes, self.batch_tokens = found.batch_notes, found.batch_tokens
+                set_batch_limits(enc, self.batch_notes, self.batch_tokens)
+            elif wanted:
+                c = cal.calibrate(enc, generate=gen, budget_s=b.calibration_budget_s,
+                                  max_notes=b.calibration_max_notes, max_tokens=fixed_tokens,
+                                  default_notes=self.batch_notes, default_tokens=self.batch_tokens,
+                                  call_timeout_s=self.s.model.batch_timeout_s, should_stop=self._stop.is_set)
+                self.calibration = c
+                self.batch_source = "calibrated" if c.calibrated else "fallback"
+                self.batch_notes, self.batch_tokens = c.batch_notes, c.batch_tokens
+        self.metrics.batch_max_notes.labels(source=self.batch_source).set(self.batch_notes)
+        self.metrics.batch_max_tokens.labels(source=self.batch_source).set(self.batch_tokens)
 
     def _encode(self, batch: Batch, idle: bool = False, early=None):
         gen = self.s.model.generate
-        small = len(batch.notes) <= max(1, self.s.batch.max_batch_notes // 8)
+        small = len(batch.notes) <= max(1, self.batch_notes // 8)
         if idle and small and early is not None and gen != "none" and batch.notes:
             # Low load: make the notes searchable as soon as their vectors exist, before the (slower)
             # generation of category/hashtags; the full batch then re-upserts with tags and commits.
@@ -277,7 +316,7 @@ class WorkerApp:
             dl = batcher.deadline()
             # Until the linger deadline, wait for records; after it, take only what is already here.
             timeout = POLL_S if dl is None else min(POLL_S, max(0.0, dl - now))
-            records = src.poll(timeout, max_messages=self.s.batch.max_batch_notes)
+            records = src.poll(timeout, max_messages=self.batch_notes)
             if not records and not ready and dl is not None and dl <= now:
                 # A lingered-out batch waits for the encoder: wake when its slot frees, not on a timer.
                 pipe.wait_slot(POLL_S)

@@ -14,6 +14,16 @@ import signal
 import threading
 
 
+
+def _int_or_auto(text: str) -> int | str:
+    """argparse type for a batch limit: "auto" or an integer."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (flags override NOTELLM_* environment variables)")
     g.add_argument("--bootstrap", dest="bootstrap_servers", help="Kafka bootstrap servers")
@@ -27,8 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--generate", choices=["none", "category", "hashtags", "both"])
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--threads", dest="intra_op_threads", type=int, help="ONNX Runtime intra-op threads (0 = default)")
-    g.add_argument("--max-batch-notes", type=int)
-    g.add_argument("--max-batch-tokens", type=int)
+    g.add_argument("--max-batch-notes", type=_int_or_auto, help='an integer, or "auto" (calibrated at start-up)')
+    g.add_argument("--max-batch-tokens", type=_int_or_auto, help='an integer, or "auto" (follows the notes limit)')
     g.add_argument("--linger-ms", type=int)
     g.add_argument("--http-port", type=int, help="metrics/health/similar port (0 = none)")
     g.add_argument("--log-format", choices=["auto", "json", "console"])

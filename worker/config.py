@@ -128,12 +128,40 @@ class ModelSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
+    """Batch limits. `max_batch_notes="auto"` (default): chosen at start-up by measuring the encoder on this
+    device (worker/calibrate.py, at most `calibration_budget_s`, candidates up to `calibration_max_notes`);
+    an integer sets it and disables the measurement. `max_batch_tokens="auto"`: the calibrated notes x the
+    longest calibration prompt, or, with an integer notes setting, notes x 128 (32 -> 4096, the old default).
+    Where nothing is measured (an encoder passed in, a failed calibration) "auto" means 32 notes / 4096 tokens."""
+
     model_config = _frozen
 
-    max_batch_notes: int = Field(32, ge=1)
-    max_batch_tokens: int = Field(4096, ge=16, description="padded tokens per batch (n * longest prompt)")
+    max_batch_notes: int | Literal["auto"] = Field("auto", description='"auto" = calibrated at start-up')
+    max_batch_tokens: int | Literal["auto"] = Field(
+        "auto", description='padded tokens per batch (n * longest prompt); "auto" follows the notes limit')
+    calibration_budget_s: float = Field(20.0, gt=0, le=600, description="time the start-up calibration may take")
+    calibration_max_notes: int = Field(512, ge=1, description="largest batch the calibration tries")
     linger_ms: int = Field(50, ge=0)
     max_note_bytes: int = Field(64 * 1024, ge=256)
+
+    @field_validator("max_batch_notes")
+    @classmethod
+    def _notes_at_least_one(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("max_batch_notes must be >= 1 or 'auto'")
+        return v
+
+    @field_validator("max_batch_tokens")
+    @classmethod
+    def _tokens_at_least_16(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 16:
+            raise ValueError("max_batch_tokens must be >= 16 or 'auto'")
+        return v
+
+    @property
+    def calibrate(self) -> bool:
+        """Whether the notes limit is to be measured at start-up (False: the operator set it)."""
+        return self.max_batch_notes == "auto"
 
 
 class RetrySettings(BaseModel):

@@ -93,6 +93,9 @@ def _serve(conn, model_dir: str, factory: str, kwargs: dict, log_cfg: tuple[str,
             elif op == "encode":
                 payload, generate = args
                 reply = ("ok", enc.encode([Prompt(*p) for p in payload], generate))
+            elif op == "limits":  # the engine's sub-batching limits (OnnxNoteEncoder attributes)
+                enc.max_batch_notes, enc.max_batch_tokens = (int(x) for x in args)
+                reply = ("ok", None)
             else:
                 raise ValueError(f"unknown op {op!r}")
         except NoteError as e:
@@ -194,6 +197,17 @@ class ProcessEncoder:
                ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
         payload = [(p.category, p.hashtags, p.tokens) for p in prompts]
         return self._call("encode", (payload, generate), timeout_s)
+
+    def set_batch_limits(self, max_batch_notes: int, max_batch_tokens: int) -> None:
+        """Set the engine's sub-batching limits (its `max_batch_notes` / `max_batch_tokens`) in the running
+        child and for every child `restart()` starts (kept even when the running child is gone)."""
+        n, t = int(max_batch_notes), int(max_batch_tokens)
+        if n < 1 or t < 1:
+            raise ValueError("max_batch_notes and max_batch_tokens must be >= 1")
+        with self._lock:
+            self._kwargs = {**self._kwargs, "max_batch_notes": n, "max_batch_tokens": t}
+            reply = self._exchange("limits", (n, t), self._start_timeout_s)
+        self._answer(reply)
 
     def health(self) -> EncoderHealth:
         if self._closed:

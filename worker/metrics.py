@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_SIZE = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+_SIZE = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512)
 _TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 _FRESH = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300, 600, 3600)
@@ -19,6 +19,10 @@ class Metrics:
         self.batches = Counter("notellm_batches", "Micro-batches closed", ["reason"], registry=r)
         self.batch_notes = Histogram("notellm_batch_notes", "Notes per encoded batch", buckets=_SIZE, registry=r)
         self.batch_tokens = Histogram("notellm_batch_tokens", "Padded tokens per encoded batch", buckets=_TOKENS, registry=r)
+        self.batch_max_notes = Gauge("notellm_batch_max_notes", "Notes per batch in use (source: calibrated, "
+                                     "configured, default, fallback)", ["source"], registry=r)
+        self.batch_max_tokens = Gauge("notellm_batch_max_tokens", "Padded tokens per batch in use", ["source"],
+                                      registry=r)
         self.encode_seconds = Histogram("notellm_encode_seconds", "Encoder time per batch", buckets=_SECONDS, registry=r)
         self.freshness = Histogram("notellm_freshness_seconds", "Sink-ack time minus published_at", buckets=_FRESH, registry=r)
         self.visible = Histogram("notellm_visible_seconds", "published_at -> found by a read at the readers' "
