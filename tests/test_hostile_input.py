@@ -1,5 +1,6 @@
-"""No record can stop the worker or touch another note's data (issue 9), against the real broker, a real
-milvus-lite db and the real exported tiny model.
+"""No record can stop the worker or touch another note's data (issue 9), against the real broker, real
+Milvus (a milvus-lite db, and a Milvus 2.3 server: the two parse filters and count field limits
+differently) and the real exported tiny model.
 
 One corpus mixes every known trigger — filter injection through a tombstone key, ids with quotes,
 backslashes, %, _, RTL and zero-width characters, a dead letter larger than the producer allows, JSON
@@ -20,11 +21,10 @@ import pytest
 from confluent_kafka import Producer
 
 import schemas
-from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
+from tests.test_worker_e2e import settings_on, topics  # noqa: F401 - fixture
 from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
 from tests.worker_support import AppThread, committed, dlq_events, high_watermarks, note_doc, wait_committed_to_end
 from worker.app import WorkerApp
-from worker.sinks.milvus import MilvusStore
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -101,8 +101,8 @@ def build_corpus():
     return recs
 
 
-def test_hostile_corpus_cannot_stop_the_worker_or_touch_other_notes(kafka_bootstrap, topics, milvus_uri, encoder):
-    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "both"})
+def test_hostile_corpus_cannot_stop_the_worker_or_touch_other_notes(kafka_bootstrap, topics, milvus_backend, encoder):
+    s = settings_on(kafka_bootstrap, topics, milvus_backend, model={"generate": "both"})
     recs = build_corpus()
     p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "acks": "all",
                   "message.max.bytes": 2_000_000})
@@ -121,7 +121,7 @@ def test_hostile_corpus_cannot_stop_the_worker_or_touch_other_notes(kafka_bootst
         p.poll(0)
     assert p.flush(60) == 0 and len(where) == len(recs)
 
-    store = MilvusStore(milvus_uri, alias="notes")
+    store = milvus_backend.store()
     app = WorkerApp(s, encoder=encoder, store=store)
     t = AppThread(app)
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=300, alive=t.alive)
@@ -160,18 +160,18 @@ def test_hostile_corpus_cannot_stop_the_worker_or_touch_other_notes(kafka_bootst
     from notellm.prompts import NoteText
 
     good = sorted(i for i in expect_rows if i.startswith("g"))
-    rows = {r["note_id"]: r for r in store.client.query(
-        "notes", filter=f"note_id in {json.dumps(good)}", output_fields=["title", "embedding", "author_id"],
-        consistency_level="Strong")}
+    rows = {r["note_id"]: r for r in store.get(good, ["title", "embedding", "author_id"])}
     assert set(rows) == set(good)
     docs = {d["note_id"]: d for d in (_doc(f"g{i:05d}", i) for i in range(60))}
     ref = encoder.embed([NoteText(docs[i]["title"], docs[i]["content"], None) for i in good])
     for k, i in enumerate(good):
         assert rows[i]["title"] == docs[i]["title"] and rows[i]["author_id"] == docs[i]["author_id"]
         assert np.allclose(np.asarray(rows[i]["embedding"], np.float32), ref[k], atol=1e-4), i
-    # Hostile ids are stored verbatim and can be found by id.
-    for nid in HOSTILE_IDS:
-        if nid not in DELETED_HOSTILE:
-            ans = store.similar(nid, 3)
-            assert ans["note"]["note_id"] == nid
+    # Hostile ids are stored verbatim and can be found by id, and as neighbours.
+    kept = [nid for nid in HOSTILE_IDS if nid not in DELETED_HOSTILE]
+    assert sorted(r["note_id"] for r in store.get(kept, ["note_id"])) == sorted(kept)
+    for nid in kept:
+        ans = store.similar(nid, 3)
+        assert ans["note"]["note_id"] == nid and len(ans["neighbours"]) == 3
+        assert all(h["note_id"] in expect_rows for h in ans["neighbours"])
     store.close()

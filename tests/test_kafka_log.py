@@ -195,3 +195,65 @@ def test_real_clients_facing_a_dead_broker_write_a_few_lines_not_a_flood(capfd):
         assert {kw["code"] for _, _, kw in out.lines} <= {"_TRANSPORT", "_ALL_BROKERS_DOWN"}
     err = capfd.readouterr().err
     assert "notellm-worker#" not in err, err[-2000:]  # librdkafka's own lines went through the logger
+
+
+def test_routed_short_lived_clients_write_a_few_lines_where_a_bare_one_floods(capfd):
+    """`routed()` (the short-lived clients' config): the same dead port, a bare consumer next to a routed
+    one. The bare one's librdkafka prints a `%3|...|FAIL|` line to stderr per connection attempt; the
+    routed one's errors come out as one log line per kind and nothing of it reaches stderr."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    from worker.kafka_log import LOG_LEVEL_WARNING, routed
+
+    bootstrap = f"127.0.0.1:{_dead_port()}"
+    out = Lines()
+    conf = routed({"bootstrap.servers": bootstrap, "client.id": "routed-client", "group.id": "g-dead"}, out, "probe")
+    assert conf["log_level"] == LOG_LEVEL_WARNING and conf["logger"] is not None and conf["error_cb"]
+    assert routed({"bootstrap.servers": bootstrap, "debug": "broker"}, out, "x").get("log_level") is None
+    routed_c = Consumer(conf)
+    bare_c = Consumer({"bootstrap.servers": bootstrap, "client.id": "bare-client", "group.id": "g-dead"})
+    try:
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            assert routed_c.poll(0.05) is None
+            assert bare_c.poll(0.05) is None
+    finally:
+        routed_c.close()
+        bare_c.close()
+    err = capfd.readouterr().err
+    assert err.count("bare-client#") >= 10, err[-2000:]     # the flood this avoids
+    assert "routed-client#" not in err, err[-2000:]
+    assert 1 <= len(out.lines) <= 3, out.lines
+    assert {kw["client"] for _, _, kw in out.lines} == {"probe"}
+    assert {kw["code"] for _, _, kw in out.lines} <= {"_TRANSPORT", "_ALL_BROKERS_DOWN"}
+
+
+def test_redrive_against_a_dead_broker_prints_a_clear_error_not_a_flood():
+    """`notellm worker redrive`, a short-lived client, as a process against a port where no broker listens:
+    exit 2 within its --timeout, one line saying which Kafka failed and why, and at most a few log lines
+    on stderr (it printed ~20 librdkafka lines a second before its clients went through kafka_log)."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    bootstrap = f"127.0.0.1:{_dead_port()}"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "notellm.cli", "worker", "redrive", "--bootstrap", bootstrap,
+                        "--timeout", "3", "--log-format", "json"], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    took = time.monotonic() - t0
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert took < 20, f"redrive took {took:.1f} s with --timeout 3"
+    assert r.stdout == ""
+    assert 1 <= len(lines) <= 6, r.stderr[-3000:]
+    assert not any(ln.startswith("%") for ln in lines), r.stderr[-3000:]  # no raw librdkafka lines
+    assert lines[-1].startswith(f"notellm worker redrive: Kafka at {bootstrap} failed: "), lines[-1]
+    assert "transport failure" in lines[-1].lower() or "timed out" in lines[-1].lower(), lines[-1]
+    logged = [json.loads(ln) for ln in lines[:-1]]  # everything else is a JSON log line
+    assert all(e["event"] in ("command_starting", "kafka_error", "kafka_client_log", "kafka_errors_repeated")
+               for e in logged), logged

@@ -1,4 +1,6 @@
-"""The worker end to end on the real broker, a real milvus-lite db and a real exported tiny model."""
+"""The worker end to end on the real broker, a real exported tiny model and real Milvus: milvus-lite, and for
+the tests where the backend matters (upserts replacing rows, tombstone deletes, re-upserts of one id) also a
+Milvus 2.3 server (`milvus_backend`: a collection alias of the test's own, dropped afterwards)."""
 from __future__ import annotations
 
 import json
@@ -37,6 +39,12 @@ def settings_for(kafka_bootstrap, topics, milvus_uri, **over):
     for k, v in over.items():
         base.setdefault(k, {}).update(v)
     return load_settings(base)
+
+
+def settings_on(kafka_bootstrap, topics, backend, **over):
+    """settings_for on a `milvus_backend`: its URI and its collection alias (unique per test on the server)."""
+    over["milvus"] = {"collection": backend.alias, **over.get("milvus", {})}
+    return settings_for(kafka_bootstrap, topics, backend.uri, **over)
 
 
 def test_2000_notes_three_partitions(kafka_bootstrap, topics, milvus_uri, encoder):
@@ -98,33 +106,42 @@ def test_malformed_inputs_go_to_dlq_and_good_notes_around_them_pass(kafka_bootst
     store.close()
 
 
-def test_tombstone_deletes_and_republish_replaces(kafka_bootstrap, topics, milvus_uri, encoder):
-    s = settings_for(kafka_bootstrap, topics, milvus_uri)
-    store = MilvusStore(milvus_uri, alias="notes")
+def test_tombstone_deletes_and_republish_replaces(kafka_bootstrap, topics, milvus_backend, encoder):
+    s = settings_on(kafka_bootstrap, topics, milvus_backend)
+    store = milvus_backend.store()
     app = WorkerApp(s, encoder=encoder, store=store)
     t = AppThread(app)
     docs = [note_doc(i) for i in range(30)]
     produce_notes(kafka_bootstrap, topics["notes"], docs)
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
-    before = {r["note_id"]: r for r in store.client.get("notes", ids=["n00003", "n00004"], output_fields=["embedding", "title"])}
+    before = {r["note_id"]: r for r in store.get(["n00003", "n00004"], ["embedding", "title"])}
     assert set(before) == {"n00003", "n00004"}
-    produce_raw(kafka_bootstrap, topics["notes"], [(b"n00003", None)])
-    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(4, title="Completely different title", content="other words")])
+    # n00003 deleted; n00004 replaced; n00005 deleted and published again right after (same key, same partition).
+    produce_raw(kafka_bootstrap, topics["notes"], [(b"n00003", None), (b"n00005", None)])
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(4, title="Completely different title", content="other words"),
+                                                     note_doc(5, title="Back again")])
+    wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+    ids = store.all_ids()
+    assert "n00003" not in ids and len(ids) == len(set(ids)) == 29   # replaced, not duplicated
+    assert store.count() == 29
+    after = store.get(["n00004", "n00005"], ["embedding", "title"])
+    assert {r["note_id"]: r["title"] for r in after} == {"n00004": "Completely different title", "n00005": "Back again"}
+    assert list(next(r for r in after if r["note_id"] == "n00004")["embedding"]) != list(before["n00004"]["embedding"])
+    # A deleted note published again comes back.
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(3, title="Revived")])
     wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
     assert t.stop() == 0
-    ids = set(store.all_ids())
-    assert "n00003" not in ids and len(ids) == 29
-    after = store.client.get("notes", ids=["n00004"], output_fields=["embedding", "title"])[0]
-    assert after["title"] == "Completely different title"
-    assert list(after["embedding"]) != list(before["n00004"]["embedding"])
+    assert [r["title"] for r in store.get(["n00003"], ["title"])] == ["Revived"]
+    ids = store.all_ids()
+    assert len(ids) == len(set(ids)) == 30 and store.count() == 30
     store.close()
 
 
-def test_low_load_note_is_searchable_before_its_tags(kafka_bootstrap, topics, milvus_uri, encoder):
+def test_low_load_note_is_searchable_before_its_tags(kafka_bootstrap, topics, milvus_backend, encoder):
     """An idle encoder upserts a small batch's vectors before generating its tags; the full batch
-    then re-upserts with category/hashtags and only then commits."""
-    s = settings_for(kafka_bootstrap, topics, milvus_uri)
-    store = MilvusStore(milvus_uri, alias="notes")
+    then re-upserts with category/hashtags and only then commits: one row, the second version."""
+    s = settings_on(kafka_bootstrap, topics, milvus_backend)
+    store = milvus_backend.store()
     flushed: list[list[tuple]] = []
 
     class Spy:
@@ -150,5 +167,6 @@ def test_low_load_note_is_searchable_before_its_tags(kafka_bootstrap, topics, mi
     assert t.stop() == 0
     rows = [r for f in flushed for r in f if r[0] == "n00007"]
     assert len(rows) == 2 and rows[0][1] == "" and rows[1][1] != ""
-    assert store.client.get("notes", ids=["n00007"], output_fields=["category"])[0]["category"] == rows[1][1]
+    assert [r["category"] for r in store.get(["n00007"], ["category"])] == [rows[1][1]]
+    assert store.all_ids() == ["n00007"]
     store.close()

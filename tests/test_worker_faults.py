@@ -1,5 +1,7 @@
 """Fault tests on the real broker + milvus-lite + the tiny exported model. Each checks the invariant:
-produced ids = ids in Milvus + ids in the DLQ (+ ids deleted by tombstones), exactly."""
+produced ids = ids in Milvus + ids in the DLQ (+ ids deleted by tombstones), exactly. The SIGKILL/restart
+test runs on a Milvus 2.3 server too (a restarted worker finds its collection there and re-upserts what
+was not committed)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +17,7 @@ import pytest
 from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
 from tests.worker_support import (REPO, AppThread, committed, high_watermarks, note_doc, produce_notes, tag_ids,
                                   wait_committed_to_end)
-from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
+from tests.test_worker_e2e import settings_for, settings_on, topics  # noqa: F401 - fixture
 from worker.app import WorkerApp
 
 pytestmark = pytest.mark.timeout(300)
@@ -111,12 +113,13 @@ def test_sink_down_past_retry_budget_exits_nonzero_without_commit(kafka_bootstra
 def _worker_cmd(s, tiny, port=0):
     return [sys.executable, "-m", "notellm.cli", "worker", "run", "--bootstrap", s.kafka.bootstrap_servers,
             "--topic", s.kafka.topic_notes, "--tags-topic", s.kafka.topic_tags, "--dlq-topic", s.kafka.topic_dlq,
-            "--group", s.kafka.group_id, "--milvus-uri", s.milvus.uri, "--model", str(tiny), "--generate", "none",
+            "--group", s.kafka.group_id, "--milvus-uri", s.milvus.uri, "--collection", s.milvus.collection,
+            "--model", str(tiny), "--generate", "none",
             "--device", "cpu", "--threads", "1", "--linger-ms", "20", "--http-port", str(port), "--log-format", "json"]
 
 
-def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, milvus_uri, tiny_dir, tmp_path):
-    s = settings_for(kafka_bootstrap, topics, milvus_uri)
+def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, milvus_backend, tiny_dir, tmp_path):
+    s = settings_on(kafka_bootstrap, topics, milvus_backend)
     ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(3000)])
     env = {**os.environ, "NOTELLM_KAFKA__SESSION_TIMEOUT_MS": "6000"}
     log1 = open(tmp_path / "w1.log", "wb")
@@ -143,9 +146,9 @@ def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, mil
         p2.send_signal(signal.SIGTERM)
         rc = p2.wait(60)
     assert rc == 0, (tmp_path / "w2.log").read_text()[-3000:]
-    store = MilvusStore(milvus_uri, alias="notes")
+    store = milvus_backend.store()
     got = store.all_ids()
-    assert len(got) == len(set(got)) and set(got) == set(ids)
+    assert len(got) == len(set(got)) and set(got) == set(ids) and store.count() == len(ids)
     store.close()
 
 

@@ -1,5 +1,6 @@
 """Helpers for the worker's integration tests: produce notes, read topics back, wait on commits,
-run a WorkerApp in a thread. Always the real broker and a real milvus-lite db."""
+run a WorkerApp in a thread. Always the real broker; Milvus is a real milvus-lite db or, through the
+`milvus_backend` fixture (tests/conftest.py), also a real Milvus server."""
 from __future__ import annotations
 
 import json
@@ -115,6 +116,15 @@ def tag_ids(bootstrap: str, topic: str) -> list[str]:
 
 def dlq_events(bootstrap: str, topic: str) -> list[tuple[dict, dict]]:
     return [(json.loads(m.value()), {k: v.decode() for k, v in (m.headers() or [])}) for m in read_topic(bootstrap, topic)]
+
+
+def wait_until(pred, what: str, timeout: float = 60.0, interval: float = 0.1) -> None:
+    """Wait until `pred()` is true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_process_gone(pid: int, what: str, timeout: float = 10.0) -> None:

@@ -19,6 +19,15 @@ from worker.config import Settings
 from worker.source import partitions_of, watermarks
 
 
+def _probe(s: Settings, log) -> Consumer:
+    """A consumer that only reads partitions and watermarks; its client errors go through the error log
+    (worker/kafka_log.py: a line per kind of error, not librdkafka's line per connection attempt)."""
+    from worker.kafka_log import routed
+
+    return Consumer(routed({**s.kafka.common_config(), "group.id": f"notellm-backfill-probe-{uuid.uuid4().hex[:6]}"},
+                           log, "backfill:probe"))
+
+
 def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_rounds: int = 10,
              stop: threading.Event | None = None) -> int:
     """0 when the alias points at the new collection; the WorkerApp's code otherwise (a stop request
@@ -45,14 +54,14 @@ def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_
         store.ensure(enc.dim, enc.model_version, collection=target, create_alias=False)
         group = f"{s.kafka.group_id}-backfill-{enc.model_version[:24]}"
         topic = s.kafka.topic_notes
-        probe = Consumer({**s.kafka.common_config(), "group.id": f"notellm-backfill-probe-{uuid.uuid4().hex[:6]}"})
+        probe = _probe(s, log)
         try:
             parts = partitions_of(probe, topic)
             start = {p: lo for p, (lo, _hi) in watermarks(probe, topic, parts).items()}
         finally:
             probe.close()
         for rnd in range(1, max_rounds + 1):
-            probe = Consumer({**s.kafka.common_config(), "group.id": f"notellm-backfill-probe-{uuid.uuid4().hex[:6]}"})
+            probe = _probe(s, log)
             try:
                 end = {p: hi for p, (_lo, hi) in watermarks(probe, topic, parts).items()}
             finally:

@@ -75,10 +75,21 @@ def metric(base: str, name: str) -> float:
     return 0.0
 
 
+def kafka_log():
+    """The logger the demo's Kafka clients report their errors to (worker/kafka_log.py: a line per kind of
+    error, not librdkafka's line per connection attempt on stderr)."""
+    from worker.logs import configure_logging, get_logger
+
+    configure_logging("auto", "WARNING")
+    return get_logger("notellm.demo")
+
+
 def ensure_topics(bootstrap: str, names: list[str]) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    a = AdminClient({"bootstrap.servers": bootstrap})
+    from worker.kafka_log import routed
+
+    a = AdminClient(routed({"bootstrap.servers": bootstrap}, kafka_log(), "demo:admin"))
     have = set(a.list_topics(timeout=10).topics)
     new = [NewTopic(t, 3 if t.endswith("published") or t.endswith("tags") else 1, 1) for t in names if t not in have]
     for f in (a.create_topics(new).values() if new else []):
@@ -86,7 +97,9 @@ def ensure_topics(bootstrap: str, names: list[str]) -> None:
 
 
 def run(args) -> int:
-    from confluent_kafka import Producer
+    from confluent_kafka import KafkaException, Producer
+
+    from worker.kafka_log import routed
 
     t_start = time.monotonic()
     model = Path(args.model)
@@ -103,7 +116,13 @@ def run(args) -> int:
         say(f"removing the previous demo database {db}")
         shutil.rmtree(db) if db.is_dir() else db.unlink()  # milvus-lite 3 keeps a directory, 2.x a file
     topics = ["notes.published", "notes.tags", "notes.dlq"]
-    ensure_topics(args.bootstrap, topics)
+    try:
+        ensure_topics(args.bootstrap, topics)
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        say(f"Kafka at {args.bootstrap} failed: {err.str() if hasattr(err, 'str') else e} (is `scripts/kafka start` "
+            f"running?)")
+        return 1
     base = f"http://127.0.0.1:{args.http_port}"
     cmd = [sys.executable, "-m", "notellm.cli", "worker", "run", "--bootstrap", args.bootstrap, "--model", str(model),
            "--milvus-uri", args.milvus_uri, "--http-port", str(args.http_port), "--generate", args.generate,
@@ -130,7 +149,8 @@ def run(args) -> int:
         run_id = uuid.uuid4().hex[:6]
         notes = mind_notes(Path(args.data), args.notes + 1)
         probe, notes = notes[-1], notes[:-1]
-        p = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all"})
+        p = Producer(routed({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all"},
+                            kafka_log(), "demo:producer"))
         start_embedded = metric(base, "notellm_embedded_total")
         for d in notes:
             d = {**d, "published_at": int(time.time() * 1000)}

@@ -20,6 +20,11 @@ client, used as its `error_cb` target and its `logger`, turns that into state ch
 
 Thread-safe (a producer's callbacks run on whichever thread serves it); `ok()` outside an outage is
 one attribute test. The clock is injectable for tests.
+
+Short-lived clients (`notellm worker redrive`, `notellm smoke`, the backfill probes, the demo's admin
+client and producer) get the same treatment from `routed()`: their config with a `KafkaErrorLog` as
+`error_cb` and `logger`, and `log_level` at warning, so a broker outage costs them one line per kind of
+error, not one per connection attempt (redrive against an unreachable bootstrap printed ~20 lines a second).
 """
 from __future__ import annotations
 
@@ -129,4 +134,23 @@ class KafkaErrorLog:
         self._out.info("kafka_recovered", client=self.client, **kw)
 
 
-__all__ = ["KafkaErrorLog"]
+# librdkafka's `log_level` (syslog levels): warnings and worse. KafkaErrorLog.log drops the lower levels
+# anyway; this keeps librdkafka from formatting and queueing them at all.
+LOG_LEVEL_WARNING = 4
+
+
+def routed(conf: dict, log, client: str, **kw) -> dict:
+    """`conf` for a client whose errors and librdkafka log lines go through a new `KafkaErrorLog(log, client)`:
+    its `error_cb`, `logger` and `log_level` (an `error_cb` or `log_level` already in `conf` is kept; with
+    `debug` set, `log_level` is left alone). Nothing reaches raw stderr. `log` is a structlog-style logger
+    (`worker.logs.get_logger`); None drops every client error and log line. `kw` goes to KafkaErrorLog."""
+    errors = KafkaErrorLog(log, client, **kw)
+    out = dict(conf)
+    out.setdefault("error_cb", errors.error)
+    out["logger"] = errors
+    if "debug" not in out:
+        out.setdefault("log_level", LOG_LEVEL_WARNING)
+    return out
+
+
+__all__ = ["KafkaErrorLog", "LOG_LEVEL_WARNING", "routed"]

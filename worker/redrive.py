@@ -16,7 +16,9 @@ Caveats for the operator: a re-driven record is processed again like a new one, 
   revives it.
 
 Prints one JSON summary on stdout; exit 0 when every selected, complete event was delivered (or, in a
-dry run, counted) and every partition was read to its end, else 1.
+dry run, counted) and every partition was read to its end, else 1; 2 with one line on stderr when it
+cannot start (Kafka unreachable within `timeout_s`, an unknown topic, bad arguments). The clients' own
+errors go through worker/kafka_log.py (one line per kind of error, not one per connection attempt).
 """
 from __future__ import annotations
 
@@ -54,7 +56,12 @@ def run(args, *, settings, stop: threading.Event | None = None) -> int:
         start = parse_offsets(args.dlq_from_offsets) if getattr(args, "dlq_from_offsets", None) else None
         return redrive(settings, kinds=set(args.kinds) if args.kinds else None, dry_run=args.dry_run,
                        from_offsets=start, timeout_s=getattr(args, "redrive_timeout_s", 120.0), stop=stop)
-    except (ValueError, RuntimeError, TimeoutError, KafkaException) as e:
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        what = err.str() if hasattr(err, "str") else str(e)
+        print(f"notellm worker redrive: Kafka at {settings.kafka.bootstrap_servers} failed: {what}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, TimeoutError) as e:
         print(f"notellm worker redrive: {e}", file=sys.stderr)
         return 2
 
@@ -66,6 +73,7 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
     exit code and prints the JSON summary."""
     from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+    from worker.kafka_log import routed
     from worker.logs import get_logger
     from worker.source import partitions_of, watermarks
 
@@ -76,9 +84,15 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
     dlq, target = k.topic_dlq, target_topic or k.topic_notes
     log = get_logger("notellm.redrive")
     deadline = time.monotonic() + timeout_s
-    consumer = Consumer({**k.common_config(), "group.id": f"notellm-redrive-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest"})
-    producer = None if dry_run else Producer({**k.producer_config(), "message.timeout.ms": max(1000, int(timeout_s * 1000))})
+
+    def left() -> float:  # a metadata/offset request's timeout: what is left of `timeout_s`, 1 to 10 s
+        return max(1.0, min(10.0, deadline - time.monotonic()))
+
+    consumer = Consumer(routed({**k.common_config(), "group.id": f"notellm-redrive-{uuid.uuid4().hex[:8]}",
+                                "enable.auto.commit": False, "enable.partition.eof": True,
+                                "auto.offset.reset": "earliest"}, log, "redrive:consumer"))
+    producer = None if dry_run else Producer(routed(
+        {**k.producer_config(), "message.timeout.ms": max(1000, int(timeout_s * 1000))}, log, "redrive:producer"))
     summary = {"dlq_topic": dlq, "target_topic": target, "dry_run": dry_run,
                "kinds": sorted(kinds) if kinds else None, "range": {}, "read": 0, "selected": 0, "by_kind": {},
                "restorable": 0, "produced": 0, "failed": 0, "skipped_truncated": 0, "skipped_unreadable": 0,
@@ -93,9 +107,9 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
             failures.append(str(err))
 
     try:
-        parts = partitions_of(consumer, dlq)
-        target_parts = set(partitions_of(consumer, target))
-        wm = watermarks(consumer, dlq, parts)
+        parts = partitions_of(consumer, dlq, timeout=left())
+        target_parts = set(partitions_of(consumer, target, timeout=left()))
+        wm = watermarks(consumer, dlq, parts, timeout=left())
         chosen = parts if from_offsets is None else [p for p in parts if p in from_offsets]
         start = {p: max(wm[p][0], (from_offsets or {}).get(p, 0)) for p in chosen}
         end = {p: wm[p][1] for p in chosen}

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from confluent_kafka import Consumer
 
 from worker.config import Settings
+from worker.kafka_log import routed
+from worker.logs import get_logger
 from worker.source import offsets_for_time, parse_offsets, partitions_of, watermarks
 
 
@@ -26,7 +28,8 @@ def parse_time_ms(text: str) -> int:
 
 def resolve_range(s: Settings, *, from_timestamp: str | None, from_offsets: str | None, until: str | None):
     topic = s.kafka.topic_notes
-    c = Consumer({**s.kafka.common_config(), "group.id": f"notellm-replay-probe-{uuid.uuid4().hex[:6]}"})
+    c = Consumer(routed({**s.kafka.common_config(), "group.id": f"notellm-replay-probe-{uuid.uuid4().hex[:6]}"},
+                        get_logger("notellm.replay"), "replay:probe"))
     try:
         parts = partitions_of(c, topic)
         wm = watermarks(c, topic, parts)

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     import schemas
     from worker.config import load_settings
+    from worker.kafka_log import routed
     from worker.logs import configure_logging, get_logger
 
     s = load_settings({"kafka": {"bootstrap_servers": args.bootstrap}, "milvus": {"uri": args.milvus_uri}})
@@ -37,11 +38,13 @@ def run(args: argparse.Namespace) -> int:
            "published_at": int(time.time() * 1000)}
     t0 = time.perf_counter()
     try:
-        producer = Producer(s.kafka.producer_config())
+        # Client errors through worker/kafka_log.py: a line per kind of error, not per connection attempt.
+        producer = Producer(routed(s.kafka.producer_config(), log, "smoke:producer"))
         producer.produce(args.topic, key=note_id.encode(), value=json.dumps(doc).encode())
         if producer.flush(30) != 0:
             raise KafkaException(f"message not delivered to {args.topic} within 30 s")
-        consumer = Consumer(s.kafka.consumer_config(group_id=f"smoke-{uuid.uuid4().hex[:8]}"))
+        consumer = Consumer(routed(s.kafka.consumer_config(group_id=f"smoke-{uuid.uuid4().hex[:8]}"), log,
+                                   "smoke:consumer"))
         consumer.subscribe([args.topic])
         got = None
         deadline = time.monotonic() + 30
