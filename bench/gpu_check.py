@@ -292,7 +292,7 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
         except Exception as e:  # noqa: BLE001
             out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             _empty_cache()
-    del m
+    m = None  # free the copy before the next engine
     _empty_cache()
     return out
 

@@ -65,6 +65,91 @@ def new_topic(kafka_bootstrap):
                 pass
 
 
+CLUSTER_BROKERS = 3
+
+
+def _free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free on 127.0.0.1 (a cluster's client and controller ports)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000, 2)
+        socks = []
+        try:
+            for i in range(n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError(f"no block of {n} free ports")
+
+
+def run_kafka_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """scripts/kafka with the caller's NOTELLM_KAFKA_* settings removed (each call says what it means)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTELLM_KAFKA_")}
+    return subprocess.run([str(REPO / "scripts" / "kafka"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory) -> Iterator[dict]:
+    """A real three-node KRaft cluster (`scripts/kafka start --brokers 3`: one cluster id, a quorum of three
+    controllers, topics with RF 3 and min.insync.replicas 2 by default) on free loopback ports, for the
+    failover drill and the replica test; stopped at the end of the session. Yields dir, port, bootstrap."""
+    d = tmp_path_factory.mktemp("kafka3")
+    port = _free_port_block(2 * CLUSTER_BROKERS)
+    started = run_kafka_script("start", "--brokers", str(CLUSTER_BROKERS), "--dir", str(d), "--port", str(port))
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"could not start a 3-node cluster:\n{started.stderr[-4000:]}")
+        yield {"dir": str(d), "port": port, "bootstrap": started.stdout.strip().splitlines()[-1]}
+    finally:
+        stopped = run_kafka_script("stop", "--dir", str(d))
+        assert stopped.returncode == 0, stopped.stderr
+        assert run_kafka_script("status", "--dir", str(d)).returncode == 3  # nothing of it left running
+
+
+@pytest.fixture
+def cluster_topic(kafka_cluster):
+    """Factory on the 3-node cluster: cluster_topic(partitions=3, prefix="t") -> a new topic with the
+    brokers' default replication (3) and every partition led; deleted after the test."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_cluster["bootstrap"], "logger": _QuietLog()})
+    made: list[str] = []
+
+    def make(partitions: int = 3, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=-1)])[name].result(timeout=60)
+        for _ in range(100):
+            t = admin.list_topics(topic=name, timeout=10).topics.get(name)
+            if t is not None and t.error is None and len(t.partitions) == partitions and \
+                    all(pm.leader >= 0 and len(pm.isrs) == CLUSTER_BROKERS for pm in t.partitions.values()):
+                break
+        made.append(name)
+        return name
+
+    yield make
+    for f in admin.delete_topics(made, operation_timeout=30).values() if made else ():
+        try:
+            f.result(timeout=30)
+        except Exception:  # best effort, as for new_topic
+            pass
+
+
+class _QuietLog:
+    """A `logger` for test-side Kafka clients, so their librdkafka lines stay off stderr."""
+
+    def log(self, *_a) -> None:
+        pass
+
+
 @pytest.fixture
 def milvus_uri(tmp_path) -> str:
     """A fresh milvus-lite database path (one process per db)."""

@@ -10,9 +10,6 @@ lines from its clients, a `kafka_recovered` line for each client that logged err
 from __future__ import annotations
 
 import json
-import os
-import random
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +21,7 @@ import structlog
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from tests.conftest import CLUSTER_BROKERS, run_kafka_script
 from tests.fakes import FakeEncoder
 from tests.test_worker_e2e import settings_for
 from tests.worker_support import AppThread, committed, high_watermarks, note_doc, wait_committed_to_end
@@ -33,32 +31,11 @@ from worker.sinks.milvus import MilvusStore
 pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
-BROKERS = 3
-
-
-def _free_port_block(n: int) -> int:
-    """A port p with p .. p+n-1 all free on 127.0.0.1 (the cluster's client and controller ports)."""
-    for _ in range(200):
-        base = random.randrange(20000, 40000, 2)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {n} free ports")
+BROKERS = CLUSTER_BROKERS
 
 
 def _kafka(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTELLM_KAFKA_")}
-    return subprocess.run([str(REPO / "scripts" / "kafka"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_kafka_script(*args, timeout=timeout)
 
 
 class _Quiet:
@@ -68,19 +45,10 @@ class _Quiet:
         pass
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kafka3")
-    port = _free_port_block(2 * BROKERS)
-    started = _kafka("start", "--brokers", str(BROKERS), "--dir", str(d), "--port", str(port))
-    try:
-        assert started.returncode == 0, started.stderr[-4000:]
-        yield {"dir": str(d), "port": port, "bootstrap": started.stdout.strip().splitlines()[-1]}
-    finally:
-        stopped = _kafka("stop", "--dir", str(d))
-        assert stopped.returncode == 0, stopped.stderr
-        assert "stopped node(s) 1 2 3" in stopped.stderr or not started.returncode == 0
-        assert _kafka("status", "--dir", str(d)).returncode == 3
+@pytest.fixture
+def cluster(kafka_cluster):
+    """The session's 3-node cluster (tests/conftest.py), shared with the replica test."""
+    return kafka_cluster
 
 
 def test_the_script_runs_a_three_node_cluster(cluster):

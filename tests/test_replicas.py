@@ -1,5 +1,5 @@
 """Replicas as processes on the production path (issue 10): N `notellm worker run` processes in one
-consumer group write to a real Milvus server. The group scales 1 -> 3 -> 1 while notes flow; one replica
+consumer group, on the three-node Kafka cluster (RF 3, min.insync.replicas 2), write to a real Milvus server. The group scales 1 -> 3 -> 1 while notes flow; one replica
 is SIGKILLed mid-batch, another stopped with SIGTERM. Every id ends up exactly once in Milvus, every note
 has its tags, and the group's offsets reach the end of every partition."""
 from __future__ import annotations
@@ -42,9 +42,11 @@ def _wait(pred, what: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_bootstrap, new_topic, milvus_server, tiny_dir,
+def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_cluster, cluster_topic, milvus_server, tiny_dir,
                                                                  tmp_path):
-    topics = {"notes": new_topic(6, prefix="notes"), "tags": new_topic(3, prefix="tags"), "dlq": new_topic(1, prefix="dlq")}
+    kafka_bootstrap = kafka_cluster["bootstrap"]
+    topics = {"notes": cluster_topic(6, prefix="notes"), "tags": cluster_topic(3, prefix="tags"),
+              "dlq": cluster_topic(1, prefix="dlq")}
     alias, group = f"notes_{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
     produced: list[str] = []
     done = threading.Event()
