@@ -15,12 +15,14 @@ Internal form (pure Python, no torch):
 | `news.tsv` + `behaviors.tsv`        | `load_mind`        |
 | `movies.csv` + `ratings.csv`        | `load_movielens`   |
 | `notes.jsonl` + `clicks.csv`        | `load_generic`     |
+| `<P>.item.json` + `<P>.inter.json`  | `load_amazon`      |
 
-The generic format is documented in docs/data-format.md.
+The generic format and the Amazon layout are documented in docs/data-format.md.
 """
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 from collections import Counter, defaultdict
@@ -29,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 __all__ = [
-    "Note", "Click", "Dataset", "load_dataset", "load_mind", "load_movielens", "load_generic",
-    "write_generic", "parse_time", "detect_format",
+    "Note", "Click", "Dataset", "load_dataset", "load_mind", "load_movielens", "load_generic", "load_amazon",
+    "write_generic", "parse_time", "detect_format", "amazon_files",
 ]
 
 
@@ -131,14 +133,18 @@ def detect_format(path: str | Path) -> str:
         return "movielens"
     if (p / "notes.jsonl").exists() and (p / "clicks.csv").exists():
         return "generic"
+    if amazon_files(p):
+        return "amazon"
     raise ValueError(
-        f"{p}: no known layout (want news.tsv+behaviors.tsv, movies.csv+ratings.csv, or notes.jsonl+clicks.csv)")
+        f"{p}: no known layout (want news.tsv+behaviors.tsv, movies.csv+ratings.csv, notes.jsonl+clicks.csv, "
+        "or <P>.item.json+<P>.inter.json)")
 
 
 def load_dataset(path: str | Path, **kwargs) -> Dataset:
     """Load any supported layout from a directory (see module docstring)."""
     fmt = detect_format(path)
-    return {"mind": load_mind, "movielens": load_movielens, "generic": load_generic}[fmt](path, **kwargs)
+    return {"mind": load_mind, "movielens": load_movielens, "generic": load_generic,
+            "amazon": load_amazon}[fmt](path, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ MIND
@@ -289,6 +295,124 @@ def load_generic(path: str | Path) -> Dataset:
                 clicks.append(Click(row["user"], row["note"], parse_time(row["timestamp"])))
     clicks.sort(key=lambda c: (c.timestamp, c.user, c.note))
     return Dataset("generic", _with_published(notes, clicks), clicks, raw - len(clicks), {"source": str(p)})
+
+
+# ---------------------------------------------------------------------------------------------- Amazon
+
+_AMAZON_ITEMS, _AMAZON_INTER = ".item.json", ".inter.json"
+_HTML_TAG = re.compile(r"<[A-Za-z/][^<>]{0,200}>")  # a whole tag: <br>, </p>, <li class="x">
+_TAG_NAMES = r"(?:li|ul|ol|br|p|div|span|b|i|u|em|strong|hr|h[1-6])"
+_STRAY_TAG = re.compile(rf"</?{_TAG_NAMES}(?=[^A-Za-z0-9>])\.?", re.I)  # an unclosed one: "<li.Fits"
+# the tail of a tag cut off at the start ("P>proto-pasta", "Style=color: red>Upgrade") or a stray "/b>"
+_CUT_TAG = re.compile(rf"^(?:/?{_TAG_NAMES}>|[A-Za-z-]+=[^<>]{{0,200}}>)|(?<![\w<])/{_TAG_NAMES}>", re.I)
+_PATH_SEP = re.compile(r",(?!\s)")  # "A,B & C,D, E" -> A | B & C | D, E (a name's own comma has a space)
+_NO_BRAND = {"", "unknown", "generic", "n/a", "na", "none", "null"}
+
+
+def _clean_text(value) -> str:
+    """Plain text from a product field: HTML entities decoded, tags removed, whitespace collapsed."""
+    s = html.unescape(str(value or ""))
+    s = _HTML_TAG.sub(" ", s)
+    s = _STRAY_TAG.sub(" ", s)
+    s = _CUT_TAG.sub("", s.strip())
+    return " ".join(s.split())
+
+
+def _clean_tag(value, max_chars: int) -> str:
+    """A hashtag: clean text without the characters the hashtag output format splits on (`,` `;` `#`) or
+    quotes; empty when longer than `max_chars` (a sentence that leaked into a category path is no tag)."""
+    t = " ".join(re.sub(r"[,;#\"]", " ", _clean_text(value)).split()).strip(" .:'`")
+    return t if len(t) <= max_chars else ""
+
+
+def amazon_files(path: str | Path, prefix: str | None = None) -> list[tuple[str, Path, Path]]:
+    """`(prefix, items file, interactions file)` for every `<prefix>.item.json` with a matching
+    `<prefix>.inter.json` in the directory (sorted by prefix); only `prefix` when given."""
+    p = Path(path)
+    out = []
+    for items in sorted(p.glob("*" + _AMAZON_ITEMS)):
+        pre = items.name[: -len(_AMAZON_ITEMS)]
+        inter = p / (pre + _AMAZON_INTER)
+        if pre and inter.is_file() and (prefix is None or pre == prefix):
+            out.append((pre, items, inter))
+    return out
+
+
+def load_amazon(path: str | Path, *, prefix: str | None = None, step_seconds: float = 86400.0,
+                max_tag_chars: int = 60) -> Dataset:
+    """Amazon review sequences: `<P>.item.json` + `<P>.inter.json` (e.g. Scientific, Beauty; any prefix).
+
+    `<P>.item.json`: object keyed by item index -> {title, description, brand, categories}, `categories`
+    a comma-separated path ("Industrial & Scientific,Test, Measure & Inspect,Electrical Testing,..."; a
+    comma followed by a space belongs to a name). `<P>.inter.json`: object keyed by user index -> that
+    user's item indices in chronological order (no timestamps).
+
+    Notes: id = the item index (string); title -> title; description -> content (HTML entities decoded,
+    tags removed); the path's second element -> category ("" when the path has none); hashtags = the
+    deeper path elements, then the brand (placeholder brands such as "Unknown" / "Generic" skipped),
+    cleaned for the hashtag format (no `,` `;` `#`), de-duplicated case-insensitively; topic empty.
+    Items with neither title nor description are no notes (their clicks are dropped and counted).
+
+    Clicks: one per (user, item) (a repeat keeps the first position), at `position * step_seconds`
+    (default one day per step): each user's order is kept, users are aligned at their first review, so
+    the time split cuts every sequence at the same position and `--window-days W` pairs items at most W
+    positions apart. published_at: the item's first click (= its earliest position over all users).
+    Several `<P>` pairs in one directory: pass `prefix`.
+    """
+    p = Path(path)
+    found = amazon_files(p, prefix)
+    if not found:
+        pre = prefix or "*"
+        want = f"{pre}{_AMAZON_ITEMS} + {pre}{_AMAZON_INTER}"
+        raise ValueError(f"{p}: no Amazon layout ({want})")
+    if len(found) > 1:
+        raise ValueError(f"{p}: several Amazon datasets ({', '.join(f[0] for f in found)}): pass prefix=")
+    pre, items_file, inter_file = found[0]
+    with open(items_file, encoding="utf-8") as f:
+        items = json.load(f)
+    with open(inter_file, encoding="utf-8") as f:
+        inter = json.load(f)
+    if not isinstance(items, dict) or not isinstance(inter, dict):
+        raise ValueError(f"{p}: {items_file.name} and {inter_file.name} must each hold one JSON object")
+    notes: dict[str, Note] = {}
+    for key, d in items.items():
+        d = d if isinstance(d, dict) else {}
+        title, content = _clean_text(d.get("title")), _clean_text(d.get("description"))
+        if not title and not content:
+            continue
+        cats = d.get("categories") or ""
+        if isinstance(cats, list):  # a variant stores the path as a list (or a list of paths: the first)
+            cats = cats[0] if cats and isinstance(cats[0], list) else cats
+            raw_path = [str(x) for x in cats]
+        else:
+            raw_path = _PATH_SEP.split(str(cats))
+        path_ = [" ".join(html.unescape(x).split()) for x in raw_path]
+        category = path_[1] if len(path_) > 1 else ""
+        tags: list[str] = []
+        seen = {category.lower()} if category else set()
+        brand = _clean_text(d.get("brand"))
+        for t in [_clean_tag(x, max_tag_chars) for x in path_[2:]] + (
+                [_clean_tag(brand, max_tag_chars)] if brand.lower() not in _NO_BRAND else []):
+            if t and t.lower() not in seen:
+                seen.add(t.lower())
+                tags.append(t)
+        nid = str(key)
+        notes[nid] = Note(nid, title, "", content, category, tuple(tags))
+    raw = 0
+    clicks: list[Click] = []
+    for user, seq in inter.items():
+        done: set[str] = set()
+        for pos, item in enumerate(seq or []):
+            nid = str(item)
+            if nid in done:
+                continue
+            done.add(nid)
+            raw += 1
+            if nid in notes:
+                clicks.append(Click(str(user), nid, pos * float(step_seconds)))
+    clicks.sort(key=lambda c: (c.timestamp, c.user, c.note))
+    return Dataset("amazon", _with_published(notes, clicks), clicks, raw - len(clicks),
+                   {"source": str(p), "domain": pre, "time": "position", "step_seconds": float(step_seconds)})
 
 
 def write_generic(ds: Dataset, path: str | Path) -> Path:

@@ -10,6 +10,13 @@ note id, so the result is deterministic).
 test pairs only from the later ones, so notes that first appear after the cut are genuinely unseen at
 training time (cold start). Exposure = a note's number of clicks in the training period.
 
+True cold start (`cold_fraction` > 0, default off): on logs where every note is clicked early (e.g. a
+5-core Amazon set) the time cut leaves almost no unseen notes, so a seeded random share of the clicked notes
+is held out of training entirely (`choose_cold_notes`): their clicks leave the training period, so no
+training pair touches them; the evaluation pairs are then the warm test pairs (later period, no held-out
+note) plus every selected pair, over the whole log, that involves a held-out note (`Split.cold_notes`,
+`Split.warm_test_pairs`, `Split.cold_test_pairs`).
+
 Pure numpy + stdlib: no torch.
 """
 from __future__ import annotations
@@ -27,6 +34,7 @@ DAY = 86400.0
 __all__ = [
     "DAY", "cooccurrence_scores", "select_pairs", "build_pairs", "Split", "time_split", "limit_pairs",
     "unordered_unique", "batch_pairs", "exposure_buckets", "SplitConfig", "Experiment", "make_experiment",
+    "choose_cold_notes", "split_cold",
 ]
 
 
@@ -120,14 +128,40 @@ def unordered_unique(pairs: Iterable[tuple]) -> list[tuple]:
     return out
 
 
+def choose_cold_notes(notes: Iterable[str], fraction: float, seed: int = 0) -> frozenset[str]:
+    """A seeded random `fraction` of the distinct `notes` (at least one when `fraction` > 0).
+
+    The ids are sorted before the draw, so the result depends only on the set of notes, the fraction and
+    the seed (not on click order).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"cold fraction must be in [0, 1), got {fraction}")
+    pool = sorted(set(notes))
+    if fraction == 0.0 or not pool:
+        return frozenset()
+    k = max(1, int(round(fraction * len(pool))))
+    return frozenset(random.Random(seed).sample(pool, k))
+
+
+def split_cold(pairs: Iterable[tuple], cold_notes: Iterable[str]) -> tuple[list[tuple], list[tuple]]:
+    """(warm, cold): the pairs with no held-out note, and those with at least one."""
+    cold = cold_notes if isinstance(cold_notes, (set, frozenset)) else set(cold_notes)
+    warm_p, cold_p = [], []
+    for p in pairs:
+        (cold_p if p[0] in cold or p[1] in cold else warm_p).append(p)
+    return warm_p, cold_p
+
+
 @dataclass
 class Split:
     split_time: float
     train_clicks: list[Click]
     test_clicks: list[Click]
     train_pairs: list[tuple[str, str, float]]
-    test_pairs: list[tuple[str, str, float]]
+    test_pairs: list[tuple[str, str, float]]  # every evaluation pair: warm ones, then cold ones
     train_counts: Counter = field(default_factory=Counter)  # clicks per note before the cut (exposure)
+    cold_notes: frozenset = frozenset()  # notes held out of training entirely (empty: holdout off)
+    held_out_clicks: list[Click] = field(default_factory=list)  # their clicks before the cut
 
     @property
     def train_notes(self) -> set[str]:
@@ -137,28 +171,54 @@ class Split:
     def test_notes(self) -> list[str]:
         return sorted({x for p in self.test_pairs for x in p[:2]})
 
+    @property
+    def warm_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[0]
+
+    @property
+    def cold_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[1]
+
     def summary(self) -> dict:
         tn = self.test_notes
         unseen = [n for n in tn if self.train_counts.get(n, 0) == 0]
-        return {"split_time": self.split_time, "train_clicks": len(self.train_clicks),
-                "test_clicks": len(self.test_clicks), "train_pairs": len(self.train_pairs),
-                "train_notes": len(self.train_notes), "test_pairs": len(self.test_pairs),
-                "test_notes": len(tn), "test_notes_unseen_in_training": len(unseen)}
+        out = {"split_time": self.split_time, "train_clicks": len(self.train_clicks),
+               "test_clicks": len(self.test_clicks), "train_pairs": len(self.train_pairs),
+               "train_notes": len(self.train_notes), "test_pairs": len(self.test_pairs),
+               "test_notes": len(tn), "test_notes_unseen_in_training": len(unseen)}
+        if self.cold_notes:
+            warm, cold = split_cold(self.test_pairs, self.cold_notes)
+            out.update({"cold_notes": len(self.cold_notes), "held_out_clicks": len(self.held_out_clicks),
+                        "warm_test_pairs": len(warm), "cold_test_pairs": len(cold),
+                        "cold_test_notes": sum(1 for n in tn if n in self.cold_notes)})
+        return out
 
 
 def time_split(ds: Dataset | Sequence[Click], *, test_fraction: float = 0.2, window: float = 7 * DAY,
                lower: float | None = None, upper: float | None = None, top_t: int = 10,
-               drop_train_pairs_from_test: bool = True) -> Split:
+               drop_train_pairs_from_test: bool = True, cold_fraction: float = 0.0, cold_seed: int = 0,
+               cold_notes: Iterable[str] | None = None) -> Split:
     """Cut the click log at the (1 - test_fraction) time quantile; pairs on each side separately.
 
     With `drop_train_pairs_from_test`, a test pair whose two notes already form a training pair (either
     order) is removed: the test measures pairs the model never saw.
+
+    Cold-start holdout (off by default): `cold_fraction` of the clicked notes, drawn with `cold_seed`
+    (or exactly `cold_notes` when given), are held out of training entirely: their clicks before the cut
+    are removed (kept in `held_out_clicks`), so no training pair and no training exposure involves them.
+    The test pairs are then the later-period pairs without a held-out note (warm), followed by the pairs
+    selected over the whole log (same scoring) that involve a held-out note (cold).
     """
     clicks = sorted(ds.clicks if isinstance(ds, Dataset) else ds, key=lambda c: c.timestamp)
     if not clicks:
         raise ValueError("no clicks")
     cut = clicks[min(len(clicks) - 1, int(len(clicks) * (1.0 - test_fraction)))].timestamp
-    train_c = [c for c in clicks if c.timestamp < cut]
+    if cold_notes is not None:
+        cold = frozenset(cold_notes)
+    else:
+        cold = choose_cold_notes((c.note for c in clicks), cold_fraction, cold_seed)
+    train_c = [c for c in clicks if c.timestamp < cut and c.note not in cold]
+    held_out = [c for c in clicks if c.timestamp < cut and c.note in cold]
     test_c = [c for c in clicks if c.timestamp >= cut]
     kw = dict(window=window, lower=lower, upper=upper, top_t=top_t)
     train_p = build_pairs(train_c, **kw)
@@ -166,7 +226,9 @@ def time_split(ds: Dataset | Sequence[Click], *, test_fraction: float = 0.2, win
     if drop_train_pairs_from_test:
         seen = {frozenset(p[:2]) for p in train_p}
         test_p = [p for p in test_p if frozenset(p[:2]) not in seen]
-    return Split(cut, train_c, test_c, train_p, test_p, Counter(c.note for c in train_c))
+    if cold:
+        test_p = split_cold(test_p, cold)[0] + split_cold(build_pairs(clicks, **kw), cold)[1]
+    return Split(cut, train_c, test_c, train_p, test_p, Counter(c.note for c in train_c), cold, held_out)
 
 
 def limit_pairs(pairs: Sequence[tuple], max_notes: int, seed: int = 0) -> list[tuple]:
@@ -235,6 +297,7 @@ class SplitConfig:
     max_train_pairs: int | None = None  # random subsample of the (unordered, de-duplicated) train pairs
     max_test_notes: int | None = None   # candidate pool cap (see limit_pairs)
     seed: int = 0
+    cold_fraction: float = 0.0          # share of notes held out of training entirely (seeded by `seed`)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -256,6 +319,18 @@ class Experiment:
     def test_notes(self) -> list[str]:
         return sorted({x for p in self.test_pairs for x in p[:2]})
 
+    @property
+    def cold_notes(self) -> frozenset:
+        return self.split.cold_notes
+
+    @property
+    def warm_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[0]
+
+    @property
+    def cold_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[1]
+
     def summary(self) -> dict:
         s = self.split.summary()
         tn = self.test_notes
@@ -263,13 +338,18 @@ class Experiment:
                   "used_train_notes": len({x for p in self.train_pairs for x in p[:2]}),
                   "used_test_pairs": len(self.test_pairs), "used_test_notes": len(tn),
                   "used_test_notes_unseen": sum(1 for n in tn if self.split.train_counts.get(n, 0) == 0)})
+        if self.cold_notes:
+            warm, cold = split_cold(self.test_pairs, self.cold_notes)
+            s.update({"used_warm_test_pairs": len(warm), "used_cold_test_pairs": len(cold),
+                      "used_cold_test_notes": sum(1 for n in tn if n in self.cold_notes)})
         return s
 
 
 def make_experiment(ds: Dataset, cfg: SplitConfig) -> Experiment:
-    """Time split + the seeded subsamples of train pairs and test notes (deterministic for a config)."""
+    """Time split (+ the cold-start holdout when `cfg.cold_fraction` > 0) + the seeded subsamples of train
+    pairs and test notes (deterministic for a config)."""
     sp = time_split(ds, test_fraction=cfg.test_fraction, window=cfg.window_days * DAY, lower=cfg.lower,
-                    upper=cfg.upper, top_t=cfg.top_t)
+                    upper=cfg.upper, top_t=cfg.top_t, cold_fraction=cfg.cold_fraction, cold_seed=cfg.seed)
     train = unordered_unique(sp.train_pairs)
     if cfg.max_train_notes is not None:
         train = limit_pairs(train, cfg.max_train_notes, cfg.seed)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from notellm.data import Click, Dataset, Note, load_dataset, load_generic, parse_time, write_generic
+from notellm.data import (Click, Dataset, Note, detect_format, load_dataset, load_generic, parse_time,
+                          write_generic)
 
 
 def test_parse_time():
@@ -49,3 +50,47 @@ def test_mind(shared_data):
     assert n.category == "sports" and n.hashtags == ("more sports",)
     assert ds.clicks and all(c.note in ds.notes for c in ds.clicks)
     assert ds.dropped_clicks > 0
+
+
+def _write_amazon(d, prefix, items, inter):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{prefix}.item.json").write_text(json.dumps(items))
+    (d / f"{prefix}.inter.json").write_text(json.dumps(inter))
+
+
+def test_amazon_layout_any_prefix(tmp_path):
+    items = {
+        "0": {"title": "Lip &amp; cheek tint", "description": "<p>Rosy&nbsp;glow.</p><li.Lasts all day",
+              "brand": "ACME", "categories": "Beauty,Makeup, Lips & Cheeks,Tints,Tints,acme"},
+        "1": {"title": "Shampoo", "description": "", "brand": "Unknown", "categories": ""},
+        "2": {"title": "", "description": "  ", "brand": "X", "categories": "Beauty,Hair"},  # no text: no note
+        "3": {"title": "Comb", "brand": "N/A", "categories": [["Beauty", "Hair", "Combs"]]},  # list variant
+    }
+    inter = {"0": [1, 0, 7, 0], "1": [0, 2]}  # item 7 unknown, item 0 repeated (first position kept)
+    _write_amazon(tmp_path, "Beauty", items, inter)
+    assert detect_format(tmp_path) == "amazon"
+    ds = load_dataset(tmp_path)
+    assert ds.name == "amazon" and ds.meta["domain"] == "Beauty" and set(ds.notes) == {"0", "1", "3"}
+    n = ds.notes["0"]
+    assert n.title == "Lip & cheek tint" and n.content == "Rosy glow. Lasts all day"
+    assert n.category == "Makeup, Lips & Cheeks" and n.topic == ""
+    assert n.hashtags == ("Tints", "acme")  # path elements, then the brand; de-duplicated case-insensitively
+    assert ds.notes["1"].category == "" and ds.notes["1"].hashtags == ()
+    assert ds.notes["3"].category == "Hair" and ds.notes["3"].hashtags == ("Combs",)
+    assert [(c.user, c.note, c.timestamp) for c in ds.clicks] == [
+        ("0", "1", 0.0), ("1", "0", 0.0), ("0", "0", 86400.0)]
+    assert ds.dropped_clicks == 2  # item 7 (unknown) and item 2 (no text)
+    assert n.published_at == 0.0 and ds.notes["1"].published_at == 0.0
+    ds2 = load_dataset(tmp_path, step_seconds=1.0)
+    assert [c.timestamp for c in ds2.clicks] == [0.0, 0.0, 1.0]
+
+
+def test_amazon_several_prefixes(tmp_path):
+    _write_amazon(tmp_path, "Beauty", {"0": {"title": "a"}}, {"u": [0]})
+    _write_amazon(tmp_path, "Toys", {"0": {"title": "b"}}, {"u": [0]})
+    (tmp_path / "Orphan.item.json").write_text("{}")  # no matching .inter.json: ignored
+    with pytest.raises(ValueError, match="several"):
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path, prefix="Toys").notes["0"].title == "b"
+    with pytest.raises(ValueError, match="no known layout"):
+        detect_format(tmp_path / "Orphan")
