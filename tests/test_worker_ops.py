@@ -69,6 +69,15 @@ def test_http_probes_metrics_and_similar(kafka_bootstrap, topics, milvus_backend
     assert _get(f"{base}/similar/%ff%fe")[0] == 400
     code, body = _get(f"{base}/similar/" + urllib.parse.quote("zz'] or note_id not in ['" + ids[0], safe=""))
     assert code == 404 and json.loads(body)["error"] == "note not found"
+    # /notes/{id}: is it indexed, with which tags (one primary-key read); hostile ids reach no other note.
+    code, body = _get(f"{base}/notes/{ids[0]}")
+    row = json.loads(body)
+    assert code == 200 and row["note_id"] == ids[0] and row["model_version"] and "embedding" not in row
+    assert _get(f"{base}/notes/nope")[0] == 404
+    assert _get(f"{base}/notes/%ff%fe")[0] == 400
+    assert _get(f"{base}/notes/" + "x" * 257)[0] == 400
+    code, body = _get(f"{base}/notes/" + urllib.parse.quote('zz" or note_id != "' + ids[0], safe=""))
+    assert code == 404 and json.loads(body)["error"] == "note not found"
     real = app.store.similar
     app.store.similar = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("secret /internal/path detail"))
     code, body = _get(f"{base}/similar/{ids[0]}")

@@ -1,7 +1,8 @@
 """One HTTP port: /metrics (Prometheus), /healthz (loop alive, pipeline not failed, encoder answering
 within its deadline), /readyz (partitions assigned, model warmed, Milvus reachable) and
 /similar/{note_id}?k= (milvus-lite locks its db to the worker's process, so the worker answers
-nearest-neighbour queries for the CLI).
+nearest-neighbour queries for the CLI) and /notes/{note_id} (is it indexed, with which tags: one primary-key
+read, no search).
 
 No authentication: it binds 127.0.0.1 unless configured (`NOTELLM_HTTP__HOST`). k is bounded
 (1..`max_k`). Errors answer without internals: a 500 carries an error id, the log carries the detail.
@@ -17,6 +18,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.logs import get_logger
+
+NOTE_FIELDS = ["note_id", "category", "hashtags", "model_version", "published_at", "author_id", "title"]
 
 log = get_logger("notellm.http")
 
@@ -73,6 +76,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/readyz":
             ok, checks = app.ready()
             self._json(200 if ok else 503, {"ok": ok, **checks})
+        elif url.path.startswith("/notes/"):
+            try:
+                note_id = unquote(url.path[len("/notes/"):], errors="strict")
+            except UnicodeDecodeError:
+                return self._json(400, {"error": "note_id is not valid UTF-8"})
+            self._note(note_id)
         elif url.path.startswith("/similar/"):
             try:
                 note_id = unquote(url.path[len("/similar/"):], errors="strict")
@@ -81,6 +90,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._similar(note_id, parse_qs(url.query))
         else:
             self._json(404, {"error": "not found"})
+
+    def _note(self, note_id: str) -> None:
+        """Is this note indexed, and with what? One primary-key read (no vector search): 200 with its stored
+        fields (no vector), 404 when it is not stored."""
+        from worker.sinks.milvus import SIMILAR_WAIT_S, StoreBusy
+
+        if not note_id or len(note_id.encode("utf-8", "surrogatepass")) > 256:
+            return self._json(400, {"error": "note_id must be 1 to 256 bytes"})
+        store = self.app.store
+        if store is None:
+            return self._json(503, {"error": "not started"})
+        try:
+            rows = store.get([note_id], NOTE_FIELDS, wait_s=SIMILAR_WAIT_S)
+        except StoreBusy:
+            return self._json(503, {"error": "store busy, retry"})
+        if not rows:
+            return self._json(404, {"error": "note not found", "note_id": note_id})
+        self._json(200, {k: rows[0].get(k) for k in NOTE_FIELDS})
 
     def _similar(self, note_id: str, query: dict) -> None:
         from worker.sinks.milvus import StoreBusy
