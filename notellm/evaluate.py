@@ -9,7 +9,9 @@ that starts a test pair is a query; its candidates are all test notes except its
 as a hit at k when B ranks in A's top k (ties share ranks evenly). Recall@k = hits / pairs.
 k defaults to 1, 10, 50, 100 scaled down for small pools (see `scaled_ks`). Recall is reported overall
 and by the exposure bucket of the query note: `unseen` (no click in the training period: cold start),
-`low` / `high` (training click count below / at-or-above the median of the seen test notes).
+`low` / `high` (training click count below / at-or-above the median of the seen test notes). With the
+cold-start holdout (`--cold-fraction` > 0: notes held out of training entirely) it is also reported for
+`warm` pairs (no held-out note) and `cold` pairs (either note held out); without it those groups are absent.
 
 Generation: category accuracy (exact, case-insensitive) and hashtag precision / recall (against the
 note's hashtags, case-insensitive) of greedy outputs (Hugging Face generate) on a seeded sample of test
@@ -31,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 BUCKETS = ("all", "unseen", "low", "high")
+COLD_GROUPS = ("warm", "cold")  # only when the cold-start holdout is on
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -78,12 +81,25 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     return {str(k): float((ranks < k).mean()) for k in ks}
 
 
+def is_cold_pair(p: tuple, cold) -> bool:
+    return p[0] in cold or p[1] in cold
+
+
+def pair_groups(pairs: Sequence[tuple], buckets: dict[str, str], cold=frozenset()) -> dict[str, np.ndarray]:
+    """group -> boolean selection of `pairs`: the exposure buckets of the query note, plus `warm` / `cold`
+    (a pair is cold when either note is held out) when `cold` is non-empty."""
+    out = {b: np.array([b == "all" or buckets[p[0]] == b for p in pairs], dtype=bool) for b in BUCKETS}
+    if cold:
+        c = np.array([is_cold_pair(p, cold) for p in pairs], dtype=bool)
+        out["warm"], out["cold"] = ~c, c
+    return out
+
+
 def recall_report(emb: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple], ks: Sequence[int],
-                  buckets: dict[str, str]) -> dict:
+                  buckets: dict[str, str], cold=frozenset()) -> dict:
     ranks = pair_ranks(emb, ids, pairs)
     out = {"recall": {}, "pairs": {}}
-    for b in BUCKETS:
-        sel = np.array([b == "all" or buckets[p[0]] == b for p in pairs], dtype=bool)
+    for b, sel in pair_groups(pairs, buckets, cold).items():
         out["recall"][b] = recall_at_k(ranks[sel], ks)
         out["pairs"][b] = int(sel.sum())
     out["mean_rank"] = float(ranks.mean()) if len(ranks) else float("nan")
@@ -164,6 +180,14 @@ def markdown_report(results: dict) -> str:
     for name, m in models.items():
         cells = [_fmt(m["recall"][b][str(k)]) for b in ("unseen", "low", "high") for k in sub]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "cold" in results["pairs"]:
+        lines += ["", "Recall (%) on warm pairs (no held-out note) and cold pairs (a note held out of training "
+                  f"entirely) (pairs: warm {results['pairs']['warm']}, cold {results['pairs']['cold']}):", ""]
+        head = [f"{g} R@{k}" for g in COLD_GROUPS for k in ks]
+        lines += ["| Model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for name, m in models.items():
+            cells = [_fmt(m["recall"].get(g, {}).get(str(k))) for g in COLD_GROUPS for k in ks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gen = {n: m["generation"] for n, m in models.items() if m.get("generation")}
     if gen:
         lines += ["", "Generation on test notes (greedy):", "",
@@ -185,10 +209,12 @@ def plot_recall(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ks = results["ks"]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), sharey=True)
-    for ax, b in zip(axes, BUCKETS):
+    groups = BUCKETS + (COLD_GROUPS if "cold" in results["pairs"] else ())
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.25 * len(groups), 4.2), sharey=True)
+    for ax, b in zip(axes, groups):
         for name, m in results["models"].items():
-            ax.plot(ks, [m["recall"][b][str(k)] for k in ks], marker="o", label=name)
+            r = m["recall"].get(b, {})
+            ax.plot(ks, [r.get(str(k), float("nan")) for k in ks], marker="o", label=name)
         ax.plot(ks, [min(1.0, k / max(1, results["pool"] - 1)) for k in ks], ls="--", color="grey",
                 label="random ranking")
         ax.set_xscale("log")
@@ -372,16 +398,23 @@ def run(args) -> int:
     results = {"data": ds.summary(), "split": exp.summary(), "split_config": split_cfg.to_dict(), "ks": ks,
                "pool": len(test_ids), "pairs": {}, "models": {}, "command": "notellm " + " ".join(sys.argv[1:]),
                "train_configs": {}}
-    for b in BUCKETS:
-        results["pairs"][b] = sum(1 for p in exp.test_pairs if b == "all" or buckets[p[0]] == b)
+    cold = exp.cold_notes
+    for b, sel in pair_groups(exp.test_pairs, buckets, cold).items():
+        results["pairs"][b] = int(sel.sum())
+    if cold:
+        print(f"cold-start holdout: {len(cold)} notes; test pairs warm {results['pairs']['warm']}, "
+              f"cold {results['pairs']['cold']}", file=sys.stderr)
 
     def record(name: str, emb: np.ndarray, seconds: dict, extra: dict | None = None) -> None:
-        rep = recall_report(emb, test_ids, exp.test_pairs, ks, buckets)
+        rep = recall_report(emb, test_ids, exp.test_pairs, ks, buckets, cold)
         rep["seconds"] = seconds
         rep.update(extra or {})
         results["models"][name] = rep
         r = rep["recall"]["all"]
         print(f"{name}: " + ", ".join(f"R@{k}={100 * r[str(k)]:.1f}" for k in ks), file=sys.stderr)
+        if cold:
+            print(f"{name}: " + ", ".join(f"{g} R@{ks[-1]}={100 * rep['recall'][g][str(ks[-1])]:.1f}"
+                                          for g in COLD_GROUPS), file=sys.stderr)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if args.baselines:

@@ -9,7 +9,20 @@
   category; a note with neither trains GCL only.
 - L = (L_gcl + alpha * L_csft) / (1 + alpha); alpha = 0 trains "NoteLLM without CSFT" (and skips the
   output tokens entirely).
+- The GCL corrects in-batch sampling (`notellm.losses.BatchPrior`, both on by default): logQ subtracts
+  log q(candidate) (its share of the training pairs) from every logit (`--no-logq`), and candidates that
+  are known training partners of the anchor, other than its target, are masked (`--no-mask-known`).
+- The temperature starts at scale 5 (`--tau-init` ln 5) and has its own learning rate (`--tau-lr`); the
+  projection trains at `--proj-lr`, the rest at `--lr`.
 - AdamW with linear warmup then linear decay, gradient accumulation, bf16 autocast on GPU (fp32 on CPU).
+  The schedule ends at the run's last step: one of `--epochs`, `--max-steps` or, with
+  `--time-budget-min`, the steps the budget holds at the step time measured over the first few steps
+  (held-out evaluations included); the budget still stops a run that slows down.
+- Held-out learning curve (`--eval-every N`, default 25, 0 = off): before the first step, every N steps and
+  after the last, the GCL loss (plain InfoNCE: no logQ, no masking) on a fixed sample of test pairs and
+  Recall@k on a fixed pool of test notes (warm / cold pairs too with `--cold-fraction`), appended to
+  OUT/curves.jsonl and drawn in OUT/curves.png. Judge learning by these, not by the training loss: with
+  a few hundred training notes a falling training loss is mostly memorisation.
 - CPU options: `--freeze-layers K` freezes the embeddings + the lower K decoder layers; with
   `--cache-frozen` (default when K > 0) their outputs are computed once per note and reused every epoch,
   so a step runs only the upper layers. `--lora-r R` puts LoRA adapters (peft) on the unfrozen layers
@@ -18,6 +31,8 @@
   trainable parameters, optimizer/scheduler state and RNG state; `--resume` continues from there.
 - The output directory is written with `NoteLLM.save` (LoRA merged), so `notellm export OUT` works on it;
   it also holds `train_config.json` and `train_log.jsonl` (one line per logged step, with the loss parts).
+- `--cold-fraction F` holds a seeded share of the notes out of training entirely (`notellm.pairs`), so
+  `notellm eval` can report cold-start recall apart (it reads the split from train_config.json).
 """
 from __future__ import annotations
 
@@ -34,7 +49,12 @@ from pathlib import Path
 
 TRAIN_CONFIG = "train_config.json"
 TRAIN_LOG = "train_log.jsonl"
+CURVES_LOG = "curves.jsonl"
+CURVES_PLOT = "curves.png"
 CHECKPOINT_DIR = "checkpoint"
+TAU_INIT = math.log(5.0)  # scale 5 at the start (see configure)
+PLAN_AFTER_STEPS = 4  # a time-budgeted run sizes its schedule after this many steps (step 1 not timed)
+REPLAN_EVERY_STEPS = 25  # ... and re-sizes it this often (at each held-out evaluation when those are on)
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -58,6 +78,9 @@ def add_split_args(p: argparse.ArgumentParser, *, defaults_none: bool = False) -
     g.add_argument("--max-train-pairs", type=int, default=None, help="random subsample of training pairs")
     g.add_argument("--max-test-notes", type=int, default=None, help="cap on the test candidate pool")
     g.add_argument("--split-seed", type=int, default=None if defaults_none else 0)
+    g.add_argument("--cold-fraction", type=float, default=nd(d.cold_fraction),
+                   help="share of notes held out of training entirely (cold-start evaluation), drawn with "
+                        f"--split-seed (default {d.cold_fraction}: off)")
 
 
 def split_config_from_args(args, base=None):
@@ -66,7 +89,8 @@ def split_config_from_args(args, base=None):
     cfg = SplitConfig.from_dict(base.to_dict() if base is not None else {})
     for name, attr in [("test_fraction", "test_fraction"), ("window_days", "window_days"), ("lower", "lower"),
                        ("upper", "upper"), ("top_t", "top_t"), ("max_train_notes", "max_train_notes"), ("max_train_pairs", "max_train_pairs"),
-                       ("max_test_notes", "max_test_notes"), ("split_seed", "seed")]:
+                       ("max_test_notes", "max_test_notes"), ("split_seed", "seed"),
+                       ("cold_fraction", "cold_fraction")]:
         v = getattr(args, name, None)
         if v is not None:
             setattr(cfg, attr, v)
@@ -80,15 +104,25 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=128, help="note vector size")
     p.add_argument("--alpha", type=float, default=0.01, help="CSFT weight; 0 = NoteLLM without CSFT")
     p.add_argument("--r-hashtags", type=float, default=0.4, help="share of notes trained on hashtags (r)")
-    p.add_argument("--tau-init", type=float, default=3.0, help="initial log temperature (scale = exp(tau))")
+    p.add_argument("--tau-init", type=float, default=TAU_INIT,
+                   help="initial log temperature, scale = exp(tau) (default ln 5 = 1.609: scale 5; the paper's 3 "
+                        "gives scale 20, far too sharp for anisotropic LLM states)")
+    p.add_argument("--tau-lr", type=float, default=1e-2, help="learning rate of the temperature (default 1e-2)")
+    p.add_argument("--logq", action=argparse.BooleanOptionalAction, default=True,
+                   help="logQ correction: subtract log q(candidate) (its share of the training pairs) from each "
+                        "in-batch logit (default on; --no-logq turns it off)")
+    p.add_argument("--mask-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="mask in-batch candidates that are known co-engaged training partners of the anchor "
+                        "(never the target; default on; --no-mask-known turns it off)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--time-budget-min", type=float, default=None,
-                   help="stop (and save) after this many minutes of training")
+                   help="stop (and save) after this many minutes of training; the warmup/decay schedule is "
+                        "sized to the steps that fit, from the step time measured after a few steps")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (2x notes)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--proj-lr", type=float, default=None, help="learning rate of projection + temperature")
+    p.add_argument("--proj-lr", type=float, default=None, help="learning rate of the projection (default --lr)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--freeze-layers", type=int, default=0, help="freeze the lower K decoder layers")
@@ -108,6 +142,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=25,
+                   help="held-out learning curve: GCL loss and Recall@k on a fixed held-out sample every N "
+                        "optimizer steps, before the first and after the last (0 = off); OUT/curves.jsonl, curves.png")
+    p.add_argument("--eval-notes", type=int, default=200, help="held-out pool size for the curve's Recall@k")
+    p.add_argument("--eval-pairs", type=int, default=256, help="held-out pairs for the curve's GCL loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -207,6 +246,17 @@ def note_rows(model, notes: dict, note_ids, *, r_hashtags: float, num_topics: in
         ids = b.input_ids[0].tolist()
         labels = b.labels[0].tolist() if b.labels is not None else [-100] * len(ids)
         rows[nid] = NoteRow(ids, labels, int(b.emb_positions[0]), task)
+    return rows
+
+
+def eval_note_rows(model, notes: dict, note_ids) -> dict[str, NoteRow]:
+    """Each note's prompt up to its vector position, as `notellm eval` embeds it (category prompt, no
+    continuation): the held-out curve reads the vectors the final evaluation will read."""
+    rows = {}
+    for nid in sorted(note_ids):
+        b = model.tokenize_notes([notes[nid]], "category", include_continuation=False)
+        ids = b.input_ids[0].tolist()
+        rows[nid] = NoteRow(ids, [-100] * len(ids), int(b.emb_positions[0]), "eval")
     return rows
 
 
@@ -381,6 +431,189 @@ def lr_lambda_factory(total: int, warmup: int):
     return f
 
 
+class LinearSchedule:
+    """LR factor: linear warmup over `warmup_ratio` of the planned steps, then linear decay to 0 at the last.
+
+    A callable object (not a function), so LambdaLR's state_dict carries the plan. A time-budgeted run
+    re-plans (`replan`) when the measured step time says how many steps the budget holds.
+    """
+
+    def __init__(self, total: int, warmup_ratio: float, planned_by: str = "epochs"):
+        self.warmup_ratio = float(warmup_ratio)
+        self.reset(total, planned_by)
+
+    def reset(self, total: int, planned_by: str = "epochs") -> None:
+        self._set(total)
+        self.planned_by = planned_by
+        self.planned_at_step = 0
+        self.replans = 0
+
+    def _set(self, total: int) -> None:
+        self.total = max(1, int(total))
+        self.warmup = int(round(self.total * self.warmup_ratio))
+
+    def replan(self, total: int, *, at_step: int, planned_by: str = "budget", keep_warmup: bool = False) -> None:
+        """Plan for `total` steps from now on. With `keep_warmup`, a warmup already over stays as it was (a
+        later re-plan only changes the decay)."""
+        warmup = self.warmup
+        self._set(total)
+        if keep_warmup and at_step >= warmup:
+            self.warmup = min(warmup, self.total)
+        self.planned_by = planned_by
+        self.planned_at_step = int(at_step)
+        self.replans += 1
+
+    def __call__(self, step: int) -> float:
+        return lr_lambda_factory(self.total, self.warmup)(step)
+
+    def to_dict(self) -> dict:
+        return {"total_steps": self.total, "warmup_steps": self.warmup, "planned_by": self.planned_by,
+                "planned_at_step": self.planned_at_step, "replans": self.replans}
+
+
+def budget_steps(*, budget_s: float, elapsed_s: float, steps_done: int, step_s: float, eval_s: float = 0.0,
+                 eval_every: int = 0) -> int:
+    """Optimizer steps a time budget holds: those done plus what the remaining time fits at the measured
+    seconds per step, each step carrying its share of the periodic held-out evaluation."""
+    per_step = step_s + (eval_s / eval_every if eval_every and eval_every > 0 else 0.0)
+    if per_step <= 0:
+        raise ValueError("step time must be positive")
+    return steps_done + max(0, int(max(0.0, budget_s - elapsed_s) // per_step))
+
+
+def param_groups(model, loss_fn, *, lr: float, proj_lr: float | None = None,
+                 tau_lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups: the trainable body ("body": lr, weight decay), the projection ("proj":
+    proj_lr, default lr; no decay) and the GCL temperature ("tau": tau_lr, default the projection's; no
+    decay). The temperature has its own rate: on the projection's 1e-3 it barely moves in a short run."""
+    proj = [p for p in model.proj.parameters() if p.requires_grad]
+    tau = list(loss_fn.parameters())
+    skip = {id(p) for p in proj + tau}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    p_lr = proj_lr or lr
+    groups = [{"name": "body", "params": body, "lr": lr}] if body else []
+    groups.append({"name": "proj", "params": proj, "lr": p_lr, "weight_decay": 0.0})
+    groups.append({"name": "tau", "params": tau, "lr": tau_lr or p_lr, "weight_decay": 0.0})
+    return groups
+
+
+# ----------------------------------------------------------------------------- held-out learning curve
+
+@dataclass
+class HeldOutSample:
+    """A fixed held-out sample (drawn once per run): the pool of test notes, the test pairs among them
+    (Recall@k: each pair's first note queries the pool) and batches of unordered pairs for the GCL loss."""
+
+    pool: list[str]
+    recall_pairs: list[tuple]
+    loss_batches: list[list[tuple]]
+
+    @property
+    def loss_pairs(self) -> int:
+        return sum(len(b) for b in self.loss_batches)
+
+
+def heldout_sample(test_pairs, *, max_notes: int, max_pairs: int, batch_size: int, seed: int) -> HeldOutSample:
+    """Up to `max_notes` test notes dense in test pairs (`pairs.limit_pairs`), and up to `max_pairs` of
+    their unordered pairs in batches of `batch_size` with no note twice (batches of one pair are dropped:
+    they have no negative)."""
+    from notellm.pairs import batch_pairs, limit_pairs, unordered_unique
+
+    pairs = limit_pairs(list(test_pairs), max_notes, seed)
+    pool = sorted({x for p in pairs for x in p[:2]})
+    uniq = unordered_unique(pairs)
+    if len(uniq) > max_pairs:
+        uniq = random.Random(seed).sample(uniq, max_pairs)
+    batches = [b for b in batch_pairs(uniq, batch_size, seed, 0) if len(b) >= 2]
+    return HeldOutSample(pool, pairs, batches)
+
+
+def heldout_metrics(emb, sample: HeldOutSample, gcl, *, ks, buckets: dict, cold=frozenset()) -> dict:
+    """Held-out GCL (plain InfoNCE at the current temperature: no logQ, no masking, so runs with and without
+    those levers compare) and Recall@k (`evaluate.recall_report`) from the pool's vectors `emb` [n, d]."""
+    import torch
+
+    from notellm.evaluate import recall_report
+
+    index = {n: i for i, n in enumerate(sample.pool)}
+    tot = acc = chance = 0.0
+    n = 0
+    with torch.no_grad():
+        for b in sample.loss_batches:
+            ia = torch.tensor([index[p[0]] for p in b], device=emb.device)
+            ib = torch.tensor([index[p[1]] for p in b], device=emb.device)
+            parts = gcl(emb[ia], emb[ib])
+            tot += float(parts["gcl"]) * len(b)
+            acc += float(parts["gcl_acc"]) * len(b)
+            chance += math.log(2 * len(b) - 1) * len(b)
+            n += len(b)
+    rep = recall_report(emb.float().cpu().numpy(), sample.pool, sample.recall_pairs, ks, buckets, cold)
+    out = {"heldout_gcl": tot / n if n else None, "heldout_acc": acc / n if n else None,
+           "heldout_chance": chance / n if n else None, "heldout_loss_pairs": n,
+           "heldout_recall": rep["recall"]["all"], "heldout_pairs": rep["pairs"]["all"], "pool": len(sample.pool)}
+    if cold:
+        for g in ("warm", "cold"):
+            out[f"heldout_recall_{g}"] = rep["recall"][g]
+            out[f"heldout_pairs_{g}"] = rep["pairs"][g]
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(out_dir, path=None) -> Path | None:
+    """OUT/curves.png from OUT/train_log.jsonl and OUT/curves.jsonl: training GCL per step with the held-out
+    GCL and chance; held-out Recall@k (two largest k) with random ranking; cold pairs dashed when present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    train = _read_jsonl(out / TRAIN_LOG)
+    curves = [c for c in _read_jsonl(out / CURVES_LOG) if c.get("heldout_gcl") is not None or c.get("heldout_recall")]
+    if not train and not curves:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    if train:
+        how = (["logQ"] if train[-1].get("logq") else []) + (
+            ["known positives masked"] if any(r.get("masked") for r in train) else [])
+        ax1.plot([r["step"] for r in train], [r["gcl"] for r in train], lw=0.8, alpha=0.6, color="tab:blue",
+                 label="train GCL" + (f" ({', '.join(how)})" if how else ""))
+    if curves:
+        st = [c["step"] for c in curves]
+        ax1.plot(st, [c["heldout_gcl"] for c in curves], marker="o", color="tab:red", label="held-out GCL")
+        ax1.plot(st, [c["heldout_chance"] for c in curves], ls="--", color="grey", label="chance (log(2B-1))")
+        ks = sorted(curves[-1]["heldout_recall"], key=int)[-2:]
+        pool = curves[-1]["pool"]
+        for i, k in enumerate(ks):
+            color = f"C{i + 2}"
+            ax2.plot(st, [c["heldout_recall"][k] for c in curves], marker="o", color=color, label=f"R@{k}")
+            if "heldout_recall_cold" in curves[-1]:
+                ax2.plot(st, [c.get("heldout_recall_cold", {}).get(k, float("nan")) for c in curves], marker="x",
+                         ls="--", color=color, label=f"R@{k} cold pairs")
+            ax2.axhline(min(1.0, int(k) / max(1, pool - 1)), ls=":", color=color, alpha=0.7)
+        ax2.set_title(f"held-out Recall@k (pool {pool} notes, {curves[-1]['heldout_pairs']} pairs; dotted: random)")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("InfoNCE")
+    ax1.set_title("GCL loss")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("Recall@k")
+    ax2.grid(alpha=0.3)
+    if curves:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path) if path is not None else out / CURVES_PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def set_seed(seed: int) -> None:
     import numpy as np
     import torch
@@ -399,9 +632,10 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from notellm.data import load_dataset
-    from notellm.losses import NoteLLMLoss
+    from notellm.evaluate import scaled_ks
+    from notellm.losses import BatchPrior, NoteLLMLoss
     from notellm.model import NoteLLM
-    from notellm.pairs import batch_pairs, make_experiment
+    from notellm.pairs import batch_pairs, exposure_buckets, make_experiment
     from notellm.prompts import PromptConfig
 
     t_start = time.time()
@@ -423,7 +657,7 @@ def run(args) -> int:
         saved = resume_state["config"]
         # the run's shape comes from the checkpoint; only limits may change on resume
         keep = {"max_steps", "time_budget_min", "resume", "no_progress", "threads", "device", "checkpoint_every",
-                "log_every"}
+                "log_every", "eval_every"}
         for k, v in saved["args"].items():
             if k not in keep:
                 setattr(args, k, v)
@@ -499,35 +733,45 @@ def run(args) -> int:
         print(f"projection initialised by whitening {len(keys)} training notes in {time.time() - t0:.1f}s",
               file=sys.stderr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    proj_params = list(model.proj.parameters()) + list(loss_fn.parameters())
-    proj_ids = {id(p) for p in proj_params}
-    body = [p for p in trainable if id(p) not in proj_ids]
-    groups = [{"params": body, "lr": args.lr}] if body else []
-    groups.append({"params": proj_params, "lr": args.proj_lr or args.lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, loss_fn, lr=args.lr, proj_lr=args.proj_lr, tau_lr=args.tau_lr),
+                            lr=args.lr, weight_decay=args.weight_decay)
     n_train = sum(p.numel() for p in trainable) + sum(p.numel() for p in loss_fn.parameters())
-    print(f"trainable parameters: {n_train:,}", file=sys.stderr)
+    print(f"trainable parameters: {n_train:,}; lr body {args.lr}, projection {args.proj_lr or args.lr}, "
+          f"temperature {args.tau_lr or args.proj_lr or args.lr} (scale starts at {math.exp(args.tau_init):.2f})",
+          file=sys.stderr)
+    # logQ and known positives: from the pairs that train (q) and every training-period pair (known)
+    prior = BatchPrior(pairs, exp.split.train_pairs, logq=args.logq, mask_known=args.mask_known)
+    print(f"GCL: logQ correction {'on' if args.logq else 'off'}, known-positive masking "
+          f"{'on' if args.mask_known else 'off'}", file=sys.stderr)
 
     micro_per_epoch = len(batch_pairs(pairs, args.batch_size, args.seed, 0))
     steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
     total_steps = max(1, int(math.ceil(steps_per_epoch * args.epochs)))
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    warmup = int(round(total_steps * args.warmup_ratio))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total_steps, warmup))
+    planned_by = "epochs"
+    if args.max_steps and args.max_steps < total_steps:
+        total_steps, planned_by = args.max_steps, "max_steps"
+    plan = LinearSchedule(total_steps, args.warmup_ratio, planned_by)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan)
 
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)},
-              "split": split_cfg.to_dict(), "prompt": pcfg.to_dict(), "total_steps": total_steps,
-              "warmup_steps": warmup, "cache_frozen": cache_frozen, "device": str(device),
-              "data_summary": ds.summary(), "split_summary": exp.summary(), "tasks": tasks,
+              "split": split_cfg.to_dict(), "prompt": pcfg.to_dict(), "total_steps": plan.total,
+              "warmup_steps": plan.warmup, "schedule": plan.to_dict(), "cache_frozen": cache_frozen,
+              "device": str(device), "data_summary": ds.summary(), "split_summary": exp.summary(), "tasks": tasks,
               "trainable_parameters": n_train, "command": "notellm train " + " ".join(sys.argv[2:])
               if len(sys.argv) > 1 and sys.argv[1] == "train" else None}
 
     step, epoch, micro_done = 0, 0, 0
     if resume_state is not None:
         load_trainable_state(model, loss_fn, resume_state["trainable"])
-        opt.load_state_dict(resume_state["optimizer"])
+        try:
+            opt.load_state_dict(resume_state["optimizer"])
+        except ValueError as e:
+            print(f"notellm train: the checkpoint's optimizer does not fit this version ({e}); start a new run",
+                  file=sys.stderr)
+            return 2
         sched.load_state_dict(resume_state["scheduler"])
+        plan.reset(total_steps, planned_by)  # limits may change on resume: plan anew
+        config.update({"total_steps": plan.total, "warmup_steps": plan.warmup, "schedule": plan.to_dict()})
         step, epoch, micro_done = resume_state["step"], resume_state["epoch"], resume_state["micro_done"]
         random.setstate(resume_state["rng_python"])
         torch.set_rng_state(resume_state["rng_torch"])
@@ -544,14 +788,76 @@ def run(args) -> int:
 
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
+
+    def train_mode() -> None:
+        model.train()
+        if cache_frozen:
+            model.lm.get_decoder().embed_tokens.eval()
+
+    # held-out learning curve: a fixed sample of test pairs, its notes' lower layers computed once
+    heldout = None
+    if args.eval_every and args.eval_every > 0:
+        if not exp.test_pairs:
+            print("no test pairs: the held-out learning curve is off", file=sys.stderr)
+        else:
+            t0 = time.time()
+            sample = heldout_sample(exp.test_pairs, max_notes=args.eval_notes, max_pairs=args.eval_pairs,
+                                    batch_size=args.batch_size, seed=args.seed)
+            eval_rows = eval_note_rows(model, ds.notes, sample.pool)
+            model.eval()
+            eval_cache = (build_cache(split, eval_rows, model.pad_token_id, device, progress=progress)
+                          if cache_frozen else None)
+            heldout = {"sample": sample, "rows": eval_rows, "cache": eval_cache,
+                       "ks": scaled_ks(len(sample.pool) - 1),
+                       "buckets": exposure_buckets(sample.pool, exp.split.train_counts)}
+            config["heldout"] = {"pool": len(sample.pool), "recall_pairs": len(sample.recall_pairs),
+                                 "loss_pairs": sample.loss_pairs, "ks": heldout["ks"], "every": args.eval_every}
+            print(f"held-out curve: pool {len(sample.pool)} test notes, {len(sample.recall_pairs)} pairs for "
+                  f"Recall@{heldout['ks']}, {sample.loss_pairs} pairs for the GCL loss, every {args.eval_every} "
+                  f"steps (set up in {time.time() - t0:.1f}s)", file=sys.stderr)
+    curves_f = open(out / CURVES_LOG, "a" if resume_state is not None else "w") if heldout else None
+    since_eval: dict[str, list[float]] = {}
+    last_eval = {"step": None, "seconds": 0.0}
+
+    def heldout_eval() -> None:
+        t0 = time.time()
+        model.eval()
+        with autocast:
+            hid = final_hidden_at_prefix_end(model, split, heldout["rows"], heldout["sample"].pool,
+                                             heldout["cache"], device)
+        with torch.no_grad():
+            emb = model.project(hid.to(device)).float()
+        m = heldout_metrics(emb, heldout["sample"], loss_fn.gcl, ks=heldout["ks"], buckets=heldout["buckets"],
+                            cold=exp.cold_notes)
+        train_mode()
+        mean = {k: sum(v) / len(v) for k, v in since_eval.items() if v}
+        since_eval.clear()
+        rec = {"step": step, "epoch": epoch, "train_gcl": mean.get("gcl"), "train_loss": mean.get("loss"),
+               "train_acc": mean.get("gcl_acc"), **m, "scale": float(loss_fn.gcl.scale.detach()),
+               "eval_s": round(time.time() - t0, 2)}
+        curves_f.write(json.dumps(rec) + "\n")
+        curves_f.flush()
+        last_eval.update(step=step, seconds=time.time() - t0)
+        kk = str(heldout["ks"][-1])
+        cold_txt = (f", cold pairs {100 * m['heldout_recall_cold'][kk]:.1f}" if "heldout_recall_cold" in m else "")
+        msg = (f"held-out at step {step}: GCL {m['heldout_gcl']:.3f} (chance {m['heldout_chance']:.3f})"
+               if m["heldout_gcl"] is not None else f"held-out at step {step}:")
+        print(f"{msg}, R@{kk} {100 * m['heldout_recall'][kk]:.1f}{cold_txt} "
+              f"(random {100 * min(1.0, int(kk) / max(1, m['pool'] - 1)):.1f})", file=sys.stderr)
+
+    if heldout is not None and resume_state is None:
+        heldout_eval()  # step 0: where training starts from
+    eval_s_est = last_eval["seconds"]
+
     log_f = open(out / TRAIN_LOG, "a" if resume_state is not None else "w")
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=plan.total, initial=step, desc="train", unit="step", disable=not progress, file=sys.stderr,
                mininterval=2)
-    model.train()
-    if cache_frozen:
-        model.lm.get_decoder().embed_tokens.eval()
+    train_mode()
+    budget_s = args.time_budget_min * 60 if args.time_budget_min else None
     t_train = time.time()
-    stop = step >= total_steps
+    steps_here, t_first_step, eval_in_window, planned_once = 0, None, 0.0, False
+    replan_every = args.eval_every if heldout is not None else REPLAN_EVERY_STEPS
+    stop = step >= plan.total
     acc = {}
     while not stop:
         batches = batch_pairs(pairs, args.batch_size, args.seed, epoch)
@@ -561,6 +867,7 @@ def run(args) -> int:
             b_ids = [p[1] for p in batch]
             keys = a_ids + b_ids
             ids, mask, labels, pos = pad_rows([rows[k] for k in keys], model.pad_token_id, device)
+            corr = prior.for_batch(a_ids, b_ids, device)
             with autocast:
                 if cache is not None:
                     hidden = split.upper(pad_cached(cache, keys, device), mask)
@@ -569,7 +876,7 @@ def run(args) -> int:
                         input_ids=ids, attention_mask=mask,
                         position_ids=split._pos(mask), use_cache=False).last_hidden_state
                 emb, csft = model.heads(hidden, pos, labels if args.alpha > 0 else None)
-                parts = loss_fn(emb[: len(batch)], emb[len(batch):], csft)
+                parts = loss_fn(emb[: len(batch)], emb[len(batch):], csft, **corr)
             (parts["loss"] / args.grad_accum).backward()
             for k, v in parts.items():
                 acc.setdefault(k, []).append(float(v.detach()))
@@ -581,11 +888,40 @@ def run(args) -> int:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            steps_here += 1
+            if steps_here == 1:
+                t_first_step = time.time()  # the first step (allocations, lazy init) is not timed
+            elif (budget_s and steps_here >= PLAN_AFTER_STEPS and step < plan.total
+                    and (steps_here - PLAN_AFTER_STEPS) % replan_every == 0):
+                # steps the budget holds at the step time measured so far (checkpoints included) plus each
+                # step's share of the held-out evaluation; planned after a few steps, re-planned now and then
+                # (a shared machine's speed drifts), the warmup kept once it is over
+                step_s = (time.time() - t_first_step - eval_in_window) / (steps_here - 1)
+                fit = budget_steps(budget_s=budget_s, elapsed_s=time.time() - t_train, steps_done=step,
+                                   step_s=step_s, eval_s=eval_s_est if heldout else 0.0,
+                                   eval_every=args.eval_every if heldout else 0)
+                new_total = min(total_steps, max(fit, step))
+                if new_total != plan.total and (not planned_once or
+                                                abs(new_total - plan.total) > max(1, 0.02 * plan.total)):
+                    before = plan.total
+                    plan.replan(new_total, at_step=step, keep_warmup=planned_once)
+                    for g, base in zip(opt.param_groups, sched.base_lrs):  # the next update follows the plan
+                        g["lr"] = base * plan(step)
+                    print(f"time budget: {step_s:.2f}s per step -> schedule planned for {plan.total} steps "
+                          f"(warmup {plan.warmup}) instead of {before}", file=sys.stderr)
+                    bar.total = plan.total
+                    bar.refresh()
+                planned_once = True
+                config.update({"total_steps": plan.total, "warmup_steps": plan.warmup,
+                               "schedule": {**plan.to_dict(), "step_s": round(step_s, 3),
+                                            "eval_s": round(eval_s_est, 2), "budget_steps": fit}})
             rec = {k: sum(v) / len(v) for k, v in acc.items()}
             acc = {}
-            rec.update({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+            rec.update({"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
                         "elapsed_s": round(time.time() - t_train, 1)})
-            if step % args.log_every == 0 or step == total_steps:
+            for k in ("loss", "gcl", "gcl_acc"):
+                since_eval.setdefault(k, []).append(rec[k])
+            if step % args.log_every == 0 or step == plan.total:
                 log_f.write(json.dumps(rec) + "\n")
                 log_f.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", gcl=f"{rec['gcl']:.3f}", csft=f"{rec['csft']:.3f}",
@@ -593,10 +929,15 @@ def run(args) -> int:
             bar.update(1)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint()
-            over_budget = args.time_budget_min and (time.time() - t_train) > args.time_budget_min * 60
-            if step >= total_steps or over_budget:
-                if over_budget and step < total_steps:
-                    print(f"time budget reached at step {step}/{total_steps}", file=sys.stderr)
+            over_budget = budget_s and (time.time() - t_train) > budget_s
+            done = step >= plan.total or over_budget
+            if not done and heldout is not None and step % args.eval_every == 0:
+                heldout_eval()
+                eval_in_window += last_eval["seconds"]
+                eval_s_est = last_eval["seconds"]
+            if done:
+                if over_budget and step < plan.total:
+                    print(f"time budget reached at step {step}/{plan.total}", file=sys.stderr)
                     config["stopped_early_at_step"] = step
                 stop = True
                 break
@@ -606,6 +947,14 @@ def run(args) -> int:
     bar.close()
     log_f.close()
     train_s = time.time() - t_train
+    if heldout is not None:
+        if last_eval["step"] != step:
+            heldout_eval()
+        curves_f.close()
+        try:
+            plot_curves(out)
+        except Exception as e:  # a plot must not lose a trained model
+            print(f"could not draw {out / CURVES_PLOT}: {e}", file=sys.stderr)
     save_checkpoint()
     model.eval()
     merge_lora(model)

@@ -79,3 +79,33 @@ def test_shared_lower_layers_detects_trained_layers():
     with torch.no_grad():
         m2.lm.get_decoder().layers[1].mlp.up_proj.weight.add_(1e-3)
     assert shared_lower_layers([m1, m2]) == 1
+
+
+def test_warm_and_cold_groups_only_with_a_holdout():
+    ids, emb, pairs = _case()
+    buckets = {"A": "unseen", "B": "low", "C": "high", "D": "low"}
+    plain = recall_report(emb, ids, pairs, [1, 2], buckets)
+    assert set(plain["pairs"]) == {"all", "unseen", "low", "high"}
+    rep = recall_report(emb, ids, pairs, [1, 2], buckets, cold=frozenset({"D"}))
+    # a pair is cold when either note is held out: (C, D) is cold, (A, B) and (A, C) warm
+    assert rep["pairs"]["warm"] == 2 and rep["pairs"]["cold"] == 1
+    assert rep["recall"]["warm"] == {"1": 0.5, "2": 1.0}
+    assert rep["recall"]["cold"] == {"1": 0.0, "2": 1.0}  # C's partner D ties with A at rank 1.5
+    assert {k: v for k, v in rep["pairs"].items() if k in plain["pairs"]} == plain["pairs"]
+
+
+def test_report_files_show_warm_and_cold_rows_only_with_a_holdout(tmp_path):
+    ids, emb, pairs = _case()
+    buckets = {"A": "unseen", "B": "low", "C": "high", "D": "low"}
+    for cold in (frozenset(), frozenset({"D"})):
+        rep = recall_report(emb, ids, pairs, [1, 2], buckets, cold=cold)
+        rep["seconds"] = {}
+        res = {"data": {"name": "toy"}, "pool": 4, "ks": [1, 2], "pairs": dict(rep["pairs"]), "models": {"m": rep}}
+        md = markdown_report(res)
+        if cold:
+            assert "(pairs: warm 2, cold 1)" in md and "| m | 50.0 | 100.0 | 0.0 | 100.0 |" in md
+            assert "| Model | warm R@1 | warm R@2 | cold R@1 | cold R@2 |" in md
+        else:
+            assert "warm" not in md and "cold" not in md
+        plot_recall(res, tmp_path / f"p{len(cold)}.png")
+        assert (tmp_path / f"p{len(cold)}.png").stat().st_size > 1000
