@@ -152,8 +152,20 @@ def split_cold(pairs: Iterable[tuple], cold_notes: Iterable[str]) -> tuple[list[
     return warm_p, cold_p
 
 
+class _WarmCold:
+    """`test_pairs` split by the cold-start holdout (`cold_notes`): pairs without / with a held-out note."""
+
+    @property
+    def warm_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[0]  # type: ignore[attr-defined]
+
+    @property
+    def cold_test_pairs(self) -> list[tuple[str, str, float]]:
+        return split_cold(self.test_pairs, self.cold_notes)[1]  # type: ignore[attr-defined]
+
+
 @dataclass
-class Split:
+class Split(_WarmCold):
     split_time: float
     train_clicks: list[Click]
     test_clicks: list[Click]
@@ -170,14 +182,6 @@ class Split:
     @property
     def test_notes(self) -> list[str]:
         return sorted({x for p in self.test_pairs for x in p[:2]})
-
-    @property
-    def warm_test_pairs(self) -> list[tuple[str, str, float]]:
-        return split_cold(self.test_pairs, self.cold_notes)[0]
-
-    @property
-    def cold_test_pairs(self) -> list[tuple[str, str, float]]:
-        return split_cold(self.test_pairs, self.cold_notes)[1]
 
     def summary(self) -> dict:
         tn = self.test_notes
@@ -309,7 +313,7 @@ class SplitConfig:
 
 
 @dataclass
-class Experiment:
+class Experiment(_WarmCold):
     split: Split
     train_pairs: list[tuple[str, str, float]]  # what training (and the fine-tuned SBERT) uses
     test_pairs: list[tuple[str, str, float]]   # what evaluation uses
@@ -322,14 +326,6 @@ class Experiment:
     @property
     def cold_notes(self) -> frozenset:
         return self.split.cold_notes
-
-    @property
-    def warm_test_pairs(self) -> list[tuple[str, str, float]]:
-        return split_cold(self.test_pairs, self.cold_notes)[0]
-
-    @property
-    def cold_test_pairs(self) -> list[tuple[str, str, float]]:
-        return split_cold(self.test_pairs, self.cold_notes)[1]
 
     def summary(self) -> dict:
         s = self.split.summary()

@@ -76,18 +76,20 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/readyz":
             ok, checks = app.ready()
             self._json(200 if ok else 503, {"ok": ok, **checks})
-        elif url.path.startswith("/notes/"):
+        elif url.path.startswith(("/notes/", "/similar/")):
+            kind, _, raw = url.path[1:].partition("/")
             try:
-                note_id = unquote(url.path[len("/notes/"):], errors="strict")
+                note_id = unquote(raw, errors="strict")
             except UnicodeDecodeError:
                 return self._json(400, {"error": "note_id is not valid UTF-8"})
-            self._note(note_id)
-        elif url.path.startswith("/similar/"):
-            try:
-                note_id = unquote(url.path[len("/similar/"):], errors="strict")
-            except UnicodeDecodeError:
-                return self._json(400, {"error": "note_id is not valid UTF-8"})
-            self._similar(note_id, parse_qs(url.query))
+            if not note_id or len(note_id.encode("utf-8", "surrogatepass")) > 256:
+                return self._json(400, {"error": "note_id must be 1 to 256 bytes"})
+            if self.app.store is None:
+                return self._json(503, {"error": "not started"})
+            if kind == "notes":
+                self._note(note_id)
+            else:
+                self._similar(note_id, parse_qs(url.query))
         else:
             self._json(404, {"error": "not found"})
 
@@ -96,13 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
         fields (no vector), 404 when it is not stored."""
         from worker.sinks.milvus import SIMILAR_WAIT_S, StoreBusy
 
-        if not note_id or len(note_id.encode("utf-8", "surrogatepass")) > 256:
-            return self._json(400, {"error": "note_id must be 1 to 256 bytes"})
-        store = self.app.store
-        if store is None:
-            return self._json(503, {"error": "not started"})
         try:
-            rows = store.get([note_id], NOTE_FIELDS, wait_s=SIMILAR_WAIT_S)
+            rows = self.app.store.get([note_id], NOTE_FIELDS, wait_s=SIMILAR_WAIT_S)
         except StoreBusy:
             return self._json(503, {"error": "store busy, retry"})
         if not rows:
@@ -115,13 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw_k = query.get("k", ["10"])[0]
         if not raw_k.isdigit() or not 1 <= int(raw_k) <= self.max_k:
             return self._json(400, {"error": f"k must be an integer from 1 to {self.max_k}"})
-        if not note_id or len(note_id.encode("utf-8", "surrogatepass")) > 256:
-            return self._json(400, {"error": "note_id must be 1 to 256 bytes"})
-        store = self.app.store
-        if store is None:
-            return self._json(503, {"error": "not started"})
         try:
-            self._json(200, store.similar(note_id, int(raw_k)))
+            self._json(200, self.app.store.similar(note_id, int(raw_k)))
         except KeyError:
             self._json(404, {"error": "note not found", "note_id": note_id})
         except StoreBusy:
