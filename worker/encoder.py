@@ -58,6 +58,29 @@ class EncoderError(RuntimeError):
     """The model package is missing, malformed or does not match this code."""
 
 
+def _no_cuda_driver() -> str | None:
+    """None when the NVIDIA driver's libcuda can be loaded, else why not. onnxruntime-gpu lists
+    CUDAExecutionProvider whether or not the machine has a GPU; asking first keeps a GPU image on a CPU
+    node from trying (and from ONNX Runtime's raw, non-JSON error lines on stderr)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return None
+    except OSError as e:
+        return str(e)
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu with its `cuda`/`cudnn` extras (the GPU image) has CUDA and cuDNN in NVIDIA's
+    wheels, which the dynamic loader does not search: load them first (ONNX Runtime >= 1.21). Skipped where
+    those wheels are absent (system CUDA libraries on the loader path, or torch's already loaded)."""
+    import importlib.util
+
+    if hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
+        ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+
+
 def _choose_providers(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cpu":
@@ -66,11 +89,20 @@ def _choose_providers(device: str) -> list[str]:
         if "CUDAExecutionProvider" not in available:
             raise EncoderError(f"device='cuda' but ONNX Runtime offers only {available} "
                                "(install onnxruntime-gpu, see README)")
+        why = _no_cuda_driver()
+        if why is not None:
+            raise EncoderError(f"device='cuda' but no NVIDIA driver can be loaded ({why}): is a GPU assigned to "
+                               "this pod/container (nvidia.com/gpu, --gpus)?")
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        why = _no_cuda_driver()
+        if why is None:
+            _preload_cuda_libraries()
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.info("encoder.no_gpu", reason=f"no NVIDIA driver ({why})", providers=["CPUExecutionProvider"])
     return ["CPUExecutionProvider"]
 
 
