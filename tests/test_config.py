@@ -67,8 +67,8 @@ def test_deployment_grace_period_covers_the_drain_budget():
     from worker.config import LifecycleSettings
 
     deploy = Path(__file__).resolve().parents[1] / "deploy"
-    env = yaml.safe_load((deploy / "configmap.yaml").read_text())["data"]
-    spec = yaml.safe_load((deploy / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    env = yaml.safe_load((deploy / "base" / "configmap.yaml").read_text())["data"]
+    spec = yaml.safe_load((deploy / "base" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
     drain = float(env.get("NOTELLM_LIFECYCLE__DRAIN_S", LifecycleSettings().drain_s))
     assert spec["terminationGracePeriodSeconds"] >= drain + 15
     assert env["NOTELLM_HTTP__HOST"] == "0.0.0.0"  # probes and the scraper reach it inside the pod
