@@ -55,7 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"notellm {name}", description=help_)
     module.configure(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    from pydantic import ValidationError
+
+    try:
+        return int(module.run(args) or 0)
+    except ValidationError as e:
+        if e.title != "Settings":
+            raise
+        from worker.config import settings_error_text
+
+        print(f"notellm {name}: {settings_error_text(e)} (see docs/configuration.md)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

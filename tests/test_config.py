@@ -72,3 +72,24 @@ def test_deployment_grace_period_covers_the_drain_budget():
     drain = float(env.get("NOTELLM_LIFECYCLE__DRAIN_S", LifecycleSettings().drain_s))
     assert spec["terminationGracePeriodSeconds"] >= drain + 15
     assert env["NOTELLM_HTTP__HOST"] == "0.0.0.0"  # probes and the scraper reach it inside the pod
+
+
+def test_an_invalid_setting_is_one_clear_line_and_exit_2_without_its_value(monkeypatch, capsys):
+    import signal
+
+    from notellm.cli import main
+
+    monkeypatch.setenv("NOTELLM_HTTP__MAX_K", "500")
+    monkeypatch.setenv("NOTELLM_KAFKA__SASL_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("NOTELLM_KAFKA__SSL_KEY_PASSWORD", "12345")  # fine; the bad one is below
+    monkeypatch.setenv("NOTELLM_BATCH__LINGER_MS", "-1")
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert main(["worker", "run"]) == 2
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    assert "NOTELLM_HTTP__MAX_K: Input should be less than or equal to 100" in err
+    assert "NOTELLM_BATCH__LINGER_MS" in err and "Traceback" not in err
+    assert "hunter2" not in err and "500" not in err.replace("NOTELLM", "")  # no input values echoed

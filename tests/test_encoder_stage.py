@@ -121,10 +121,11 @@ def test_note_error_without_a_valid_index_is_an_engine_fault():
 
 # ------------------------------------------------------------------------------------ engine faults
 def test_engine_error_restarts_then_succeeds():
-    enc, log = FakeEncoder(fault="raise", faults=2), Log()
+    enc, log, counted = FakeEncoder(fault="raise", faults=2), Log(), []
     b = batch_of(enc, [note(i, partition=i % 2 * 2) for i in range(4)])
-    out = EncodeStage(enc, topic=TOPIC, restarts=2, log=log)(b, "both")
+    out = EncodeStage(enc, topic=TOPIC, restarts=2, log=log, on_restart=lambda: counted.append(1))(b, "both")
     assert len(out.batch.notes) == 4 and out.failed == [] and enc.restarts == 2 and enc.calls == 3
+    assert len(counted) == 2, "each restart is counted (notellm_engine_restarts_total)"
     assert [e for e, _ in log.events] == ["encoder_engine_error"] * 2
     ev = log.events[0][1]
     assert ev["batch"] == 7 and ev["partitions"] == [0, 2] and ev["offsets"] == {0: 200, 2: 50}

@@ -40,6 +40,7 @@ def test_engine_fault_past_its_budget_exits_nonzero_without_commit_or_dead_lette
         ok, checks = app.healthy()
         assert not ok and checks["pipeline_ok"] is False and checks["encoder_ok"] is False
         assert enc.restarts == 1
+        assert app.metrics.engine_restarts._value.get() == 1, "the restart is exported (notellm_engine_restarts_total)"
         hw = high_watermarks(kafka_bootstrap, topics["notes"])
         assert all(o < 0 for o in committed(kafka_bootstrap, s.kafka.group_id, topics["notes"], hw).values())
         assert read_topic(kafka_bootstrap, topics["dlq"]) == [] and read_topic(kafka_bootstrap, topics["tags"]) == []

@@ -222,3 +222,20 @@ def test_dead_letter_of_keeps_the_original_bytes():
     n = _note(7, p=2)
     d = DeadLetter.of(n, "encode_failed", "why", "notes")
     assert (d.key, d.value, d.headers, d.partition, d.offset, d.topic) == (b"n7", b"{...}", (("h", b"v"),), 2, 7, "notes")
+
+
+def test_lag_series_of_revoked_partitions_are_dropped_and_process_metrics_exported():
+    from prometheus_client import generate_latest
+
+    from worker.metrics import Metrics
+
+    m = Metrics()
+    handle = m.on_stats("notes")
+    handle({"topics": {"notes": {"partitions": {"0": {"consumer_lag": 5}, "1": {"consumer_lag": 7},
+                                                 "-1": {"consumer_lag": 9}}}}})
+    text = generate_latest(m.registry).decode()
+    assert 'notellm_consumer_lag{partition="0"} 5.0' in text and 'partition="-1"' not in text
+    m.forget_partitions([0, 3])  # 3 was never reported: no error
+    text = generate_latest(m.registry).decode()
+    assert 'partition="0"' not in text and 'notellm_consumer_lag{partition="1"} 7.0' in text
+    assert "process_resident_memory_bytes" in text and "notellm_engine_restarts_total 0.0" in text

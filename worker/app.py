@@ -9,7 +9,9 @@ No business logic lives here; each stage is its own module and owns its contract
   transient faults, and write only for partitions this worker owns (worker/ownership.py);
 - the checkpoint commits offsets only after every sink acknowledged.
 Any wait here is bounded: start-up stops at a signal, a revoke and a shutdown drain for at most
-`lifecycle.drain_s`, and the exit code says whether the last commit succeeded.
+`lifecycle.drain_s`, and the exit code says whether the last commit succeeded. Kafka refusing the credentials
+or the broker's certificate failing verification (worker/kafka_log.py) ends the run at once with exit 2, a
+configuration error like a collection built for another model, instead of being retried forever.
 """
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from collections import deque
 from dataclasses import replace
 from typing import Callable
 
+from confluent_kafka import KafkaError, KafkaException
+
 from worker.batcher import Batcher
 from worker.checkpoint import Checkpoint, RetryPolicy
 from worker.config import Settings
 from worker.encoders import load_encoder, resolve_limits, set_batch_limits
 from worker.encoding import EncodeStage, Encoder, prepare
+from worker.kafka_log import KafkaSecurityError
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.ownership import Ownership
@@ -41,6 +46,14 @@ STALE_LOOP_S = 30.0  # /healthz fails when the polling loop has not turned for t
 
 class StartupInterrupted(Exception):
     """A stop was requested while the worker was starting."""
+
+
+def _config_refused(e: BaseException) -> str | None:
+    """librdkafka's message when `e` is a client refusing its configuration (_INVALID_ARG), else None."""
+    err = e.args[0] if isinstance(e, KafkaException) and e.args else None
+    if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+        return err.str()
+    return None
 
 
 class WorkerApp:
@@ -132,7 +145,8 @@ class WorkerApp:
         self.warmed = True
         self._check_stop()
         self.stage = EncodeStage(enc, topic=k.topic_notes, restarts=s.model.engine_restarts,
-                                 timeout_s=s.model.batch_timeout_s, log=self.log)
+                                 timeout_s=s.model.batch_timeout_s, log=self.log,
+                                 on_restart=self.metrics.engine_restarts.inc)
         self.milvus_sink = self._wrap(MilvusSink(self.store, self.collection))
         self.tags_sink = None
         if s.model.generate != "none":
@@ -240,6 +254,7 @@ class WorkerApp:
         if self.started:
             self.checkpoint.forget(partitions)
         self.metrics.assigned.set(len(self.ownership.owned()))
+        self.metrics.forget_partitions(partitions)
         self.log.info("partitions_revoked", partitions=partitions, lost=lost, drained=drained, abandoned=dropped)
 
     def _hand_over_all(self, deadline: float) -> bool:
@@ -277,9 +292,22 @@ class WorkerApp:
         except CollectionMismatch as e:
             self.log.error("collection_mismatch", error=str(e))
             rc, self.exit_reason = 2, f"collection mismatch: {e}"
+        except KafkaSecurityError as e:  # credentials refused / certificate untrusted: retrying cannot help
+            self.log.error("kafka_security_error", bootstrap=self.s.kafka.bootstrap_servers,
+                           security_protocol=self.s.kafka.security_protocol, **e.log_fields())
+            rc, self.exit_reason = 2, f"Kafka {e.cause}"
         except Exception as e:  # noqa: BLE001 - a bug or a fatal client error: report it, exit non-zero
-            self.log.error("worker_crashed", error=str(e), error_type=type(e).__name__, exc_info=e)
-            rc, self.exit_reason = 1, f"crashed: {type(e).__name__}: {e}"
+            refused = _config_refused(e)
+            if refused is not None:
+                # librdkafka refused its configuration when a client was made: a CA / certificate / key file
+                # that does not exist or does not parse, an unknown NOTELLM_KAFKA__EXTRA property
+                self.log.error("kafka_config_error", error=refused, bootstrap=self.s.kafka.bootstrap_servers,
+                               security_protocol=self.s.kafka.security_protocol,
+                               hint="check the NOTELLM_KAFKA__SSL_* paths and NOTELLM_KAFKA__EXTRA")
+                rc, self.exit_reason = 2, f"Kafka configuration refused: {refused}"
+            else:
+                self.log.error("worker_crashed", error=str(e), error_type=type(e).__name__, exc_info=e)
+                rc, self.exit_reason = 1, f"crashed: {type(e).__name__}: {e}"
         finally:
             self._close()
         self.log.info("worker_stopped", rc=rc, reason=self.exit_reason or "stopped")
@@ -375,6 +403,11 @@ class WorkerApp:
                 close()
             except Exception as e:  # noqa: BLE001
                 self.log.warning("close_failed", error=str(e), error_type=type(e).__name__)
+        for sink in (getattr(self, "tags_sink", None), getattr(self, "dlq_sink", None)):
+            # nothing writes any more: destroy the producers now, not at interpreter shutdown
+            close_client = getattr(sink, "close_client", None)
+            if close_client is not None:
+                close_client()
 
     # -- probes ----------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, dict]:

@@ -4,7 +4,9 @@ Configuration comes from the environment (`NOTELLM_*`, see worker/config.py) and
 win over the environment. `run` consumes until SIGTERM/SIGINT and then finishes the batches in
 flight, flushes, commits and exits 0 (1 when the final commit failed or the drain ran out of time); a
 sink that stays down past its retry budget, or an encoder whose restarts are spent, exits 1 without
-committing (the batch is re-read on restart); a collection built for another model exits 2.
+committing (the batch is re-read on restart); a collection built for another model exits 2, and so does
+Kafka refusing the credentials or a broker certificate the configured CA does not verify (one
+`kafka_security_error` line naming the cause, within seconds, not retried).
 SIGTERM/SIGINT are handled from the first moment (start-up included): they set one stop event that
 every command checks."""
 from __future__ import annotations

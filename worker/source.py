@@ -4,6 +4,9 @@
 Two modes: `subscribe` (a consumer group member, the live worker) and `assign` (explicit start
 offsets and optional end offsets, for replay/backfill; the source reports `exhausted` once every
 partition reached its end).
+
+A security failure (credentials refused, broker certificate not trusted: worker/kafka_log.py) raises
+`KafkaSecurityError` from `poll`, like a fatal client error: retrying cannot fix the configuration.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ class KafkaSource:
         if on_stats is not None:
             conf.setdefault("statistics.interval.ms", 5000)
             conf["stats_cb"] = self._stats
-        self._errors = KafkaErrorLog(log, "consumer")  # client errors logged on state changes, not per retry
+        # Client errors logged on state changes, not per retry; a security failure raises from poll().
+        self._errors = KafkaErrorLog(log, "consumer", fatal_security=True)
         conf["error_cb"] = self._error
         if log is not None:
             conf["logger"] = self._errors  # librdkafka's own lines too, instead of raw stderr

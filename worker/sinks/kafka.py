@@ -73,6 +73,14 @@ class KafkaEventSink:
     def discard(self) -> None:
         self._staged.clear()
 
+    def close_client(self) -> None:
+        """Destroy the producer now (call after the last flush): left to interpreter shutdown, a client whose
+        broker refused it can run its callbacks into a half-finalised interpreter (a crash after a clean
+        exit code). The producer's callbacks refer back to this sink: dropping the reference here is what
+        lets it go at once instead of at the garbage collector's convenience."""
+        producer, self.producer = self.producer, None
+        del producer
+
     def flush(self) -> list[Rejected]:
         if not self._staged:
             # Idle: serve the client's callbacks now (errors, logs), not in a burst at the next send or at
