@@ -13,6 +13,10 @@ and by the exposure bucket of the query note: `unseen` (no click in the training
 cold-start holdout (`--cold-fraction` > 0: notes held out of training entirely) it is also reported for
 `warm` pairs (no held-out note) and `cold` pairs (either note held out); without it those groups are absent.
 
+With `--baselines`: a text-free popularity row (candidates ranked by their training-period clicks, the
+same for every query), SentenceBERT zero-shot and fine-tuned on the training pairs, and the base LLM
+zero-shot. Every recall comes with its standard error, clustered by query note (`recall_se`).
+
 Generation: category accuracy (exact, case-insensitive) and hashtag precision / recall (against the
 note's hashtags, case-insensitive) of greedy outputs (Hugging Face generate) on a seeded sample of test
 notes, for each NoteLLM model.
@@ -34,6 +38,7 @@ import numpy as np
 
 BUCKETS = ("all", "unseen", "low", "high")
 COLD_GROUPS = ("warm", "cold")  # only when the cold-start holdout is on
+POPULARITY = "Popularity (training clicks, text-free)"
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -75,6 +80,46 @@ def pair_ranks(emb: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple]) -> n
     return ranks
 
 
+def score_ranks(scores: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple]) -> np.ndarray:
+    """The same ranks when every query orders the candidates by one query-independent score (the text-free
+    popularity row: training-period clicks). The query is not its own candidate; ties count half."""
+    index = {n: i for i, n in enumerate(ids)}
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.sort(s)
+    ranks = np.zeros(len(pairs), dtype=np.float64)
+    for pi, p in enumerate(pairs):
+        q, t = index[p[0]], index[p[1]]
+        st = s[t]
+        hi, lo = np.searchsorted(order, st, side="right"), np.searchsorted(order, st, side="left")
+        better, tied = len(s) - hi, (hi - lo) - 1  # the target is not tied with itself
+        if s[q] > st:
+            better -= 1
+        elif s[q] == st:
+            tied -= 1
+        ranks[pi] = better + tied / 2.0
+    return ranks
+
+
+def recall_se(ranks: np.ndarray, queries: Sequence[str], ks: Sequence[int]) -> dict[str, float]:
+    """Standard error of Recall@k, clustered by query note (a query's pairs are not independent draws):
+    sqrt(G / (G - 1) * sum_q (hits_q - R * n_q)^2) / N over G queries and N pairs."""
+    n = len(ranks)
+    if n == 0:
+        return {str(k): float("nan") for k in ks}
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(q, []).append(i)
+    g = len(groups)
+    idx = list(groups.values())
+    out = {}
+    for k in ks:
+        hit = (ranks < k).astype(np.float64)
+        r = hit.mean()
+        dev = np.array([hit[ix].sum() - r * len(ix) for ix in idx])
+        out[str(k)] = float(np.sqrt(g / max(g - 1, 1) * (dev ** 2).sum()) / n) if g > 1 else float("nan")
+    return out
+
+
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     if len(ranks) == 0:
         return {str(k): float("nan") for k in ks}
@@ -97,10 +142,17 @@ def pair_groups(pairs: Sequence[tuple], buckets: dict[str, str], cold=frozenset(
 
 def recall_report(emb: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple], ks: Sequence[int],
                   buckets: dict[str, str], cold=frozenset()) -> dict:
-    ranks = pair_ranks(emb, ids, pairs)
-    out = {"recall": {}, "pairs": {}}
+    return ranks_report(pair_ranks(emb, ids, pairs), pairs, ks, buckets, cold)
+
+
+def ranks_report(ranks: np.ndarray, pairs: Sequence[tuple], ks: Sequence[int], buckets: dict[str, str],
+                 cold=frozenset()) -> dict:
+    """Recall@k and its standard error (clustered by query) per group of pairs, from the pairs' ranks."""
+    out = {"recall": {}, "se": {}, "pairs": {}}
+    queries = np.array([p[0] for p in pairs], dtype=object)
     for b, sel in pair_groups(pairs, buckets, cold).items():
         out["recall"][b] = recall_at_k(ranks[sel], ks)
+        out["se"][b] = recall_se(ranks[sel], list(queries[sel]), ks)
         out["pairs"][b] = int(sel.sum())
     out["mean_rank"] = float(ranks.mean()) if len(ranks) else float("nan")
     return out
@@ -157,15 +209,24 @@ def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _fmt_se(m: dict, group: str, k) -> str:
+    """Recall (%) ± its standard error, where the report has one."""
+    r, se = m["recall"].get(group, {}).get(str(k)), m.get("se", {}).get(group, {}).get(str(k))
+    if se is None or (isinstance(se, float) and np.isnan(se)) or r is None:
+        return _fmt(r)
+    return f"{_fmt(r)} ± {100 * se:.1f}"
+
+
 def markdown_report(results: dict) -> str:
     ks = results["ks"]
     models = results["models"]
     lines = [f"# Recall@k on {results['data']['name']} (pool of {results['pool']} test notes, "
-             f"{results['pairs']['all']} test pairs)", ""]
+             f"{results['pairs']['all']} test pairs)", "",
+             "Recall (%) ± one standard error (clustered by query note).", ""]
     lines += ["| Model | " + " | ".join(f"R@{k}" for k in ks) + " |",
               "|---|" + "---|" * len(ks)]
     for name, m in models.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m["recall"]["all"][str(k)]) for k in ks) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt_se(m, "all", k) for k in ks) + " |")
     pool = results["pool"]
     lines.append("| *random ranking (expected)* | " + " | ".join(_fmt(min(1.0, k / max(1, pool - 1))) for k in ks)
                  + " |")
@@ -186,7 +247,7 @@ def markdown_report(results: dict) -> str:
         head = [f"{g} R@{k}" for g in COLD_GROUPS for k in ks]
         lines += ["| Model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
         for name, m in models.items():
-            cells = [_fmt(m["recall"].get(g, {}).get(str(k))) for g in COLD_GROUPS for k in ks]
+            cells = [_fmt_se(m, g, k) for g in COLD_GROUPS for k in ks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gen = {n: m["generation"] for n, m in models.items() if m.get("generation")}
     if gen:
@@ -213,8 +274,9 @@ def plot_recall(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.25 * len(groups), 4.2), sharey=True)
     for ax, b in zip(axes, groups):
         for name, m in results["models"].items():
-            r = m["recall"].get(b, {})
-            ax.plot(ks, [r.get(str(k), float("nan")) for k in ks], marker="o", label=name)
+            r, se = m["recall"].get(b, {}), m.get("se", {}).get(b, {})
+            ax.errorbar(ks, [r.get(str(k), float("nan")) for k in ks], yerr=[se.get(str(k), 0.0) for k in ks],
+                        marker="o", capsize=2, label=name)
         ax.plot(ks, [min(1.0, k / max(1, results["pool"] - 1)) for k in ks], ls="--", color="grey",
                 label="random ranking")
         ax.set_xscale("log")
@@ -405,8 +467,11 @@ def run(args) -> int:
         print(f"cold-start holdout: {len(cold)} notes; test pairs warm {results['pairs']['warm']}, "
               f"cold {results['pairs']['cold']}", file=sys.stderr)
 
-    def record(name: str, emb: np.ndarray, seconds: dict, extra: dict | None = None) -> None:
-        rep = recall_report(emb, test_ids, exp.test_pairs, ks, buckets, cold)
+    def record(name: str, emb: np.ndarray | None, seconds: dict, extra: dict | None = None,
+               ranks: np.ndarray | None = None) -> None:
+        if ranks is None:
+            ranks = pair_ranks(emb, test_ids, exp.test_pairs)
+        rep = ranks_report(ranks, exp.test_pairs, ks, buckets, cold)
         rep["seconds"] = seconds
         rep.update(extra or {})
         results["models"][name] = rep
@@ -418,6 +483,10 @@ def run(args) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     if args.baselines:
+        # Text-free: every query ranks the candidates by their clicks in the training period (a cold note has
+        # none). The test pairs reward popularity; a model has to beat this to be worth its text.
+        pop = np.array([exp.split.train_counts.get(n, 0) for n in test_ids], dtype=np.float64)
+        record(POPULARITY, None, {"rank": 0.0}, ranks=score_ranks(pop, test_ids, exp.test_pairs))
         t0 = time.time()
         sb = load_sbert(device=device)
         record("SentenceBERT zero-shot", sbert_embed(sb, notes, progress=progress),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from notellm.evaluate import (markdown_report, pair_ranks, plot_recall, recall_at_k, recall_report,
-                              scaled_ks)
+                              recall_se, scaled_ks, score_ranks)
 
 
 def _case():
@@ -59,7 +59,8 @@ def test_report_files(tmp_path):
     res["models"]["m2"]["generation"] = {"category_accuracy": 0.5, "category_notes": 2, "hashtag_precision": 0.25,
                                          "hashtag_recall": float("nan"), "hashtag_notes": 0}
     md = markdown_report(res)
-    assert "| m1 | 33.3 | 100.0 |" in md and "| m2 | 50.0 (n=2) | 25.0 | – (n=0) |" in md
+    # R@1 = 1/3; clustered by query (A: 1 hit of 2 pairs, C: 0 of 1): se = sqrt(2 * 2/9) / 3 = 2/9
+    assert "| m1 | 33.3 ± 22.2 | 100.0 ± 0.0 |" in md and "| m2 | 50.0 (n=2) | 25.0 | – (n=0) |" in md
     plot_recall(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     json.dumps(res, default=str)
@@ -109,3 +110,21 @@ def test_report_files_show_warm_and_cold_rows_only_with_a_holdout(tmp_path):
             assert "warm" not in md and "cold" not in md
         plot_recall(res, tmp_path / f"p{len(cold)}.png")
         assert (tmp_path / f"p{len(cold)}.png").stat().st_size > 1000
+
+
+def test_popularity_ranks_known_answer():
+    ids = ["A", "B", "C", "D", "E"]
+    clicks = np.array([9.0, 5.0, 5.0, 1.0, 0.0])
+    pairs = [("A", "B", 1.0), ("B", "D", 1.0), ("D", "A", 1.0), ("E", "C", 1.0)]
+    # A's candidates B, C (5, tied), D, E: B is first, tied with C -> 0.5. B's: A (9) > C (5) > D: rank 2.
+    # D's: A first -> 0. E's: A > B == C: C ranks 1 + 0.5.
+    assert score_ranks(clicks, ids, pairs).tolist() == [0.5, 2.0, 0.0, 1.5]
+
+
+def test_recall_se_is_clustered_by_query():
+    ranks = np.array([0.0, 5.0, 0.0, 5.0])
+    # two queries, each 1 hit of 2: no between-query variation -> se 0; one query per pair -> binomial-like
+    assert recall_se(ranks, ["q1", "q1", "q2", "q2"], [1]) == {"1": 0.0}
+    se = recall_se(ranks, ["a", "b", "c", "d"], [1])["1"]
+    assert se == pytest.approx(np.sqrt(4 / 3 * 4 * 0.25) / 4)
+    assert np.isnan(recall_se(ranks, ["a"] * 4, [1])["1"])  # one cluster: no standard error

@@ -12,7 +12,7 @@ from notellm.base_models import tiny_llama  # noqa: E402
 from notellm.cli import main  # noqa: E402
 from notellm.data import Click, Dataset, Note, write_generic  # noqa: E402
 from notellm.model import NoteLLM  # noqa: E402
-from notellm.train import LayerSplit, note_rows  # noqa: E402
+from notellm.train_data import LayerSplit, note_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_frozen_cache_lora_and_resume(toy_data, tmp_path):
 
 
 def test_whitening_projection_centres_without_a_bias():
-    from notellm.train import whitening_projection
+    from notellm.train_setup import whitening_projection
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 16, generator=g) * torch.linspace(0.5, 3, 16) + 5.0  # big common offset
@@ -117,3 +117,42 @@ def test_whitening_projection_centres_without_a_bias():
     assert torch.allclose(z, (h - mu) @ w.T, atol=1e-3)  # W mu = 0: centring for free
     cov = torch.cov(z.T)
     assert torch.allclose(cov, torch.eye(8), atol=0.05)
+
+
+def test_cli_flags_are_the_train_config():
+    """Every `notellm train` flag is a TrainConfig field with the same default, and back."""
+    import argparse
+
+    from notellm.train import config_from_args, configure
+    from notellm.train_loop import TrainConfig
+
+    p = argparse.ArgumentParser()
+    configure(p)
+    args = p.parse_args(["--data", "d", "--out", "o"])
+    cfg = config_from_args(args)
+    assert cfg == TrainConfig(data="d", out="o") and cfg.command is None
+    assert cfg.args_record(progress=not args.no_progress) == vars(args)  # train_config.json's "args", in order
+
+
+@pytest.mark.slow
+def test_train_as_a_library(toy_data, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from notellm.train_loop import TrainConfig, TrainError, train
+
+    msgs = []
+    cfg = TrainConfig(data=str(toy_data), base="tiny", out=str(tmp_path / "run"), batch_size=4, max_steps=2,
+                      test_fraction=0.1, eval_every=0, command="notellm train (test)")
+    res = train(cfg, progress=False, log=msgs.append)
+    assert res.steps == 2 and not res.stopped_early and res.out == tmp_path / "run"
+    saved = json.loads((res.out / "train_config.json").read_text())
+    assert saved["steps_done"] == 2 and saved["command"] == "notellm train (test)" and saved["args"]["no_progress"]
+    assert any(m.startswith("saved ") for m in msgs)
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "saved " not in err  # messages went to `log`, no save bar
+    assert hf_logging.is_progress_bar_enabled()  # transformers' bars are back on after the save
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train(TrainConfig(data=str(toy_data), out=str(tmp_path / "none"), resume=True), log=msgs.append)
+    # the command line reports a run that cannot start with exit status 2
+    assert _train(toy_data, tmp_path / "x", "--cache-frozen") == 2
+    assert "notellm train: --cache-frozen needs --freeze-layers > 0" in capfd.readouterr().err

@@ -15,8 +15,9 @@ from notellm.cli import main  # noqa: E402
 from notellm.data import Click, Dataset, Note, write_generic  # noqa: E402
 from notellm.losses import NoteLLMLoss  # noqa: E402
 from notellm.model import NoteLLM  # noqa: E402
-from notellm.train import (LinearSchedule, budget_steps, heldout_sample, lr_lambda_factory,  # noqa: E402
-                           param_groups, setup_trainable)
+from notellm.train_data import heldout_sample  # noqa: E402
+from notellm.train_setup import (LinearSchedule, budget_steps, lr_lambda_factory, param_groups,  # noqa: E402
+                                 setup_trainable)
 
 TOPICS = [("pasta", "food", ["italian", "dinner"]), ("hiking", "travel", ["alps"]),
           ("guitar", "music", ["rock", "live"]), ("python", "tech", ["coding"]),
@@ -170,7 +171,7 @@ def test_levers_off_and_no_holdout(toy_data, tmp_path):
 
 
 class _Clock:
-    """A fake `time` for notellm.train: every reading advances 0.1 s, so a budgeted run's step time (and
+    """A fake `time` for notellm.train_loop: every reading advances 0.1 s, so a budgeted run's step time (and
     with it the plan) does not depend on how loaded the machine is."""
 
     def __init__(self):
@@ -183,9 +184,9 @@ class _Clock:
 
 @pytest.mark.slow
 def test_time_budget_sizes_the_schedule(toy_data, tmp_path, monkeypatch):
-    import notellm.train
+    import notellm.train_loop
 
-    monkeypatch.setattr(notellm.train, "time", _Clock())
+    monkeypatch.setattr(notellm.train_loop, "time", _Clock())
     out = tmp_path / "run"
     assert _train(toy_data, out, "--epochs", "400", "--time-budget-min", "0.1", "--eval-every", "5",
                   "--warmup-ratio", "0.2") == 0
