@@ -33,6 +33,13 @@ def _replica(kafka_bootstrap, topics, server, alias, group, tiny_dir, name, log_
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log.name
 
 
+def _assigned(log_path) -> bool:
+    """Whether a replica's log shows it owning at least one partition."""
+    with open(log_path) as f:
+        lines = [ln for ln in f if '"partitions_assigned"' in ln and ln.endswith("\n")]  # whole lines only
+    return any(json.loads(ln).get("partitions") for ln in lines)
+
+
 def _wait(pred, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,7 +75,10 @@ def test_scale_1_3_1_with_a_sigkill_loses_and_duplicates_nothing(kafka_cluster, 
               "replica a to commit its first batch")
         for n in ("b", "c"):  # scale to 3
             procs[n], logs[n] = _replica(kafka_bootstrap, topics, milvus_server, alias, group, tiny_dir, n, tmp_path)
-        time.sleep(12)
+        # Both new members own partitions (start-up takes longer on a loaded machine than any fixed sleep),
+        # then a moment of work, then the kill.
+        _wait(lambda: all(_assigned(logs[n]) for n in ("b", "c")), "replicas b and c to be assigned partitions")
+        time.sleep(2)
         procs["b"].send_signal(signal.SIGKILL)   # mid-batch: notes are flowing, batches in flight
         procs["c"].send_signal(signal.SIGTERM)   # and back to 1
         assert procs["c"].wait(60) == 0, open(logs["c"]).read()[-3000:]
