@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 
 from notellm.train_data import LayerSplit, split_config
-from notellm.train_loop import TRAIN_CONFIG, TrainConfig, TrainError, load_train_config, train
+from notellm.train_loop import DTYPES, TRAIN_CONFIG, TrainConfig, TrainError, load_train_config, train
 
 # LayerSplit, load_train_config and TRAIN_CONFIG are re-exported for `notellm eval` and older imports
 __all__ = ["configure", "run", "add_split_args", "split_config_from_args", "config_from_args",
@@ -110,6 +110,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-pairs", type=int, default=d["eval_pairs"], help="held-out pairs for the curve's GCL loss")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=d["dtype"],
+                   help="bf16: the forward passes under bf16 autocast (GPU or CPU); the losses, weights and "
+                        "optimizer stay fp32. fp32: no autocast. auto (default): bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     add_split_args(p)

@@ -15,7 +15,10 @@ fields are the command's flags (`--max-steps` -> `max_steps`), with the same def
   known training partners of the anchor, other than its target, are masked (`mask_known`).
 - The temperature starts at scale 5 (`tau_init` ln 5) and has its own learning rate (`tau_lr`); the
   projection trains at `proj_lr`, the rest at `lr`.
-- AdamW with linear warmup then linear decay, gradient accumulation, bf16 autocast on GPU (fp32 on CPU).
+- AdamW with linear warmup then linear decay, gradient accumulation. `dtype` "bf16" runs the forward
+  passes (the decoder, the projection, CSFT's logits) under bf16 autocast, on the GPU or the CPU; the GCL's
+  similarity logits and the losses are computed in fp32, and the master weights, their gradients and the
+  optimizer stay fp32. "fp32" uses no autocast; the default "auto" is bf16 on CUDA and fp32 on the CPU.
   The schedule ends at the run's last step: one of `epochs`, `max_steps` or, with `time_budget_min`, the
   steps the budget holds at the step time measured over the first few steps (held-out evaluations
   included); the budget still stops a run that slows down.
@@ -66,6 +69,7 @@ CURVES_LOG = "curves.jsonl"
 CURVES_PLOT = "curves.png"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "trainer_state.pt"
+DTYPES = ("auto", "fp32", "bf16")
 TAU_INIT = math.log(5.0)  # scale 5 at the start (see `notellm.train.configure`)
 PLAN_AFTER_STEPS = 4  # a time-budgeted run sizes its schedule after this many steps (step 1 not timed)
 REPLAN_EVERY_STEPS = 25  # ... and re-sizes it this often (at each held-out evaluation when those are on)
@@ -124,6 +128,7 @@ class TrainConfig:
     eval_pairs: int = 256
     seed: int = 0
     device: str | None = None  # default cuda when available
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast of the forward passes)
     threads: int | None = None
     # the pair split (see `notellm.train_data.SPLIT_OPTIONS`)
     test_fraction: float = _SPLIT.test_fraction
@@ -399,8 +404,10 @@ class _Loop:
         import torch
 
         self.epoch_plan = (self.plan.total, self.plan.planned_by)  # what epochs / max_steps allow
-        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+        # bf16: the forward passes autocast; the losses, weights, gradients and AdamW's state stay fp32
+        bf16 = self.cfg.dtype == "bf16" or (self.cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                         if bf16 else nullcontext())
         self.timing = _Timing(self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else None)
 
     def train_mode(self) -> None:
@@ -489,7 +496,8 @@ class _Loop:
                     input_ids=ids, attention_mask=mask,
                     position_ids=self.split._pos(mask), use_cache=False).last_hidden_state
             emb, csft = model.heads(hidden, pos, labels if self.cfg.alpha > 0 else None)
-            parts = self.loss_fn(emb[: len(batch)], emb[len(batch):], csft, **corr)
+        # the loss outside autocast: the GCL's cosine logits in fp32 (bf16 keeps ~3 significant digits)
+        parts = self.loss_fn(emb[: len(batch)], emb[len(batch):], csft, **corr)
         (parts["loss"] / self.cfg.grad_accum).backward()
         return parts
 
@@ -649,6 +657,8 @@ def train(cfg: TrainConfig, *, progress: bool = True,
         cfg = cfg.resumed_from(resume_state["config"]["args"])
     if cfg.use_cache and cfg.freeze_layers <= 0:
         raise TrainError("--cache-frozen needs --freeze-layers > 0")
+    if cfg.dtype not in DTYPES:
+        raise TrainError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
 
     loop = set_up_run(cfg, out, device, fresh=resume_state is None, progress=progress, log=log)
     if resume_state is not None:
