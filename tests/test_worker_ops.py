@@ -145,6 +145,26 @@ def test_backfill_builds_new_collection_and_switches_alias(kafka_bootstrap, topi
     store.close()
 
 
+def test_a_stopped_backfill_exits_3_without_switching_the_alias(kafka_bootstrap, topics, milvus_uri):
+    """SIGTERM during a backfill (an evicted Job pod) must not look like success: exit 3, alias unchanged."""
+    import threading
+
+    from tests.fakes import FakeEncoder
+    from worker.backfill import STOPPED, backfill
+
+    s = settings_for(kafka_bootstrap, topics, milvus_uri, model={"generate": "none"})
+    produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(6)])
+    store = MilvusStore(milvus_uri, alias="notes")
+    old = FakeEncoder(dim=24, model_version="fake-v1")
+    store.ensure(old.dim, old.model_version)
+    before = store.resolve()
+    stop = threading.Event()
+    stop.set()
+    assert backfill(s, encoder=FakeEncoder(dim=24, model_version="fake-v4"), store=store, stop=stop) == STOPPED == 3
+    assert store.resolve() == before
+    store.close()
+
+
 def test_replay_and_backfill_do_not_dead_letter_input_errors_twice(kafka_bootstrap, topics, milvus_uri, encoder):
     from tests.fakes import FakeEncoder
     from worker.backfill import backfill

@@ -28,10 +28,13 @@ def _probe(s: Settings, log) -> Consumer:
                            log, "backfill:probe"))
 
 
+STOPPED = 3  # exit code: a stop request ended it before the alias switch
+
+
 def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_rounds: int = 10,
              stop: threading.Event | None = None) -> int:
-    """0 when the alias points at the new collection; the WorkerApp's code otherwise (a stop request
-    ends after the round in progress, without switching the alias)."""
+    """0 when the alias points at the new collection; the WorkerApp's code when a round failed; STOPPED (3)
+    when a stop request ended it after the round in progress, without switching the alias."""
     from worker.app import WorkerApp
     from worker.encoders import load_encoder
     from worker.logs import get_logger
@@ -78,8 +81,10 @@ def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_
                     log.error("backfill_failed", round=rnd, rc=rc, reason=app.exit_reason)
                     return rc
             if stop is not None and stop.is_set():
-                log.info("backfill_stopped", round=rnd, collection=target, alias_switched=False)
-                return 0
+                # Not done: the alias still points at the old collection. Non-zero, so a Kubernetes Job whose
+                # pod was evicted is retried rather than shown Complete (a rerun is idempotent: upserts).
+                log.warning("backfill_stopped", round=rnd, collection=target, alias_switched=False, rc=STOPPED)
+                return STOPPED
             start = end
             if todo <= catch_up:
                 break
