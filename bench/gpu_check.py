@@ -142,10 +142,10 @@ def preload_cuda() -> None:
     """ORT's CUDA provider dlopens libcublas/libcudnn/... by soname: load the ones torch's nvidia wheels
     carry (the device image has no system CUDA libraries on the loader path)."""
     import torch  # noqa: F401 - torch first: its CUDA libraries are then in the process
-    import onnxruntime as ort
 
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+    from worker.encoder import preload_cuda_libraries
+
+    preload_cuda_libraries()
 
 
 # --------------------------------------------------------------------------------------------- phase 2

@@ -67,7 +67,7 @@ def test_report_files(tmp_path):
 
 
 def test_shared_lower_layers_detects_trained_layers():
-    torch = pytest.importorskip("torch")
+    import torch
     from notellm.base_models import tiny_llama
     from notellm.evaluate import shared_lower_layers
     from notellm.model import NoteLLM

@@ -12,7 +12,7 @@ from worker import encoder as enc
 def gpu_runtime(monkeypatch):
     monkeypatch.setattr(enc.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     loaded: list[bool] = []
-    monkeypatch.setattr(enc, "_preload_cuda_libraries", lambda: loaded.append(True))
+    monkeypatch.setattr(enc, "preload_cuda_libraries", lambda: loaded.append(True))
     return loaded
 
 

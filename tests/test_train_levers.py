@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - the model tests need torch (the [model] extra); a missing one fails, never skips
 
 from notellm.base_models import tiny_llama  # noqa: E402
 from notellm.cli import main  # noqa: E402

@@ -71,7 +71,7 @@ def _no_cuda_driver() -> str | None:
         return str(e)
 
 
-def _preload_cuda_libraries() -> None:
+def preload_cuda_libraries() -> None:
     """onnxruntime-gpu with its `cuda`/`cudnn` extras (the GPU image) has CUDA and cuDNN in NVIDIA's
     wheels, which the dynamic loader does not search: load them first (ONNX Runtime >= 1.21). Skipped where
     those wheels are absent (system CUDA libraries on the loader path, or torch's already loaded)."""
@@ -93,14 +93,14 @@ def _choose_providers(device: str) -> list[str]:
         if why is not None:
             raise EncoderError(f"device='cuda' but no NVIDIA driver can be loaded ({why}): is a GPU assigned to "
                                "this pod/container (nvidia.com/gpu, --gpus)?")
-        _preload_cuda_libraries()
+        preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if "CUDAExecutionProvider" in available:
         why = _no_cuda_driver()
         if why is None:
-            _preload_cuda_libraries()
+            preload_cuda_libraries()
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         log.info("encoder.no_gpu", reason=f"no NVIDIA driver ({why})", providers=["CPUExecutionProvider"])
     return ["CPUExecutionProvider"]
