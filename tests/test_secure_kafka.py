@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.conftest import _free_port_block, run_kafka_script
@@ -106,6 +106,10 @@ def _produce(sk: SecureKafka, topic: str, docs: list[dict]) -> list[str]:
     return [d["note_id"] for d in docs]
 
 
+_COORDINATOR_MOVING = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                       KafkaError.COORDINATOR_NOT_AVAILABLE)
+
+
 def _consumer(sk: SecureKafka, group: str) -> Consumer:
     return Consumer(sk.conf(**{"group.id": group, "enable.auto.commit": False}))
 
@@ -120,6 +124,11 @@ def _committed_to_end(sk: SecureKafka, group: str, topic: str) -> bool:
     g = _consumer(sk, group)
     try:
         got = {tp.partition: tp.offset for tp in g.committed([TopicPartition(topic, p) for p in parts], timeout=10)}
+    except KafkaException as e:  # a fresh broker's group coordinator still loading (NOT_COORDINATOR): not yet
+        err = e.args[0] if e.args else None
+        if not (isinstance(err, KafkaError) and (err.retriable() or err.code() in _COORDINATOR_MOVING)):
+            raise
+        return False
     finally:
         g.close()
     return sum(ends.values()) > 0 and all(e == 0 or got.get(p, -1) >= e for p, e in ends.items())
