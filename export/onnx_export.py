@@ -274,11 +274,15 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
 
 
 def load_for_export(model_arg: str, *, cache_dir=None, seed: int = 0, dim: int = 128) -> NoteLLM:
-    """A saved NoteLLM directory, or a base model name ("smollm2", "tiny") / HF dir -> untrained NoteLLM
-    with a seeded projection."""
+    """A saved NoteLLM directory; an adapter directory (``notellm.adapter``: merged onto the base it names);
+    or a base model name ("smollm2", "tiny") / HF dir -> untrained NoteLLM with a seeded projection."""
+    from notellm.adapter import is_adapter_dir, load_adapter
+
     p = Path(model_arg)
     if (p / "notellm.json").exists() and (p / "projection.safetensors").exists():
         return NoteLLM.load(p).eval()
+    if is_adapter_dir(p):
+        return load_adapter(p, cache_dir=cache_dir)
     return NoteLLM.from_base(model_arg, dim=dim, seed=seed, cache_dir=cache_dir).eval()
 
 

@@ -380,6 +380,25 @@ def rewrite_reports(out_dir) -> None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+def kept_rows(results: dict, earlier: Path, *, replace: set[str]) -> None:
+    """Copy the rows of an earlier results.json into ``results`` (all but those in ``replace``), after
+    checking it measured the same thing: split configuration, pool, pair counts and k list."""
+    try:
+        old = json.loads(earlier.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {earlier}: {e}") from e
+    for key in ("split_config", "pool", "pairs", "ks"):
+        if old.get(key) != results[key]:
+            raise ValueError(f"{earlier} measured another {key} ({old.get(key)} here {results[key]})")
+    for name, row in old.get("models", {}).items():
+        if name not in replace:
+            results["models"][name] = row
+            if name in old.get("train_configs", {}):
+                results["train_configs"][name] = old["train_configs"][name]
+    results["kept_from"] = {"file": str(earlier), "command": old.get("command"),
+                            "rows": [n for n in old.get("models", {}) if n not in replace]}
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     from notellm.train import add_split_args
 
@@ -391,7 +410,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", action="store_true",
                    help="also SentenceBERT zero-shot, SentenceBERT fine-tuned on the train pairs, base LLM zero-shot")
     p.add_argument("--base", default=None, help="base LLM for the zero-shot baseline (default: the model's)")
-    p.add_argument("--out", default=None, help="output directory (default MODEL/eval)")
+    p.add_argument("--out", default=None, help="output directory (default MODEL/eval, or --add-to's)")
+    p.add_argument("--add-to", default=None, metavar="DIR",
+                   help="an earlier evaluation (DIR/results.json) of the same split and pool: its rows are kept "
+                        "and only the models given here are evaluated and added (or replaced)")
     p.add_argument("--ks", default=None, help="comma-separated k list (default: scaled to the pool)")
     p.add_argument("--gen-notes", type=int, default=200, help="test notes sampled for generation metrics (0=off)")
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -450,7 +472,7 @@ def run(args) -> int:
     notes = [ds.notes[n] for n in test_ids]
     buckets = exposure_buckets(test_ids, exp.split.train_counts)
     ks = [int(k) for k in args.ks.split(",")] if args.ks else scaled_ks(len(test_ids) - 1)
-    out = Path(args.out or (Path(models[0][1]) / "eval" if models else "eval"))
+    out = Path(args.out or args.add_to or (Path(models[0][1]) / "eval" if models else "eval"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"split: {json.dumps(exp.summary())}", file=sys.stderr)
     print(f"pool {len(test_ids)} notes, {len(exp.test_pairs)} pairs, k = {ks}", file=sys.stderr)
@@ -463,6 +485,12 @@ def run(args) -> int:
     cold = exp.cold_notes
     for b, sel in pair_groups(exp.test_pairs, buckets, cold).items():
         results["pairs"][b] = int(sel.sum())
+    if args.add_to:
+        try:
+            kept_rows(results, Path(args.add_to) / "results.json", replace={n for n, _ in models})
+        except ValueError as e:
+            print(f"notellm eval: --add-to: {e}", file=sys.stderr)
+            return 2
     if cold:
         print(f"cold-start holdout: {len(cold)} notes; test pairs warm {results['pairs']['warm']}, "
               f"cold {results['pairs']['cold']}", file=sys.stderr)

@@ -68,6 +68,7 @@ TRAIN_LOG = "train_log.jsonl"
 CURVES_LOG = "curves.jsonl"
 CURVES_PLOT = "curves.png"
 CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"  # a LoRA run's small artifact (notellm.adapter)
 CHECKPOINT_STATE = "trainer_state.pt"
 DTYPES = ("auto", "fp32", "bf16")
 TAU_INIT = math.log(5.0)  # scale 5 at the start (see `notellm.train.configure`)
@@ -397,6 +398,7 @@ class _Loop:
     micro_done: int = 0
     since_eval: dict = field(default_factory=dict)  # training loss parts since the last held-out evaluation
     last_eval_step: int | None = None
+    last_heldout: dict = field(default_factory=dict)  # the latest point of the held-out curve
     curves_f: Any = None
     log_f: Any = None
 
@@ -471,6 +473,7 @@ class _Loop:
                "scale": float(self.loss_fn.gcl.scale.detach()), "eval_s": round(time.time() - t0, 2)}
         self.curves_f.write(json.dumps(rec) + "\n")
         self.curves_f.flush()
+        self.last_heldout = rec
         self.last_eval_step, self.timing.eval_s = self.step, time.time() - t0
         kk = str(h.ks[-1])
         cold_txt = (f", cold pairs {100 * m['heldout_recall_cold'][kk]:.1f}" if "heldout_recall_cold" in m else "")
@@ -610,6 +613,17 @@ class _Loop:
                 self.micro_done = 0
         bar.close()
 
+    def save_adapter(self) -> None:
+        from notellm.adapter import save_adapter
+
+        cfg = self.cfg
+        extra = {"command": self.record.get("command"), "data": cfg.data, "steps": self.step,
+                 "split": self.record.get("split"), "heldout_at_end": self.last_heldout,
+                 "held_out_notes": sorted(getattr(self.data.exp, "cold_notes", ()) or ())}
+        d = save_adapter(self.model, self.out / ADAPTER_DIR, lora_r=cfg.lora_r,
+                         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, base=cfg.base, extra=extra)
+        self.log(f"saved the adapter {d} ({sum(f.stat().st_size for f in d.iterdir()) / 1e6:.1f} MB)")
+
     def finish(self) -> float:
         """After the last step: the closing held-out point and the curves' plot, a last checkpoint, the
         model (LoRA merged) saved to OUT; returns the training seconds. train_config.json is the caller's."""
@@ -625,6 +639,8 @@ class _Loop:
                 self.log(f"could not draw {self.out / CURVES_PLOT}: {e}")
         self.save_checkpoint()
         self.model.eval()
+        if self.cfg.lora_r > 0:  # the small artifact `notellm export` merges onto the base (notellm.adapter)
+            self.save_adapter()
         merge_lora(self.model)
         with _transformers_progress(self.progress):
             self.model.to("cpu").save(self.out)

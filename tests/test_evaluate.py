@@ -128,3 +128,22 @@ def test_recall_se_is_clustered_by_query():
     se = recall_se(ranks, ["a", "b", "c", "d"], [1])["1"]
     assert se == pytest.approx(np.sqrt(4 / 3 * 4 * 0.25) / 4)
     assert np.isnan(recall_se(ranks, ["a"] * 4, [1])["1"])  # one cluster: no standard error
+
+
+def test_add_to_keeps_the_rows_of_the_same_measurement_only(tmp_path):
+    from notellm.evaluate import kept_rows
+
+    same = {"split_config": {"seed": 0}, "pool": 50, "pairs": {"all": 10}, "ks": [1, 5]}
+    earlier = {**same, "command": "notellm eval ...", "train_configs": {"NoteLLM": {"steps_done": 3}},
+               "models": {"Popularity": {"r": 1}, "NoteLLM": {"r": 2}, "SentenceBERT zero-shot": {"r": 3}}}
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps(earlier))
+    res = {**same, "models": {}, "train_configs": {}}
+    kept_rows(res, f, replace={"NoteLLM"})
+    assert list(res["models"]) == ["Popularity", "SentenceBERT zero-shot"] and res["train_configs"] == {}
+    assert res["kept_from"]["rows"] == ["Popularity", "SentenceBERT zero-shot"]
+    for key, other in (("pool", 51), ("ks", [1, 10]), ("split_config", {"seed": 1}), ("pairs", {"all": 9})):
+        with pytest.raises(ValueError, match=key):
+            kept_rows({**same, key: other, "models": {}, "train_configs": {}}, f, replace=set())
+    with pytest.raises(ValueError, match="cannot read"):
+        kept_rows(res, tmp_path / "missing.json", replace=set())

@@ -170,7 +170,7 @@ def test_cpu_tiny_rehearsal_writes_results_curves_and_run_json(tmp_path):
         assert "-m notellm.cli train" in cmd and "--freeze-layers 0" in cmd and "--lora-r 0" in cmd
         assert "--dtype bf16" in cmd and "--proj-init whiten" in cmd and "--time-budget-min" in cmd
         assert steps[name]["train"]["steps_done"] == 6
-    assert "--alpha 0.0" in steps["train-a0"]["command"] and "--alpha 0.1" in steps["train"]["command"]
+    assert "--alpha 0.0" in steps["train-a0"]["command"] and "--alpha 1.0" in steps["train"]["command"]
     assert "--baselines" in steps["eval"]["command"] and "--gen-notes 5" in steps["eval"]["command"]
     assert run["env"]["torch"] and run["env"]["cuda_available"] in (True, False) and run["env"]["transformers"]
     assert run["plan"]["trainings"] == 2 and run["mode"] == "cpu-tiny"

@@ -104,6 +104,15 @@ def test_frozen_cache_lora_and_resume(toy_data, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     m = NoteLLM.load(out)  # LoRA merged: a plain model
     assert not any("lora_" in n for n, _ in m.named_parameters())
+    # ... and the small artifact beside it, merged onto the base it names, is the same model
+    from notellm.adapter import load_adapter, read_adapter_config
+
+    acfg = read_adapter_config(out / "adapter")
+    assert acfg["base"] == "tiny" and acfg["steps"] == 5 and acfg["layers"] == [1] and acfg["lora_r"] == 4
+    merged = load_adapter(out / "adapter")
+    notes = list(_notes().values())[:4]
+    a, b = m.embed_notes(notes), merged.embed_notes(notes)
+    assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()  # fp16 factors
 
 
 def test_whitening_projection_centres_without_a_bias():

