@@ -43,6 +43,7 @@ log = logging.getLogger("notellm.export")
 MANIFEST_FILE = "notellm.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+CATEGORIES_FILE = "categories.json"  # the closed category set, when the model has one (part of model_version)
 PACKAGE_FORMAT = "notellm-onnx/1"
 OPSET = 20
 INT8_BLOCK_SIZE = 128
@@ -245,6 +246,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "graph": graph_files[0],
         "graph_files": graph_files,
         "tokenizer": TOKENIZER_FILE,
+        "categories": CATEGORIES_FILE if model.categories else None,
         "dtype": dtype,
         "kv_dtype": "float16" if dtype == "fp16" else "float32",
         "quantization": quantization,
@@ -322,7 +324,11 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
-    version = content_hash(stage, files + [TOKENIZER_FILE])
+    hashed = files + [TOKENIZER_FILE]
+    if model.categories:
+        (stage / CATEGORIES_FILE).write_text(json.dumps(list(model.categories), ensure_ascii=False, indent=1) + "\n")
+        hashed.append(CATEGORIES_FILE)
+    version = content_hash(stage, hashed)
     manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
                               model_version=version)
     (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

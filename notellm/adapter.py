@@ -7,8 +7,9 @@ A LoRA run (``notellm train --lora-r R``) writes ``<out>/adapter/`` beside the m
   ``projection.weight`` [dim, hidden]; ``emb_row`` [hidden], the ``[EMB]`` token's input-embedding row.
   fp16 for the LoRA factors (the merge multiplies them in fp32), fp32 for the projection and the row.
 - ``adapter.json``: format, the base it was trained on (name and a fingerprint of its token embeddings, so
-  an adapter is never merged onto another model), the LoRA scale, the prompt configuration, and whatever
-  the run wants kept with it (its command, its metrics, the notes it held out).
+  an adapter is never merged onto another model), the LoRA scale, the prompt configuration, the closed
+  category set CSFT taught (the category task is decoded within it), and whatever the run wants kept with
+  it (its command, its metrics, the notes it held out).
 
 Merging is plain arithmetic (``W += scale * B @ A``), with no PEFT dependency: the artifact's names are the
 base model's own module names, so it does not depend on how a PEFT version spells its wrappers. The
@@ -98,6 +99,7 @@ def save_adapter(model: NoteLLM, directory: str | os.PathLike, *, lora_alpha: fl
         "dim": model.dim,
         "prompt": model.prompt_config.to_dict(),
         "max_length": model.max_length,
+        "categories": list(model.categories),
         **(extra or {}),
     }
     (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
@@ -134,6 +136,7 @@ def load_adapter(directory: str | os.PathLike, *, cache_dir=None, dtype: torch.d
         raise AdapterError(f"{d}: trained on a base with fingerprint {cfg.get('base_fingerprint')}, "
                            f"but {cfg['base']!r} here has {fp}: not the same model")
     merge_factors(model.lm, tensors, float(cfg["scale"]))
+    model.set_categories(cfg.get("categories") or ())
     with torch.no_grad():
         row = model.lm.get_input_embeddings().weight[model.emb_token_id]
         if row.shape != emb_row.shape or not torch.allclose(row.float(), emb_row, atol=1e-6):

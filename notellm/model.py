@@ -57,6 +57,7 @@ from notellm.prompts import (
     EMB_TOKEN,
     PROMPT_VERSION,
     EncodedPrompt,
+    LabelTrie,
     NoteLike,
     PromptConfig,
     PromptEncoder,
@@ -105,7 +106,8 @@ def _unwrap_peft(lm: nn.Module) -> nn.Module:
 class NoteLLM(nn.Module):
     def __init__(self, lm: nn.Module, tokenizer: Any, *, dim: int = 128,
                  prompt_config: PromptConfig | None = None, base_model_id: str = "",
-                 max_length: int = 512, projection: nn.Linear | None = None, seed: int = 0):
+                 max_length: int = 512, projection: nn.Linear | None = None, seed: int = 0,
+                 categories: Sequence[str] = ()):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
@@ -124,6 +126,7 @@ class NoteLLM(nn.Module):
             projection.to(dtype=next(lm.parameters()).dtype)
         self.proj = projection
         self.prompts = PromptEncoder(tokenizer, self.prompt_config, eos_token_id=self.eos_token_id)
+        self.set_categories(categories)
 
     # ----------------------------------------------------------------------------------- construction
     def _ensure_emb_token(self) -> None:
@@ -161,6 +164,12 @@ class NoteLLM(nn.Module):
         return cls(model, tokenizer, dim=dim, prompt_config=prompt_config,
                    base_model_id=base_model_id or str(getattr(model.config, "_name_or_path", "")),
                    max_length=max_length, seed=seed)
+
+    def set_categories(self, categories: Sequence[str]) -> None:
+        """The closed category set the model was trained on (empty: open). When set, the category task is
+        decoded within it (`LabelTrie`), here and in the exported package."""
+        self.categories: tuple[str, ...] = tuple(sorted({c for c in categories if c and c.strip()}))
+        self.category_trie = LabelTrie.for_labels(self.tokenizer, self.categories) if self.categories else None
 
     # ------------------------------------------------------------------------------------- properties
     @property
@@ -295,15 +304,21 @@ class NoteLLM(nn.Module):
 
     @torch.no_grad()
     def generate_notes(self, notes: Sequence[NoteLike], task: str = "category", *, max_new_tokens: int = 16,
-                       batch_size: int = 16) -> tuple[torch.Tensor, list[str]]:
+                       batch_size: int = 16, constrain: bool = True) -> tuple[torch.Tensor, list[str]]:
         """Reference greedy decoding with Hugging Face ``generate`` (left padding). Returns the note
         vectors (read from generate's own prefill, so each note is prefilled once) and each note's raw
-        output text cut at the closing quote (EOS removed)."""
+        output text cut at the closing quote (EOS removed). The category task is decoded within
+        ``categories`` when the model has them (and ``constrain``)."""
         embs, texts = [], []
         decoder = self.lm.get_decoder()
+        trie = self.category_trie if constrain and task == "category" else None
         for s in range(0, len(notes), batch_size):
             b = self.tokenize_notes(notes[s:s + batch_size], task, padding_side="left", device=self.device)
             captured: list[torch.Tensor] = []
+            start = b.input_ids.shape[1]
+
+            def allowed(_row, ids, trie=trie, start=start):
+                return trie.allowed(ids[start:].tolist()) or [self.eos_token_id]
 
             def grab(_module, _args, output, b=b, captured=captured):
                 if not captured:  # the first decoder call is the prefill over the whole prompt
@@ -315,7 +330,7 @@ class NoteLLM(nn.Module):
                 gen = self.lm.generate(
                     input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
                     max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
+                    pad_token_id=self.pad_token_id, prefix_allowed_tokens_fn=allowed if trie is not None else None,
                 )[:, b.input_ids.shape[1]:]
             finally:
                 handle.remove()
@@ -340,6 +355,7 @@ class NoteLLM(nn.Module):
             "emb_token_id": self.emb_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
+            "categories": list(self.categories),
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -376,6 +392,6 @@ class NoteLLM(nn.Module):
         proj.to(dtype=next(lm.parameters()).dtype)
         m = cls(lm, tok, dim=w.shape[0], prompt_config=PromptConfig.from_dict(cfg.get("prompt")),
                 base_model_id=cfg.get("base_model_id", ""), max_length=cfg.get("max_length", 512),
-                projection=proj)
+                projection=proj, categories=cfg.get("categories") or ())
         m.eval()
         return m.to(device) if device is not None else m

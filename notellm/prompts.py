@@ -318,6 +318,43 @@ class PromptEncoder:
         return EncodedPrompt(len(instr), prefix, cont_ids, target_ids)
 
 
+# ------------------------------------------------------------------------------- closed category sets
+class LabelTrie:
+    """A closed category set as token sequences, for constrained greedy decoding of the category task.
+
+    Each label's sequence is what CSFT trained the model to write after the opening quote:
+    ``encode(category_target(label) + '"')`` (no EOS: the token holding the closing quote ends the output,
+    as in unconstrained decoding). At every step the decoder takes the most likely token among
+    ``allowed(generated so far)``, so the output is always one of the labels, spelled as in training.
+    The torch reference (``NoteLLM.generate_notes``) and the ONNX worker use this same class."""
+
+    def __init__(self, sequences: Iterable[Sequence[int]]):
+        self._root: dict[int, dict] = {}
+        self.size = 0
+        for seq in sequences:
+            if not seq:
+                continue
+            node = self._root
+            for t in seq:
+                node = node.setdefault(int(t), {})
+            self.size += 1
+
+    @classmethod
+    def for_labels(cls, tok: Any, labels: Iterable[str]) -> "LabelTrie":
+        t = as_text_tokenizer(tok)
+        targets = {category_target(x) for x in labels if x and category_target(x)}
+        return cls(t.encode(x + OUTPUT_QUOTE) for x in sorted(targets))
+
+    def allowed(self, generated: Sequence[int]) -> list[int]:
+        """The tokens that continue some label after ``generated`` ([] past a label's end or off the set)."""
+        node = self._root
+        for t in generated:
+            node = node.get(int(t))
+            if node is None:
+                return []
+        return sorted(node)
+
+
 # ------------------------------------------------------------------------------------------------ parsing
 def cut_output(text: str) -> str:
     """The generated output up to (not including) the closing quote."""

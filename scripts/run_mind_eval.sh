@@ -7,8 +7,9 @@
 #   scripts/run_mind_eval.sh                            # from the repo root, venv active
 #   DATA=/path/to/mind-small-sample scripts/run_mind_eval.sh
 #
-# Same CPU choices as the MovieLens run: lower 24 of 30 layers frozen and cached, LoRA r=16 on the top 6,
-# content (the abstract) cut to 48 tokens, at most one epoch and 6 minutes of training per variant.
+# The recipe of scripts/run_amazon_eval.sh (scripts/eval-run.sh): lower 28 of 30 layers frozen and cached,
+# LoRA r=32 on the top 2, content (the abstract) cut to 48 tokens, at most one epoch and 6 minutes of
+# training per variant.
 set -euo pipefail
 DATA=${DATA:-../shared/data/mind-small-sample}
 RUNS=${RUNS:-runs/mind}

@@ -7,9 +7,10 @@
 #   DATA=/path/to/movielens-latest-small scripts/run_movielens_eval.sh
 #
 # CPU budget choices (see docs/results/README.md): training pairs restricted to 600 notes (~2.7k pairs,
-# one epoch), test pool of 500 notes, embeddings + the lower 24 of 30 layers frozen and their outputs
-# cached once per note (shared by both runs), LoRA r=16 on the top 6 layers, content cut to 48 tokens,
-# at most 12 minutes of training per variant (BUDGET_MIN=... to change; one epoch is 169 steps).
+# one epoch), test pool of 500 notes, 10 % of the notes held out of training (cold start), embeddings +
+# the lower 28 of 30 layers frozen and their outputs cached once per note (shared by both runs), LoRA r=32
+# on the top 2 layers (the recipe of scripts/run_amazon_eval.sh, in scripts/eval-run.sh), content cut to
+# 48 tokens, at most one epoch or 12 minutes of training per variant (BUDGET_MIN=... to change).
 set -euo pipefail
 DATA=${DATA:-../shared/data/movielens-latest-small}
 RUNS=${RUNS:-runs/movielens}

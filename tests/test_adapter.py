@@ -28,12 +28,14 @@ def _adapted(seed: int = 0) -> NoteLLM:
 
 def test_round_trip_is_the_merged_model(tmp_path):
     m = _adapted()
+    m.set_categories(["Sports", "Movies"])
     d = save_adapter(m, tmp_path / "adapter", lora_r=4, lora_alpha=8, base="tiny", extra={"steps": 7})
     assert is_adapter_dir(d) and not is_adapter_dir(tmp_path)
     cfg = json.loads((d / CONFIG_FILE).read_text())
     assert cfg["scale"] == 2.0 and cfg["layers"] == [1] and cfg["modules"] == 7 and cfg["steps"] == 7
     merge_lora(m)
     loaded = load_adapter(d)
+    assert loaded.categories == ("Movies", "Sports")  # the set CSFT taught travels with the adapter
     notes = list(NOTES)
     assert torch.allclose(m.embed_notes(notes), loaded.embed_notes(notes), atol=1e-5)
     base = NoteLLM.from_base("tiny").embed_notes(notes)

@@ -58,9 +58,13 @@ def test_report_files(tmp_path):
         res["models"][name] = r
     res["models"]["m2"]["generation"] = {"category_accuracy": 0.5, "category_notes": 2, "hashtag_precision": 0.25,
                                          "hashtag_recall": float("nan"), "hashtag_notes": 0}
+    res["models"]["m1"]["generation"] = {"category_accuracy": 0.75, "category_notes": 4, "category_accuracy_open": 0.5,
+                                         "category_in_set_open": 0.25, "hashtag_precision": 0.1,
+                                         "hashtag_recall": 0.2, "hashtag_notes": 4}
     md = markdown_report(res)
     # R@1 = 1/3; clustered by query (A: 1 hit of 2 pairs, C: 0 of 1): se = sqrt(2 * 2/9) / 3 = 2/9
-    assert "| m1 | 33.3 ± 22.2 | 100.0 ± 0.0 |" in md and "| m2 | 50.0 (n=2) | 25.0 | – (n=0) |" in md
+    assert "| m1 | 33.3 ± 22.2 | 100.0 ± 0.0 |" in md and "| m2 | 50.0 (n=2) | 50.0 | – | 25.0 | – (n=0) |" in md
+    assert "| m1 | 75.0 (n=4) | 50.0 | 25.0 | 10.0 | 20.0 (n=4) |" in md  # closed set: as served, then free
     plot_recall(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     json.dumps(res, default=str)

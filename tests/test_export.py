@@ -121,11 +121,47 @@ def test_trained_default_exports_and_writes_real_categories(tmp_path):
     held = [data.notes[i] for i in cfg["held_out_notes"][:24] if data.notes[i].category]
     enc = OnnxNoteEncoder(str(out), device="cpu", max_new_tokens=16)
     vec, cats, tags = enc.embed_and_generate(held, "both")
-    valid = [c for c in cats if c in taxonomy]
+    assert set(cats) <= set(cfg["categories"]) <= taxonomy, cats  # decoded within the set it was taught
     right = sum(c == n.category for c, n in zip(cats, held))
-    assert len(valid) >= 0.8 * len(held), cats  # the format and the label set are learned
-    assert right >= 0.2 * len(held), list(zip(cats, (n.category for n in held)))  # measured ~42 %; chance 4 %
+    assert right >= 0.25 * len(held), list(zip(cats, (n.category for n in held)))  # measured ~50 %; chance 4 %
+    _, free, _ = OnnxNoteEncoder(str(out), device="cpu", constrain_categories=False).embed_and_generate(
+        held, "category")
+    assert sum(c in taxonomy for c in free) >= 0.7 * len(held), free  # free text: the format is learned too
     assert sum(bool(t) for t in tags) >= 0.8 * len(held), tags
     sims = vec @ vec.T
     off = sims[~np.eye(len(held), dtype=bool)]
     assert off.mean() < 0.5 and off.max() - off.min() > 0.5, (off.mean(), off.min(), off.max())
+
+def test_a_closed_category_set_travels_with_the_package(tmp_path):
+    """A model that knows its category set: the package carries it (categories.json, part of
+    model_version), torch and the worker's ONNX encoder both decode the category within it (the export's
+    validation compares the two), and `constrain_categories=False` gives free text again."""
+    from export.onnx_export import CATEGORIES_FILE, TOKENIZER_FILE, export_package
+    from notellm.model import NoteLLM
+    from worker.encoder import EncoderError
+
+    cats = ["Movies", "Science & Tech", "Sports news"]
+    m = NoteLLM.from_base("tiny").eval()
+    m.set_categories(cats + ["Movies", " "])
+    assert m.categories == tuple(cats)
+    m.save(tmp_path / "saved")
+    assert NoteLLM.load(tmp_path / "saved").categories == tuple(cats)
+    pkg = tmp_path / "pkg"
+    man = export_package(m, pkg)
+    assert man["categories"] == CATEGORIES_FILE and json.loads((pkg / CATEGORIES_FILE).read_text()) == cats
+    assert man["validation"]["passed"] and man["validation"]["metrics"]["generation_agreement"] == 1.0
+    assert man["model_version"] != content_hash(pkg, man["graph_files"] + [TOKENIZER_FILE])
+    notes = list(NOTES)
+    _, got, _ = OnnxNoteEncoder(pkg, device="cpu").embed_and_generate(notes, "category")
+    assert all(c in cats for c in got), got
+    _, ref = m.generate_notes(notes, "category")
+    assert [r.strip() for r in ref] == got
+    _, free, _ = OnnxNoteEncoder(pkg, device="cpu", constrain_categories=False).embed_and_generate(notes, "category")
+    assert any(c not in cats for c in free), free  # a random tiny model writes anything when let
+    (pkg / CATEGORIES_FILE).write_text('["Movies", 3]')
+    with pytest.raises(EncoderError, match="category names"):
+        OnnxNoteEncoder(pkg, device="cpu")
+    man["categories"] = "../../etc/passwd"
+    (pkg / MANIFEST_FILE).write_text(json.dumps(man))
+    with pytest.raises(EncoderError, match="not a file name"):
+        OnnxNoteEncoder(pkg, device="cpu")

@@ -132,3 +132,21 @@ def test_prompt_config_round_trip():
     assert cfg.version == PROMPT_VERSION
     with pytest.raises(ValueError):
         PromptConfig.from_dict({"version": "other"})
+
+
+def test_label_trie_spells_each_label_as_csft_trained_it(tok):
+    from notellm.prompts import LabelTrie, category_target
+
+    labels = ["Sports", "Sports news", "Science & Tech", 'Say "hi"', ""]
+    trie = LabelTrie.for_labels(tok, labels)
+    assert trie.size == 4  # the empty label is no label
+    enc = PromptEncoder(tok, PromptConfig(), eos_token_id=0)
+    for label in labels[:4]:
+        # the CSFT target of that category, without its EOS: a path of the trie from the root to a leaf
+        target = enc.encode(NoteText("t", "c"), "category", target=category_target(label)).target_ids[:-1]
+        for i, t in enumerate(target):
+            assert t in trie.allowed(target[:i]), (label, i)
+        assert trie.allowed(target) == []
+    assert trie.allowed([10**6]) == []  # off the set
+    first = trie.allowed([])
+    assert first == sorted(first) and len(first) <= 3  # "S..." shared where the tokens are

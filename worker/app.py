@@ -121,7 +121,8 @@ class WorkerApp:
             self._encoder = load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
                                          max_batch_notes=s.batch.max_batch_notes,
                                          max_batch_tokens=s.batch.max_batch_tokens, max_new_tokens=m.max_new_tokens,
-                                         isolation=m.isolation, log=(s.log.format, s.log.level))
+                                         isolation=m.isolation, categories=m.categories,
+                                         log=(s.log.format, s.log.level))
             self._own_encoder = True
             self._opened.append(self._encoder.close)
         enc = self.encoder = self._encoder

@@ -141,6 +141,9 @@ class ModelSettings(BaseModel):
     generate: Literal["none", "category", "hashtags", "both"] = Field(
         "both", description="what the model writes besides the vector (both costs about two category calls)")
     max_new_tokens: int = Field(16, ge=1, le=128, description="longest generated category / hashtag list")
+    categories: Literal["package", "open"] = Field(
+        "package", description="package: when the package lists the category set its model was trained on "
+                               "(categories.json), the category is decoded within that set; open: free text")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when onnxruntime-gpu and an NVIDIA driver are present, else CPU; cuda "
                             "without them is a start-up error")

@@ -41,8 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, NoteLike, NoteText, cut_output, parse_category,
-                             parse_hashtags)
+from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, LabelTrie, NoteLike, NoteText, cut_output,
+                             parse_category, parse_hashtags)
 from worker.encoding import GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, padded_tokens
 from worker.logs import get_logger
 from worker.prompt_tokens import PromptTokenizer
@@ -111,7 +111,8 @@ class OnnxNoteEncoder:
 
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
-                 share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None):
+                 share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None,
+                 constrain_categories: bool = True):
         self.model_dir = Path(model_dir)
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
@@ -160,6 +161,12 @@ class OnnxNoteEncoder:
         for i in m.get("stop_token_ids", [self.eos_id]):
             self._stop_mask[int(i)] = True
 
+        # The closed category set of the package (categories.json): the category task is decoded within it
+        # (`LabelTrie`, the rule the torch reference and the export's validation use) unless turned off.
+        self.categories: tuple[str, ...] = self._read_categories(m.get("categories"))
+        self._category_trie = (LabelTrie.for_labels(self.tokenizer, self.categories)
+                               if self.categories and constrain_categories else None)
+
         self.num_layers = int(m["num_layers"])
         self.num_kv_heads = int(m["num_kv_heads"])
         self.head_dim = int(m["head_dim"])
@@ -170,6 +177,19 @@ class OnnxNoteEncoder:
         self._intra_op_threads = int(intra_op_threads)
         self.session: ort.InferenceSession | None = None
         self._open_session()
+
+    def _read_categories(self, name: Any) -> tuple[str, ...]:
+        if not name:
+            return ()
+        if not isinstance(name, str) or Path(name).name != name:
+            raise EncoderError(f"{self.model_dir}: manifest categories {name!r} is not a file name in the package")
+        try:
+            cats = json.loads((self.model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EncoderError(f"{self.model_dir / name}: {e}") from e
+        if not isinstance(cats, list) or not cats or not all(isinstance(c, str) and c.strip() for c in cats):
+            raise EncoderError(f"{self.model_dir / name}: not a non-empty list of category names")
+        return tuple(cats)
 
     def _open_session(self) -> None:
         """(Re)create the ORT session; the encoder counts as closed until it succeeds."""
@@ -377,7 +397,8 @@ class OnnxNoteEncoder:
         # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
         for idx in self._batches([len(instruction) + len(s) + extra for s in segments]):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
-                                     None if shared is None else self._prefix_past(task, len(idx)))
+                                     None if shared is None else self._prefix_past(task, len(idx)),
+                                     trie=self._category_trie if task == "category" else None)
             vecs[idx] = v
             for k, i in enumerate(idx):
                 out_ids[i] = gen[k]
@@ -409,10 +430,12 @@ class OnnxNoteEncoder:
         return past
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
-                   shared: list[Any] | None = None) -> tuple[np.ndarray, list[list[int]]]:
+                   shared: list[Any] | None = None, *, trie: LabelTrie | None = None
+                   ) -> tuple[np.ndarray, list[list[int]]]:
         """Prefill ``prefixes`` (left-padded, so every row ends at the last position) after the optional
-        shared KV, then greedy-decode when a continuation is given. With a shared prefix the padding sits
-        between the shared part and the note; the graph's mask and position ids make that exact."""
+        shared KV, then greedy-decode when a continuation is given (within ``trie``'s labels when given).
+        With a shared prefix the padding sits between the shared part and the note; the graph's mask and
+        position ids make that exact."""
         B = len(prefixes)
         T = max(len(p) for p in prefixes)
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
@@ -437,6 +460,10 @@ class OnnxNoteEncoder:
         done = np.zeros(B, dtype=bool)
         for step in range(self.max_new_tokens):
             nxt = logits.argmax(-1).astype(np.int64)
+            if trie is not None:  # the best token that continues some label; past a label's end, EOS
+                for r in np.flatnonzero(~done):
+                    allowed = trie.allowed(generated[r])
+                    nxt[r] = allowed[int(np.argmax(logits[r, allowed]))] if allowed else self.eos_id
             nxt[done] = self.pad_id
             for r in np.flatnonzero(~done):
                 tok = int(nxt[r])

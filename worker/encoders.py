@@ -46,14 +46,18 @@ def load_encoder(model_dir: str | Path, *, device: str = "auto", intra_op_thread
                  max_batch_notes: int | Literal["auto"] = DEFAULT_BATCH_NOTES,
                  max_batch_tokens: int | Literal["auto"] = DEFAULT_BATCH_TOKENS, max_new_tokens: int = 16,
                  isolation: Literal["process", "thread"] = "thread", log: tuple[str, str] | None = None,
-                 factory: str | None = None) -> Encoder:
+                 factory: str | None = None, categories: Literal["package", "open"] = "package") -> Encoder:
     """An `Encoder` for the package in `model_dir`. `isolation="process"`: a `ProcessEncoder` (its child
     logs with `log` = (format, level)); "thread": the engine itself, in this process. `factory`
     ("module:callable", default OnnxNoteEncoder) builds the engine from (model_dir, **options).
-    "auto" limits start at `resolve_limits` (calibration may change them later, `set_batch_limits`)."""
+    "auto" limits start at `resolve_limits` (calibration may change them later, `set_batch_limits`).
+    `categories="open"` turns off decoding the category within the package's category set; a custom
+    engine (`factory`) receives the option only when it is not the default."""
     max_batch_notes, max_batch_tokens = resolve_limits(max_batch_notes, max_batch_tokens)
     kw = dict(device=device, intra_op_threads=intra_op_threads, max_batch_notes=max_batch_notes,
               max_batch_tokens=max_batch_tokens, max_new_tokens=max_new_tokens)
+    if categories != "package" or factory is None:
+        kw["constrain_categories"] = categories == "package"
     if isolation == "process":
         from worker.encoder_process import DEFAULT_FACTORY, ProcessEncoder
 
