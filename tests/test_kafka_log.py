@@ -257,3 +257,24 @@ def test_redrive_against_a_dead_broker_prints_a_clear_error_not_a_flood():
     logged = [json.loads(ln) for ln in lines[:-1]]  # everything else is a JSON log line
     assert all(e["event"] in ("command_starting", "kafka_error", "kafka_client_log", "kafka_errors_repeated")
                for e in logged), logged
+
+
+def test_a_security_error_is_reported_the_same_way_by_every_command():
+    import io
+
+    from worker.kafka_log import AUTHENTICATION_FAILED, KafkaSecurityError
+
+    lines = []
+
+    class Log:
+        def error(self, event, **kw):
+            lines.append((event, kw))
+
+    e = KafkaSecurityError(AUTHENTICATION_FAILED, "worker:consumer", "_AUTHENTICATION", "SASL PLAIN refused")
+    out = io.StringIO()
+    e.report(Log(), "b:9093", command="notellm smoke", stream=out, security_protocol="SASL_SSL")
+    assert lines == [("kafka_security_error", {"bootstrap": "b:9093", "security_protocol": "SASL_SSL",
+                                               **e.log_fields()})]
+    assert out.getvalue() == f"notellm smoke: Kafka at b:9093: {AUTHENTICATION_FAILED} ({e.hint})\n"
+    e.report(Log(), "b:9093")  # the long-running worker: the log line only
+    assert len(lines) == 2

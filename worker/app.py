@@ -294,8 +294,7 @@ class WorkerApp:
             self.log.error("collection_mismatch", error=str(e))
             rc, self.exit_reason = 2, f"collection mismatch: {e}"
         except KafkaSecurityError as e:  # credentials refused / certificate untrusted: retrying cannot help
-            self.log.error("kafka_security_error", bootstrap=self.s.kafka.bootstrap_servers,
-                           security_protocol=self.s.kafka.security_protocol, **e.log_fields())
+            e.report(self.log, self.s.kafka.bootstrap_servers, security_protocol=self.s.kafka.security_protocol)
             rc, self.exit_reason = 2, f"Kafka {e.cause}"
         except Exception as e:  # noqa: BLE001 - a bug or a fatal client error: report it, exit non-zero
             refused = _config_refused(e)

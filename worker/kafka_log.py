@@ -39,9 +39,10 @@ name the broker, the mechanism and the TLS error, never the password.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, TextIO
 
 from confluent_kafka import KafkaError
 
@@ -75,6 +76,14 @@ class KafkaSecurityError(Exception):
     def log_fields(self) -> dict:
         """The fields of the one error line a command writes for it."""
         return {"cause": self.cause, "client": self.client, "code": self.code, "error": self.detail, "hint": self.hint}
+
+    def report(self, log: Any, bootstrap: str, *, command: str | None = None, stream: TextIO | None = None,
+               **fields: Any) -> None:
+        """What every command does with it: the one `kafka_security_error` line (plus `fields`) and, for a
+        short-lived command, one line for a person naming the cause and the fix (on `stream`, stderr)."""
+        log.error("kafka_security_error", bootstrap=bootstrap, **fields, **self.log_fields())
+        if command:
+            print(f"{command}: Kafka at {bootstrap}: {self.cause} ({self.hint})", file=stream or sys.stderr)
 
 
 def security_failure(err: KafkaError) -> str | None:

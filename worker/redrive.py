@@ -62,10 +62,7 @@ def run(args, *, settings, stop: threading.Event | None = None) -> int:
     except KafkaSecurityError as e:
         from worker.logs import get_logger
 
-        get_logger("notellm.redrive").error("kafka_security_error", bootstrap=settings.kafka.bootstrap_servers,
-                                            **e.log_fields())
-        print(f"notellm worker redrive: Kafka at {settings.kafka.bootstrap_servers}: {e.cause} ({e.hint})",
-              file=sys.stderr)
+        e.report(get_logger("notellm.redrive"), settings.kafka.bootstrap_servers, command="notellm worker redrive")
         return 2
     except KafkaException as e:
         err = e.args[0] if e.args else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
                 got = json.loads(msg.value())
         consumer.close()
     except KafkaSecurityError as e:
-        log.error("kafka_security_error", bootstrap=s.kafka.bootstrap_servers, **e.log_fields())
-        print(f"notellm smoke: Kafka at {s.kafka.bootstrap_servers}: {e.cause} ({e.hint})")
+        e.report(log, s.kafka.bootstrap_servers, command="notellm smoke", stream=sys.stdout)
         return 2
     except KafkaException as e:
         log.error("kafka_unreachable", error=str(e), bootstrap=s.kafka.bootstrap_servers)
