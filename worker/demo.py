@@ -7,9 +7,10 @@
 3. publish ~100 notes to notes.published and show the worker catching up: Amazon Industrial & Scientific
    products that the default model never saw in training (its artifact lists them), or MIND news
    (`--data .../news.tsv`);
-4. publish one more note and measure publish → searchable (polling the worker's /similar endpoint),
+4. read the generated categories back (/notes/{id}) and count how many match the data's own;
+5. publish one more note and measure publish → searchable (polling the worker's /similar endpoint),
    then print its neighbours and generated category/hashtags beside the data's own;
-5. stop the worker with SIGTERM (it finishes, flushes, commits, exits 0).
+6. stop the worker with SIGTERM (it finishes, flushes, commits, exits 0).
 The broker must be running (`scripts/kafka start`; scripts/demo does it)."""
 from __future__ import annotations
 
@@ -119,6 +120,32 @@ def ensure_package(model: Path, source: str) -> int:
     if rc == 0:
         stamp_file.write_text(stamp + "\n")
     return rc
+
+
+def report_categories(base: str, notes: list[dict], truth: dict, wait_s: float = 60.0) -> None:
+    """How the stored generated categories of the published notes compare with the data's own (read back
+    through the worker's /notes endpoint; generation can finish a moment after the vector is searchable)."""
+    from urllib.parse import quote
+
+    got: dict[str, str] = {}
+    deadline = time.monotonic() + wait_s
+    while len(got) < len(notes) and time.monotonic() < deadline:
+        for d in notes:
+            if d["note_id"] not in got:
+                code, row = http_json(f"{base}/notes/{quote(d['note_id'], safe='')}")
+                if code == 200 and row and row.get("category"):
+                    got[d["note_id"]] = row["category"]
+        if len(got) < len(notes):
+            time.sleep(0.5)
+    judged = [(d, got[d["note_id"]]) for d in notes if d["note_id"] in got and truth[d["note_id"]]["category"]]
+    if not judged:
+        say("no generated category stored yet")
+        return
+    right = [d for d, c in judged if c.lower() == truth[d["note_id"]]["category"].lower()]
+    say(f"generated categories: {len(right)} of {len(judged)} match the data's own "
+        f"({100 * len(right) / len(judged):.0f} %); for example:")
+    for d, c in judged[:4]:
+        say(f"  {d['title'][:60]!r} -> {c!r} (data: {truth[d['note_id']]['category']!r})")
 
 
 def http_json(url: str, timeout: float = 5.0):
@@ -235,6 +262,9 @@ def run(args) -> int:
                 say("worker stopped or timed out while catching up")
                 return 1
             time.sleep(1.0)
+
+        if args.generate in ("category", "both"):
+            report_categories(base, notes, truth)
 
         probe_id = f"{probe['note_id']}-{run_id}"
         doc = {**probe, "note_id": probe_id, "published_at": int(time.time() * 1000)}
