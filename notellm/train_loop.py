@@ -712,8 +712,8 @@ def set_up_run(cfg: TrainConfig, out: Path, device, *, fresh: bool, progress: bo
     data = prepare_data(cfg, log)
     model, loss_fn = setup_model(cfg, device, log)
     rows, tasks = training_rows(model, data, cfg, log)
-    # the closed category set CSFT teaches: the category task is decoded within it (notellm.prompts.LabelTrie)
-    model.set_categories([data.ds.notes[n].category for n in rows if data.ds.notes[n].category])
+    if cfg.alpha > 0:  # the closed category set CSFT teaches: the category task is decoded within it (LabelTrie)
+        model.set_categories([data.ds.notes[n].category for n in rows if data.ds.notes[n].category])
     split, cache = frozen_layers(model, rows, cfg, device, progress=progress, log=log)
     if cfg.proj_init == "whiten" and fresh:
         init_projection_by_whitening(model, split, rows, cache, device, seed=cfg.seed, log=log)

@@ -109,6 +109,7 @@ def test_frozen_cache_lora_and_resume(toy_data, tmp_path):
 
     acfg = read_adapter_config(out / "adapter")
     assert acfg["base"] == "tiny" and acfg["steps"] == 5 and acfg["layers"] == [1] and acfg["lora_r"] == 4
+    assert acfg["categories"] and list(m.categories) == acfg["categories"]  # the set CSFT taught, both places
     merged = load_adapter(out / "adapter")
     notes = list(_notes().values())[:4]
     a, b = m.embed_notes(notes), merged.embed_notes(notes)
