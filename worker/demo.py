@@ -112,9 +112,9 @@ def ensure_package(model: Path, source: str) -> int:
     stamp = source_stamp(src) if src is not None else source
     if (model / "notellm.json").exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         return 0
-    if (model / "notellm.json").exists() and not stamp_file.exists() and source == str(DEFAULT_ADAPTER):
-        say(f"{model} has no record of what it was exported from: exporting it again")
-    say(f"exporting {source} to {model} (merged onto SmolLM2 and validated against torch; first run only) ...")
+    if (model / "notellm.json").exists():
+        say(f"{model} was exported from another source, or has no record of it: exporting it again")
+    say(f"exporting {source} to {model} (validated against torch; on the first run and when the source changes) ...")
     rc = subprocess.call([sys.executable, "-m", "notellm.cli", "export", "--model", str(source), "--out", str(model)],
                          cwd=REPO)
     if rc == 0:
