@@ -61,7 +61,7 @@ def lora_factors(lm) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in lm.named_parameters():
         m = _PEFT_NAME.match(name)
-        if m and "lora_" in name:
+        if m:
             out.setdefault(m["module"], {})[m["ab"]] = p.detach().float().cpu()
     bad = [k for k, v in out.items() if set(v) != {"A", "B"}]
     if bad:

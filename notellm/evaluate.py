@@ -190,11 +190,13 @@ def generation_report(model, notes: Sequence, *, max_new_tokens: int = 12, batch
                 ex = {"id": n.id, "title": n.title, "category": n.category, "generated": t}
                 res["examples"].append({**ex, "generated_open": o} if closed else ex)
         bar.update(len(chunk))
-    res["category_accuracy"] = correct / len(cat_notes) if cat_notes else float("nan")
+    def share(k: int) -> float:
+        return k / len(cat_notes) if cat_notes else float("nan")
+
+    res["category_accuracy"] = share(correct)
     if closed:
-        res["category_set"] = len(names)
-        res["category_accuracy_open"] = correct_open / len(cat_notes) if cat_notes else float("nan")
-        res["category_in_set_open"] = in_set_open / len(cat_notes) if cat_notes else float("nan")
+        res.update(category_set=len(names), category_accuracy_open=share(correct_open),
+                   category_in_set_open=share(in_set_open))
     tp = n_pred = n_gold = 0
     for s in range(0, len(tag_notes), batch_size):
         chunk = tag_notes[s: s + batch_size]

@@ -619,7 +619,7 @@ class _Loop:
         cfg = self.cfg
         extra = {"command": self.record.get("command"), "data": cfg.data, "steps": self.step,
                  "split": self.record.get("split"), "heldout_at_end": self.last_heldout,
-                 "held_out_notes": sorted(getattr(self.data.exp, "cold_notes", ()) or ())}
+                 "held_out_notes": sorted(self.data.exp.cold_notes)}
         d = save_adapter(self.model, self.out / ADAPTER_DIR, lora_r=cfg.lora_r,
                          lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, base=cfg.base, extra=extra)
         self.log(f"saved the adapter {d} ({sum(f.stat().st_size for f in d.iterdir()) / 1e6:.1f} MB)")

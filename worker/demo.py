@@ -93,23 +93,23 @@ def demo_notes(data: Path, n: int, source: Path) -> tuple[list[dict], str]:
     return mind_notes(data, n), "MIND news notes"
 
 
-def source_stamp(source: Path) -> str:
-    """What the package was exported from: the artifact's files' sha256 (or the base's name)."""
+def source_stamp(source: str) -> str:
+    """What the package was exported from: a directory's files' sha256, or the base's name."""
     import hashlib
 
-    if not source.is_dir():
-        return str(source)
+    d = Path(source)
+    if not d.is_dir():
+        return source
     h = hashlib.sha256()
-    for f in sorted(p for p in source.iterdir() if p.is_file()):
+    for f in sorted(p for p in d.iterdir() if p.is_file()):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
 def ensure_package(model: Path, source: str) -> int:
     """Export ``source`` to ``model`` unless the package there was exported from the same source."""
-    src = Path(source) if Path(source).exists() else None
     stamp_file = model.with_name(model.name + ".source")
-    stamp = source_stamp(src) if src is not None else source
+    stamp = source_stamp(source)
     if (model / "notellm.json").exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         return 0
     if (model / "notellm.json").exists():

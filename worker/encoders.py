@@ -51,13 +51,12 @@ def load_encoder(model_dir: str | Path, *, device: str = "auto", intra_op_thread
     logs with `log` = (format, level)); "thread": the engine itself, in this process. `factory`
     ("module:callable", default OnnxNoteEncoder) builds the engine from (model_dir, **options).
     "auto" limits start at `resolve_limits` (calibration may change them later, `set_batch_limits`).
-    `categories="open"` turns off decoding the category within the package's category set; a custom
-    engine (`factory`) receives the option only when it is not the default."""
+    `categories="open"` turns off decoding the category within the package's category set (the engine
+    option `constrain_categories`)."""
     max_batch_notes, max_batch_tokens = resolve_limits(max_batch_notes, max_batch_tokens)
     kw = dict(device=device, intra_op_threads=intra_op_threads, max_batch_notes=max_batch_notes,
-              max_batch_tokens=max_batch_tokens, max_new_tokens=max_new_tokens)
-    if categories != "package" or factory is None:
-        kw["constrain_categories"] = categories == "package"
+              max_batch_tokens=max_batch_tokens, max_new_tokens=max_new_tokens,
+              constrain_categories=categories == "package")
     if isolation == "process":
         from worker.encoder_process import DEFAULT_FACTORY, ProcessEncoder
 
