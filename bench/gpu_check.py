@@ -17,9 +17,9 @@ still reports what it measured; a phase that fails is recorded with its error an
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding), on real note texts. Prompts are tokenised before timing on both sides (the worker
                  tokenises on its polling thread).
-4. worker        the worker's own path (decode -> prepare -> Batcher -> Pipeline(EncodeStage -> Milvus sink)
-                 on milvus-lite; no Kafka on that machine): pipeline notes/s against the same encoder alone
-                 on the batches the batcher formed, and the busy time of each stage.
+4. worker        the worker's own path (decode -> prepare_many, one batched tokenizer pass per poll ->
+                 Batcher -> Pipeline(EncodeStage -> Milvus sink) on milvus-lite; no Kafka on that
+                 machine): pipeline notes/s against the same encoder alone on the batches the batcher formed, and the busy time of each stage.
 5. fusions       onnxruntime.transformers.optimizer's decoder fusions (the recipe ORT uses for Llama:
                  model_type gpt2 = rotary attention, RoPE, (skip) simplified layer norm) on each package:
                  fused-op counts, parity with the plain graph, embed throughput beside it.
@@ -356,7 +356,7 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
     from worker.batcher import Batcher
     from worker.decode import decode
     from worker.encoders import load_encoder
-    from worker.encoding import EncodeStage, prepare
+    from worker.encoding import EncodeStage, prepare_many
     from worker.pipeline import Pipeline
     from worker.records import Note
     from worker.sinks.milvus import MilvusSink, MilvusStore
@@ -388,18 +388,21 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         pipe = Pipeline(lambda b, idle=False, early=None: stage(b, generate), flush)
         poll_s = 0.0
         t0 = time.perf_counter()
-        for m in msgs:
+        for i in range(0, len(msgs), batch):  # one poll = up to `batch` messages, as the worker polls
             tp = time.perf_counter()
-            r = decode(m, 1 << 20)
-            if isinstance(r, Note):
-                r = prepare(enc, r, generate, "notes")
-            closed = batcher.add(r, time.monotonic(), pipe.slot_free())
+            recs = [decode(m, 1 << 20) for m in msgs[i:i + batch]]
+            prepared = iter(prepare_many(enc, [r for r in recs if isinstance(r, Note)], generate, "notes"))
+            recs = [next(prepared) if isinstance(r, Note) else r for r in recs]
             poll_s += time.perf_counter() - tp
-            for b in closed:
-                if batches_out is not None:
-                    batches_out.append(b)
-                if not pipe.submit(b, 600):
-                    raise RuntimeError(f"pipeline failed: {pipe.error}")
+            for r in recs:
+                tp = time.perf_counter()
+                closed = batcher.add(r, time.monotonic(), pipe.slot_free())
+                poll_s += time.perf_counter() - tp
+                for b in closed:
+                    if batches_out is not None:
+                        batches_out.append(b)
+                    if not pipe.submit(b, 600):
+                        raise RuntimeError(f"pipeline failed: {pipe.error}")
         last = batcher.flush(time.monotonic())
         if last is not None:
             if batches_out is not None:

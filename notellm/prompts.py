@@ -121,6 +121,11 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=False)
 
+    def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
+        if not self._hf and hasattr(self.raw, "decode_batch"):
+            return list(self.raw.decode_batch([list(x) for x in seqs], skip_special_tokens=False))
+        return [self.decode(x) for x in seqs]
+
     def token_id(self, token: str) -> int | None:
         if self._hf:
             i = self.raw.convert_tokens_to_ids(token)
@@ -186,15 +191,35 @@ def continuation_for(task: str, j: int) -> str:
     return f'{EMB_TOKEN}". {guidance}{OUTPUT_QUOTE}'
 
 
+def truncate_tokens_batch(tok: Any, texts: Sequence[str | None], max_tokens: int) -> list[str]:
+    """:func:`truncate_tokens` for many texts with one batched encode and one batched decode (the
+    tokenizers library runs a batch on all cores); the same strings as one call per text."""
+    t = as_text_tokenizer(tok)
+    out = [x or "" for x in texts]
+    live = [i for i, x in enumerate(out) if x]
+    ids = t.encode_batch([out[i] for i in live])
+    long = [(i, x) for i, x in zip(live, ids) if len(x) > max_tokens]
+    if long:
+        for (i, _), text in zip(long, t.decode_batch([x[:max_tokens] for _, x in long])):
+            out[i] = text.rstrip("\ufffd")
+    return out
+
+
+def _note_dict(task: str, title: str, topic: str, content: str) -> str:
+    d: dict[str, str] = {"title": title}
+    if task == "category":
+        d["topic"] = topic
+    d["content"] = content
+    return json.dumps(d, ensure_ascii=False)
+
+
 def note_json(tok: Any, note: NoteLike, task: str, cfg: PromptConfig = PromptConfig()) -> str:
     """The note as JSON, fields truncated by tokens first (hashtags task: no topic field)."""
     _check_task(task)
     t = as_text_tokenizer(tok)
-    d: dict[str, str] = {"title": truncate_tokens(t, note.title, cfg.max_title_tokens)}
-    if task == "category":
-        d["topic"] = truncate_tokens(t, getattr(note, "topic", None) or "", cfg.max_topic_tokens)
-    d["content"] = truncate_tokens(t, note.content, cfg.max_content_tokens)
-    return json.dumps(d, ensure_ascii=False)
+    topic = truncate_tokens(t, getattr(note, "topic", None) or "", cfg.max_topic_tokens) if task == "category" else ""
+    return _note_dict(task, truncate_tokens(t, note.title, cfg.max_title_tokens), topic,
+                      truncate_tokens(t, note.content, cfg.max_content_tokens))
 
 
 def build_prompt(tok: Any, note: NoteLike, task: str = "category", cfg: PromptConfig = PromptConfig(),
@@ -289,6 +314,24 @@ class PromptEncoder:
 
     def note_ids(self, note: NoteLike, task: str) -> list[int]:
         return self.tok.encode(" " + note_json(self.tok, note, task, self.cfg) + COMPRESSION_LEAD)
+
+    def note_ids_many(self, notes: Sequence[NoteLike], tasks: Sequence[str]) -> dict[str, list[list[int]]]:
+        """``{task: [note_ids(note, task) for note in notes]}`` with every tokenizer call batched: each
+        field is truncated once for all tasks (three batched encodes, one batched decode for the fields
+        over their limit), then one batched encode of every task's note text. The same ids as
+        :meth:`note_ids`, at a fraction of its cost per note for a batch of notes."""
+        for task in tasks:
+            _check_task(task)
+        cfg = self.cfg
+        titles = truncate_tokens_batch(self.tok, [n.title for n in notes], cfg.max_title_tokens)
+        contents = truncate_tokens_batch(self.tok, [n.content for n in notes], cfg.max_content_tokens)
+        topics = (truncate_tokens_batch(self.tok, [getattr(n, "topic", None) or "" for n in notes],
+                                        cfg.max_topic_tokens) if "category" in tasks else [""] * len(notes))
+        texts = [" " + _note_dict(task, a, b, c) + COMPRESSION_LEAD
+                 for task in tasks for a, b, c in zip(titles, topics, contents)]
+        ids = self.tok.encode_batch(texts)
+        n = len(notes)
+        return {task: ids[k * n:(k + 1) * n] for k, task in enumerate(tasks)}
 
     def encode(self, note: NoteLike, task: str = "category", *, j: int | None = None,
                target: str | None = None) -> EncodedPrompt:

@@ -55,6 +55,15 @@ class FakeEncoder:
         return Prompt(category=tuple(text), hashtags=tags, tokens=8 + len(note.title.split())
                       + len((note.content or "").split()))
 
+    def tokenize_many(self, notes, generate) -> list:
+        out = []
+        for n in notes:
+            try:
+                out.append(self.tokenize(n, generate))
+            except NoteError as e:
+                out.append(e)
+        return out
+
     def encode(self, prompts, generate, *, timeout_s: float | None = None):
         with self._lock:
             self.calls += 1

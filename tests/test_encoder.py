@@ -109,6 +109,26 @@ def test_tokenize_rejects_what_cannot_be_encoded(pkg):
         enc.tokenize(n, "none")
 
 
+def test_tokenize_many_matches_tokenize_and_keeps_a_bad_note_to_itself(pkg):
+    """The polling thread's batched pass gives each note exactly what `tokenize` gives it, and a note that
+    cannot be tokenised (which breaks the batched call itself) or is too long becomes its own NoteError."""
+    enc = OnnxNoteEncoder(pkg, device="cpu")
+    for gen in ("none", "category", "hashtags", "both"):
+        assert enc.tokenize_many(NOTES, gen) == [enc.tokenize(n, gen) for n in NOTES]
+    assert enc.tokenize_many([], "both") == []
+    bad = NoteText("lone \ud800 surrogate", "x")
+    out = enc.tokenize_many([NOTES[0], bad, NOTES[1], NoteText(["not", "text"], "x")], "both")
+    assert out[0] == enc.tokenize(NOTES[0], "both") and out[2] == enc.tokenize(NOTES[1], "both")
+    for e in (out[1], out[3]):
+        assert isinstance(e, NoteError) and "cannot tokenise" in str(e) and e.index is None
+    enc.prompt_tokenizer.max_tokens = enc.prompt_tokens(NOTES[2]) - 1
+    out = enc.tokenize_many(NOTES[:3], "none")
+    assert isinstance(out[2], NoteError) and "exceeds" in str(out[2])
+    assert out[:2] == [enc.tokenize(n, "none") for n in NOTES[:2]]
+    with pytest.raises(ValueError, match="generate must be one of"):
+        enc.tokenize_many(NOTES, "summary")
+
+
 def test_engine_faults_are_engine_errors_and_restart_recovers(pkg):
     enc = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_batch_tokens=600)
     prompts = [enc.tokenize(n, "none") for n in NOTES]

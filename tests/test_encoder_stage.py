@@ -17,7 +17,7 @@ from tests.fakes import FakeEncoder
 from tests.worker_support import tiny_dir  # noqa: F401 - fixture
 from tests.worker_support import wait_process_gone
 from worker.encoding import (EncodeStage, Encoder, EncoderHealth, EngineError, EngineFailed, NoteError, padded_tokens,
-                             prepare)
+                             prepare, prepare_many)
 from worker.records import Batch, DeadLetter, Encoded, Note, Raw
 
 TOPIC = "notes.published"
@@ -83,6 +83,33 @@ def test_prepare_is_total_whatever_tokenize_raises():
     assert isinstance(d, DeadLetter) and d.error_kind == "encode_failed"
     assert d.error_message.startswith("TypeError: unexpected")
     d.error_message.encode("utf-8")  # a lone surrogate in the reason does not survive into the dead letter
+
+
+def test_prepare_many_keeps_order_and_dead_letters_in_place():
+    enc = FakeEncoder(fail_titles=("bad",))
+    notes = [note(1, "one"), note(2, "bad"), note(3, "three")]
+    out = prepare_many(enc, notes, "both", TOPIC)
+    assert [type(x) for x in out] == [Note, DeadLetter, Note]
+    assert out[0] == prepare(enc, notes[0], "both", TOPIC) and out[2] == prepare(enc, notes[2], "both", TOPIC)
+    assert out[1].error_kind == "encode_failed" and "bad" in out[1].error_message and out[1].offset == notes[1].offset
+    assert prepare_many(enc, [], "both", TOPIC) == []
+
+
+def test_prepare_many_is_total_when_the_batched_call_breaks():
+    """An encoder whose batched call raises, or returns the wrong count, costs no note: each is prepared alone."""
+    class Raises(FakeEncoder):
+        def tokenize_many(self, notes, generate):
+            raise RuntimeError("batched tokenizer crashed")
+
+    class Short(FakeEncoder):
+        def tokenize_many(self, notes, generate):
+            return super().tokenize_many(notes[1:], generate)
+
+    notes = [note(1, "one"), note(2, "bad"), note(3, "three")]
+    for enc in (Raises(fail_titles=("bad",)), Short(fail_titles=("bad",))):
+        out = prepare_many(enc, notes, "category", TOPIC)
+        assert [type(x) for x in out] == [Note, DeadLetter, Note]
+        assert [x.offset for x in out] == [n.offset for n in notes]
 
 
 # -------------------------------------------------------------------------------------- note errors

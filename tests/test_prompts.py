@@ -57,6 +57,25 @@ def test_hashtag_prompt_has_j_topics_and_no_topic_field(tok):
         build_prompt(tok, TOY, "summary")
 
 
+def test_batched_note_ids_equal_the_per_note_ids(tok):
+    """note_ids_many (the worker's batched pass) builds the very ids of note_ids, for every task, on
+    notes that hit every truncation branch: empty and missing fields, fields over their limit, multi-byte
+    characters cut at the limit, quotes, backslashes and newlines that JSON escapes."""
+    cfg = PromptConfig(max_title_tokens=4, max_topic_tokens=3, max_content_tokens=6)
+    enc = PromptEncoder(tok, cfg)
+    notes = [TOY, NoteText("", "", None), NoteText("t", "", ""), NoteText("a b c d e f g h", "x " * 40, "p q r s t"),
+             NoteText("日本語のタイトルがとても長い場合", "émojis 🎉🎉🎉🎉🎉🎉🎉🎉 ça", "トピック長い長い"),
+             NoteText('quote " back \\ slash', "line\nbreak\ttab", "\u0000 nul"),
+             NoteText("🎉" * 10, "内容" * 20, None)]
+    many = enc.note_ids_many(notes, ("category", "hashtags"))
+    for task in ("category", "hashtags"):
+        assert many[task] == [enc.note_ids(n, task) for n in notes], task
+    assert enc.note_ids_many(notes, ("category",)) == {"category": many["category"]}
+    assert enc.note_ids_many([], ("category",)) == {"category": []}
+    with pytest.raises(ValueError):
+        enc.note_ids_many(notes, ("summary",))
+
+
 def test_truncation_by_tokens_keeps_json_well_formed(tok):
     t = as_text_tokenizer(tok)
     nasty = 'He said "stop" {now} \\ back\\slash, 東京 ☕️ ' * 30

@@ -1,7 +1,7 @@
 """The worker app: wires Source → Batcher → Encoder → Sinks → Checkpoint and runs the polling loop.
 No business logic lives here; each stage is its own module and owns its contract for one bad record:
 
-- decode (worker/decode.py) and tokenisation (`encoding.prepare`) are total: a bad record becomes a
+- decode (worker/decode.py) and tokenisation (`encoding.prepare_many`) are total: a bad record becomes a
   DeadLetter that travels with its batch;
 - the encoder stage (`encoding.EncodeStage`) dead-letters a note the encoder rejects as a note, restarts
   the engine on an engine fault, and fails the pipeline only when its restarts are spent;
@@ -27,7 +27,7 @@ from worker.batcher import Batcher
 from worker.checkpoint import Checkpoint, RetryPolicy
 from worker.config import Settings
 from worker.encoders import load_encoder, resolve_limits, set_batch_limits
-from worker.encoding import EncodeStage, Encoder, prepare
+from worker.encoding import EncodeStage, Encoder, prepare_many
 from worker.kafka_log import KafkaSecurityError
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -351,10 +351,13 @@ class WorkerApp:
             now = time.monotonic()
             self.heartbeat = now
             ready = not self._pending and pipe.slot_free()
+            # Every note of the poll tokenised once, here, in one batched pass; total (a note that cannot
+            # be tokenised comes back as its dead letter, in its place).
+            prepared = iter(prepare_many(self.encoder, [r for r in records if isinstance(r, Note)], gen, topic))
             for r in records:
                 m.consumed.labels(kind=type(r).__name__.lower()).inc()
                 if isinstance(r, Note):
-                    r = prepare(self.encoder, r, gen, topic)  # tokenised once here; total
+                    r = next(prepared)
                 for b in batcher.add(r, now, ready):
                     self._close_batch(b)
                     ready = False

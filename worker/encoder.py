@@ -252,6 +252,10 @@ class OnnxNoteEncoder:
         """The note's prompt ids (see PromptTokenizer); raises NoteError."""
         return self.prompt_tokenizer.tokenize(note, generate)
 
+    def tokenize_many(self, notes: Sequence[NoteLike], generate: GenerateTask) -> list[Prompt | NoteError]:
+        """`tokenize` for many notes in one batched tokenizer pass (PromptTokenizer.tokenize_many)."""
+        return self.prompt_tokenizer.tokenize_many(notes, generate)
+
     def encode(self, prompts: Sequence[Prompt], generate: GenerateTask, *, timeout_s: float | None = None
                ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
         """(vectors, categories, hashtags) from prompt ids (no tokenisation here). The vector always comes

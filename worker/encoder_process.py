@@ -193,6 +193,9 @@ class ProcessEncoder:
     def tokenize(self, note, generate: GenerateTask) -> Prompt:
         return self.prompt_tokenizer.tokenize(note, generate)
 
+    def tokenize_many(self, notes, generate: GenerateTask) -> list[Prompt | NoteError]:
+        return self.prompt_tokenizer.tokenize_many(notes, generate)
+
     def encode(self, prompts: Sequence[Prompt], generate: GenerateTask, *, timeout_s: float | None = None
                ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
         payload = [(p.category, p.hashtags, p.tokens) for p in prompts]

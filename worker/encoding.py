@@ -2,8 +2,8 @@
 through an encoder (`EncodeStage`). Imports only the standard library, numpy and worker.records.
 
 Contract, for one bad record:
-- `prepare` (polling thread) tokenises a note once; any failure — `NoteError` or an unexpected
-  exception — makes that note a dead letter (`encode_failed`) and nothing else.
+- `prepare` / `prepare_many` (polling thread) tokenise a note once; any failure — `NoteError` or an
+  unexpected exception — makes that note a dead letter (`encode_failed`) and nothing else.
 - `EncodeStage` (encode thread): a `NoteError` with an index dead-letters that note alone and the
   rest of the batch is encoded again; anything else (an `EngineError`, any other exception, output that
   is not (n, dim), not finite or has a zero-norm row, generated lists of the wrong length) is the engine's
@@ -73,6 +73,10 @@ class Encoder(Protocol):
         """The note's prompt ids (hashtag segment only when `generate` is "hashtags" or "both"). Fast;
         runs on the polling thread. Raises NoteError when this note cannot be encoded."""
 
+    def tokenize_many(self, notes: Sequence[Any], generate: GenerateTask) -> list[Prompt | NoteError]:
+        """`tokenize` for the notes of one poll, in order, batched where the tokenizer can batch: each item
+        is the note's Prompt or the NoteError `tokenize` would raise for it (never raises for a note)."""
+
     def encode(self, prompts: Sequence[Prompt], generate: GenerateTask, *, timeout_s: float | None = None
                ) -> tuple[np.ndarray, list[str | None], list[list[str]]]:
         """(float32 [n, dim] L2-normalised vectors, categories, hashtags), in input order; categories are
@@ -109,6 +113,23 @@ def prepare(encoder: Encoder, note: Note, generate: GenerateTask, topic: str) ->
         return dataclasses.replace(note, prompt=encoder.tokenize(note, generate))
     except Exception as e:  # noqa: BLE001 - whatever tokenisation raises, it concerns this note only
         return DeadLetter.of(note, "encode_failed", _reason(e), topic)
+
+
+def prepare_many(encoder: Encoder, notes: Sequence[Note], generate: GenerateTask, topic: str
+                 ) -> list[Note | DeadLetter]:
+    """`prepare` for the notes of one poll, in order, through one batched `tokenize_many` (the tokenizer
+    runs a batch on all cores, ~2x fewer seconds per note on 2 cores). Total like `prepare`: if the batched
+    call itself raises, every note is prepared alone."""
+    if not notes:
+        return []
+    try:
+        prompts = encoder.tokenize_many(notes, generate)
+        if len(prompts) != len(notes):
+            raise RuntimeError(f"tokenize_many returned {len(prompts)} prompts for {len(notes)} notes")
+    except Exception:  # noqa: BLE001 - an encoder bug must not cost the notes: fall back to one at a time
+        return [prepare(encoder, n, generate, topic) for n in notes]
+    return [DeadLetter.of(n, "encode_failed", _reason(p), topic) if isinstance(p, BaseException)
+            else dataclasses.replace(n, prompt=p) for n, p in zip(notes, prompts)]
 
 
 class _StdLog:

@@ -1,0 +1,92 @@
+"""The polling thread's tokenisation: one note at a time (`tokenize`) vs one batched pass per poll
+(`tokenize_many`, what the worker does), same notes, same process, interleaved.
+
+    python bench/tokenize.py [--package DIR] [--data amazon|mind] [--notes 2048] [--polls 64,512]
+                             [--repeats 3]
+
+Prints one JSON document: ms per note and notes/s for each mode and generate task ("category": the
+embedding prompt only; "both": the hashtag prompt too), and the ratio per-note / batched. The best of
+``--repeats`` is kept for each (other processes share the CPU). Every batched result is checked equal to
+the per-note one before it is timed. The tokenizers library runs a batch on all cores, so the ratio grows
+with the core count (`cpus` is in the output). This bounds how many notes/s one worker's polling thread
+can feed the encoder: on an H200 the per-note path capped one process at ~1,900 notes/s against ORT's
+~3,600 embed-only (docs/results/gpu/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+
+
+def load_notes(kind: str, n: int) -> list:
+    from notellm.data import load_dataset
+    from notellm.prompts import NoteText
+
+    path = DATA / ("amazon-scientific" if kind == "amazon" else "mind-small-sample")
+    ds = load_dataset(path)
+    notes = [NoteText(title=x.title, content=x.content, topic=getattr(x, "topic", None)) for x in ds.notes.values()]
+    if not notes:
+        raise SystemExit(f"no notes in {path}")
+    return (notes * (n // len(notes) + 1))[:n]
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", default=str(REPO / ".local/models/notellm-default-onnx"),
+                    help="an exported package (notellm.json + tokenizer.json); `scripts/demo` writes the default")
+    ap.add_argument("--data", choices=["amazon", "mind"], default="amazon")
+    ap.add_argument("--notes", type=int, default=2048)
+    ap.add_argument("--polls", default="64,512", help="notes per poll (the worker polls up to its batch size)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from worker.prompt_tokens import PromptTokenizer
+
+    pkg = Path(args.package)
+    if not (pkg / "notellm.json").exists():
+        raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
+    pt = PromptTokenizer(pkg, json.loads((pkg / "notellm.json").read_text()))
+    notes = load_notes(args.data, args.notes)
+    polls = [int(x) for x in args.polls.split(",") if x]
+    rows = []
+    for gen in ("category", "both"):
+        ref = [pt.tokenize(n, gen) for n in notes]
+        for size in polls:
+            chunks = [notes[i:i + size] for i in range(0, len(notes), size)]
+            got = [p for c in chunks for p in pt.tokenize_many(c, gen)]
+            if got != ref:
+                raise SystemExit(f"batched prompts differ from the per-note ones ({gen}, poll {size})")
+            one = best_of(lambda: [pt.tokenize(n, gen) for n in notes], args.repeats)
+            many = best_of(lambda: [pt.tokenize_many(c, gen) for c in chunks], args.repeats)
+            rows.append({"generate": gen, "poll_notes": size,
+                         "per_note_ms": round(1000 * one / len(notes), 4),
+                         "batched_ms": round(1000 * many / len(notes), 4),
+                         "per_note_notes_s": round(len(notes) / one), "batched_notes_s": round(len(notes) / many),
+                         "ratio": round(one / many, 2)})
+    print(json.dumps({"bench": "tokenize", "package": str(pkg), "data": args.data, "notes": len(notes),
+                      "cpus": os.cpu_count(), "python": platform.python_version(),
+                      "mean_prompt_tokens": round(sum(p.tokens for p in ref) / len(ref), 1),
+                      "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
