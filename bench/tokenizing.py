@@ -1,8 +1,8 @@
 """The polling thread's tokenisation: one note at a time (`tokenize`) vs one batched pass per poll
 (`tokenize_many`, what the worker does), same notes, same process, interleaved.
 
-    python bench/tokenize.py [--package DIR] [--data amazon|mind] [--notes 2048] [--polls 64,512]
-                             [--repeats 3]
+    python bench/tokenizing.py [--package DIR] [--data amazon|mind] [--notes 2048] [--polls 64,512]
+                               [--repeats 3]
 
 Prints one JSON document: ms per note and notes/s for each mode and generate task ("category": the
 embedding prompt only; "both": the hashtag prompt too), and the ratio per-note / batched. The best of
