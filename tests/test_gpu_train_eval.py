@@ -203,3 +203,27 @@ def test_cpu_tiny_rehearsal_writes_results_curves_and_run_json(tmp_path):
     assert (out / "curves_notellm.png").stat().st_size > 1000
     log = (out / "run.log").read_text()
     assert "Recall@k (%)" in log and "NoteLLM w/o CSFT" in p.stdout
+
+@pytest.mark.slow
+def test_cpu_tiny_lora_rehearsal_returns_the_adapter_within_eight_files(tmp_path):
+    """--lora-r: NoteLLM trains LoRA on all layers and its adapter (what models/notellm-default holds) comes
+    back as one tar that `notellm export` can merge; the a0 curves move into details.tar.gz (8 files)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, NOTELLM_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(out), "--work", str(tmp_path / "w"),
+                        "--budget-min", "4", "--lora-r", "4", "--lr", "1e-3"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    files = sorted(x.name for x in out.iterdir())
+    assert len(files) == 8 and "adapter_notellm.tar" in files and "curves_notellm_a0.png" not in files
+    run = json.loads((out / "run.json").read_text())
+    steps = {s["name"]: s for s in run["steps"]}
+    assert "--lora-r 4 " in steps["train"]["command"] and "--lr 0.001 " in steps["train"]["command"]
+    assert run["adapter"]["file"] == "adapter_notellm.tar" and 0 < run["adapter"]["bytes"] < 16 * 2**20
+    with tarfile.open(out / "adapter_notellm.tar") as tar:
+        assert sorted(tar.getnames()) == ["adapter/adapter.json", "adapter/adapter.safetensors"]
+        tar.extractall(tmp_path / "x", filter="data")
+    meta = json.loads((tmp_path / "x" / "adapter" / "adapter.json").read_text())
+    assert meta["lora_r"] == 4 and meta["base"] == "tiny" and len(meta["layers"]) >= 2  # every layer, not the top 2
+    with tarfile.open(out / "details.tar.gz") as tar:
+        assert "notellm_a0/curves.png" in tar.getnames()
