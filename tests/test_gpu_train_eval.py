@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from notellm.prompts import NoteText
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu-train-eval"
 AMAZON = REPO.parent / "shared" / "data" / "amazon-scientific"
@@ -225,5 +227,9 @@ def test_cpu_tiny_lora_rehearsal_returns_the_adapter_within_eight_files(tmp_path
         tar.extractall(tmp_path / "x", filter="data")
     meta = json.loads((tmp_path / "x" / "adapter" / "adapter.json").read_text())
     assert meta["lora_r"] == 4 and meta["base"] == "tiny" and len(meta["layers"]) >= 2  # every layer, not the top 2
+    from notellm.adapter import load_adapter
+
+    merged = load_adapter(tmp_path / "x" / "adapter")  # what `notellm export --model adapter/` does first
+    assert merged.embed_notes([NoteText("a probe", "some content", "topic")]).shape == (1, merged.dim)
     with tarfile.open(out / "details.tar.gz") as tar:
         assert "notellm_a0/curves.png" in tar.getnames()
