@@ -24,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: weight-only 8-bit MatMulNBits (block 128) on the fp32 graph")
+    parser.add_argument("--fuse", action="store_true",
+                        help="apply ONNX Runtime's fusions (RMS norm, rotary, attention; onnxscript) to the fp32/fp16 "
+                             "graph; validated against torch like the plain graph")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_export(args.model, cache_dir=args.cache_dir, seed=args.seed, dim=args.dim)
     log.info("model ready in %.1fs (dim=%d, base=%s)", time.perf_counter() - t0, model.dim, model.base_model_id)
     try:
-        manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize)
+        manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse)
     except ValidationFailed as e:
         print(json.dumps({"ok": False, "failures": e.report["failures"], "metrics": e.report["metrics"],
                           "mismatches": e.report["mismatches"]}, indent=2, ensure_ascii=False))
@@ -61,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
     v = manifest["validation"]
     print(json.dumps({"ok": True, "out": str(args.out), "model_version": manifest["model_version"],
                       "dtype": manifest["dtype"], "quantization": manifest["quantization"],
+                      "fusions": manifest["fusions"],
                       "metrics": v["metrics"], "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0

@@ -98,6 +98,40 @@ def test_int8_package_passes_its_threshold():
     assert manifest["model_version"] != tiny_package("fp32")[1]["model_version"]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fused_package_validates_and_serves_like_the_plain_one(dtype, tmp_path):
+    """--fuse: ONNX Runtime's contrib ops replace the norms, rotary and attention; the package passes the
+    same validation against torch, hashes to another model_version, and the worker serves the same vectors
+    and categories as from the plain graph."""
+    from export.onnx_export import export_package
+
+    plain_dir, plain = tiny_package(dtype)
+    manifest = export_package(tiny_notellm(), tmp_path / "fused", dtype=dtype, fuse=True)
+    fusions = manifest["fusions"]
+    assert {"skip_rms_normalization", "rotary_embedding"} <= set(fusions) and all(v > 0 for v in fusions.values())
+    g = onnx.load(str(tmp_path / "fused" / manifest["graph"]), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in g.graph.node}
+    # onnxscript 0.7: the norms as SkipSimplifiedLayerNormalization, attention as MultiHeadAttention
+    assert ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops
+    assert ("com.microsoft", "MultiHeadAttention") in ops
+    assert not (tmp_path / "fused" / "_fused").exists() and sorted(manifest["graph_files"]) == sorted(
+        plain["graph_files"])
+    v = manifest["validation"]
+    assert v["passed"] and v["metrics"]["min_cosine"] >= 0.999
+    assert manifest["model_version"] != plain["model_version"] and plain["fusions"] is None
+    a, b = OnnxNoteEncoder(plain_dir, device="cpu"), OnnxNoteEncoder(tmp_path / "fused", device="cpu")
+    va, ca, _ = a.encode([a.tokenize(n, "category") for n in NOTES], "category")
+    vb, cb, _ = b.encode([b.tokenize(n, "category") for n in NOTES], "category")
+    assert np.abs(va - vb).max() < (1e-5 if dtype == "fp32" else 2e-2) and ca == cb
+
+
+def test_fusions_are_refused_on_an_int8_graph(tmp_path):
+    from export.onnx_export import export_package
+
+    with pytest.raises(ValueError, match="not to an int8"):
+        export_package(tiny_notellm(), tmp_path / "x", quantize="int8", fuse=True)
+
+
 @pytest.mark.slow
 def test_trained_default_exports_and_writes_real_categories(tmp_path):
     """The trained default (models/notellm-default: a LoRA adapter merged onto the real SmolLM2-135M)
