@@ -479,14 +479,13 @@ def _fuse_ort_transformers(src: Path, dst: Path, model, device: str) -> dict[str
 
 def _fuse_onnxscript(src: Path, dst: Path, model, device: str) -> dict[str, Any]:
     """onnxscript's rewriter for ORT (made for torch.onnx dynamo exports): SDPA/MHA/GQA, rotary
-    embedding, (skip) RMS normalisation."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    embedding, (skip) RMS normalisation; the very rewrite `notellm export --fuse` applies."""
+    from export.onnx_export import fuse_for_ort
 
-    m = ir.load(str(src / "model.onnx"))
-    m, counts = optimize_for_ort(m)
-    ir.save(m, str(dst / "model.onnx"), external_data="model.onnx.data")
-    return {"fusion_counts": {k: v for k, v in counts.items() if v}}
+    for f in ("model.onnx", "model.onnx.data"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)
+    return {"fusion_counts": fuse_for_ort(dst / "model.onnx")}
 
 
 FUSIONS = {"ort_transformers_gpt2": _fuse_ort_transformers, "onnxscript_ort_fusions": _fuse_onnxscript}
