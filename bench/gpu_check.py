@@ -19,7 +19,8 @@ still reports what it measured; a phase that fails is recorded with its error an
                  tokenises on its polling thread).
 4. worker        the worker's own path (decode -> prepare_many, one batched tokenizer pass per poll ->
                  Batcher -> Pipeline(EncodeStage -> Milvus sink) on milvus-lite; no Kafka on that
-                 machine): pipeline notes/s against the same encoder alone on the batches the batcher formed, and the busy time of each stage.
+                 machine): pipeline notes/s against the same encoder alone on the batches the batcher
+                 formed, and the busy time of each stage.
 5. fusions       onnxruntime.transformers.optimizer's decoder fusions (the recipe ORT uses for Llama:
                  model_type gpt2 = rotary attention, RoPE, (skip) simplified layer norm) on each package:
                  fused-op counts, parity with the plain graph, embed throughput beside it.

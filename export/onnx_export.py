@@ -327,7 +327,8 @@ class ValidationFailed(RuntimeError):
 
 
 def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "fp32",
-                   quantize: str | None = None, fuse: bool = False, validate: bool = True, notes=None) -> dict[str, Any]:
+                   quantize: str | None = None, fuse: bool = False, validate: bool = True,
+                   notes=None) -> dict[str, Any]:
     """Write a validated package to ``out_dir``. Builds in ``<out>.partial``; on success that folder
     replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and

@@ -154,9 +154,9 @@ def test_cpu_tiny_rehearsal_writes_results_curves_and_run_json(tmp_path):
     assert (AMAZON / "Scientific.item.json").exists(), f"no Amazon data at {AMAZON} (tests read ../shared/data)"
     out = tmp_path / "out"
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(out), "--work", str(tmp_path / "w"),
-                        "--budget-min", "4", "--epochs", "2"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=400)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(out),
+                        "--work", str(tmp_path / "w"), "--budget-min", "4", "--epochs", "2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     # what comes back from the device: at most 8 plain files with plain names, no folder
     files = sorted(x.name for x in out.iterdir())
@@ -212,9 +212,9 @@ def test_cpu_tiny_lora_rehearsal_returns_the_adapter_within_eight_files(tmp_path
     back as one tar that `notellm export` can merge; the a0 curves move into details.tar.gz (8 files)."""
     out = tmp_path / "out"
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(out), "--work", str(tmp_path / "w"),
-                        "--budget-min", "4", "--lora-r", "4", "--lr", "1e-3"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=400)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(out),
+                        "--work", str(tmp_path / "w"), "--budget-min", "4", "--lora-r", "4", "--lr", "1e-3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     files = sorted(x.name for x in out.iterdir())
     assert len(files) == 8 and "adapter_notellm.tar" in files and "curves_notellm_a0.png" not in files
