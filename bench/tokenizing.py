@@ -1,8 +1,8 @@
 """The polling thread's tokenisation: one note at a time (`tokenize`) vs one batched pass per poll
 (`tokenize_many`, what the worker does), same notes, same process, interleaved.
 
-    python bench/tokenizing.py [--package DIR] [--data amazon|mind] [--notes 2048] [--polls 64,512]
-                               [--repeats 3]
+    python bench/tokenizing.py [--package DIR] [--data amazon|mind] [--data-root DIR] [--notes 2048]
+                               [--polls 64,512] [--repeats 3]
 
 Prints one JSON document: ms per note and notes/s for each mode and generate task ("category": the
 embedding prompt only; "both": the hashtag prompt too), and the ratio per-note / batched. The best of
@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
 
-def load_notes(kind: str, n: int) -> list:
+def load_notes(kind: str, n: int, root: Path = DATA) -> list:
     from notellm.data import load_dataset
     from notellm.prompts import NoteText
 
-    path = DATA / ("amazon-scientific" if kind == "amazon" else "mind-small-sample")
+    path = root / ("amazon-scientific" if kind == "amazon" else "mind-small-sample")
     ds = load_dataset(path)
     notes = [NoteText(title=x.title, content=x.content, topic=getattr(x, "topic", None)) for x in ds.notes.values()]
     if not notes:
@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--package", default=str(REPO / ".local/models/notellm-default-onnx"),
                     help="an exported package (notellm.json + tokenizer.json); `scripts/demo` writes the default")
     ap.add_argument("--data", choices=["amazon", "mind"], default="amazon")
+    ap.add_argument("--data-root", default=str(DATA), help="the folder holding amazon-scientific/ (default ../shared/data)")
     ap.add_argument("--notes", type=int, default=2048)
     ap.add_argument("--polls", default="64,512", help="notes per poll (the worker polls up to its batch size)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -64,7 +65,7 @@ def main() -> int:
     if not (pkg / "notellm.json").exists():
         raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
     pt = PromptTokenizer(pkg, json.loads((pkg / "notellm.json").read_text()))
-    notes = load_notes(args.data, args.notes)
+    notes = load_notes(args.data, args.notes, Path(args.data_root))
     polls = [int(x) for x in args.polls.split(",") if x]
     rows = []
     for gen in ("category", "both"):
