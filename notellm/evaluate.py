@@ -15,7 +15,10 @@ cold-start holdout (`--cold-fraction` > 0: notes held out of training entirely) 
 
 With `--baselines`: a text-free popularity row (candidates ranked by their training-period clicks, the
 same for every query), SentenceBERT zero-shot and fine-tuned on the training pairs, and the base LLM
-zero-shot. Every recall comes with its standard error, clustered by query note (`recall_se`).
+zero-shot. Every recall comes with its standard error, clustered by query note (`recall_se`), and every
+trained model's gap to every other row of the same run with the paired standard error of that gap
+(`paired_difference`: per pair hit_A - hit_B, clustered by query; the number a "beats by two standard
+errors" claim needs, far below the two rows' errors added as if independent).
 
 Generation: category accuracy (exact, case-insensitive) and hashtag precision / recall (against the
 note's hashtags, case-insensitive) of greedy outputs (Hugging Face generate) on a seeded sample of test
@@ -100,24 +103,60 @@ def score_ranks(scores: np.ndarray, ids: Sequence[str], pairs: Sequence[tuple]) 
     return ranks
 
 
-def recall_se(ranks: np.ndarray, queries: Sequence[str], ks: Sequence[int]) -> dict[str, float]:
-    """Standard error of Recall@k, clustered by query note (a query's pairs are not independent draws):
-    sqrt(G / (G - 1) * sum_q (hits_q - R * n_q)^2) / N over G queries and N pairs."""
-    n = len(ranks)
-    if n == 0:
-        return {str(k): float("nan") for k in ks}
+def _clusters(queries: Sequence[str]) -> list[list[int]]:
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(queries):
         groups.setdefault(q, []).append(i)
-    g = len(groups)
-    idx = list(groups.values())
-    out = {}
+    return list(groups.values())
+
+
+def clustered_se(values: np.ndarray, clusters: list[list[int]]) -> float:
+    """Standard error of the mean of per-pair ``values``, clustered (a query's pairs are not independent
+    draws): sqrt(G / (G - 1) * sum_q (sum_q v - mean * n_q)^2) / N over G clusters and N pairs."""
+    n, g = len(values), len(clusters)
+    if n == 0 or g < 2:
+        return float("nan")
+    m = values.mean()
+    dev = np.array([values[ix].sum() - m * len(ix) for ix in clusters])
+    return float(np.sqrt(g / (g - 1) * (dev ** 2).sum()) / n)
+
+
+def recall_se(ranks: np.ndarray, queries: Sequence[str], ks: Sequence[int]) -> dict[str, float]:
+    """Standard error of Recall@k, clustered by query note (see `clustered_se`)."""
+    idx = _clusters(queries)
+    return {str(k): clustered_se((ranks < k).astype(np.float64), idx) for k in ks}
+
+
+def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, queries: Sequence[str],
+                      ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Recall@k of model A minus model B on the same pairs, with the standard error of that difference,
+    paired (per pair: hit_A - hit_B) and clustered by query note. Two models' errors are strongly
+    correlated on shared pairs, so this is much smaller than sqrt(se_A^2 + se_B^2): it is the number to
+    compare a gap with. {"diff": {k: d}, "se": {k: se}}."""
+    idx = _clusters(queries)
+    out: dict[str, dict[str, float]] = {"diff": {}, "se": {}}
     for k in ks:
-        hit = (ranks < k).astype(np.float64)
-        r = hit.mean()
-        dev = np.array([hit[ix].sum() - r * len(ix) for ix in idx])
-        out[str(k)] = float(np.sqrt(g / max(g - 1, 1) * (dev ** 2).sum()) / n) if g > 1 else float("nan")
+        d = (ranks_a < k).astype(np.float64) - (ranks_b < k).astype(np.float64)
+        out["diff"][str(k)] = float(d.mean()) if len(d) else float("nan")
+        out["se"][str(k)] = clustered_se(d, idx)
     return out
+
+
+def differences_report(ranks: dict[str, np.ndarray], trained: Sequence[str], pairs: Sequence[tuple],
+                       ks: Sequence[int], groups: dict[str, np.ndarray]) -> list[dict]:
+    """For each trained model, its paired Recall@k difference to every other model that is not a trained
+    one, per group of pairs (``groups``: name -> boolean selection, e.g. all / cold)."""
+    queries = np.array([p[0] for p in pairs], dtype=object)
+    rows = []
+    for a in trained:
+        for b in ranks:
+            if b in trained or a not in ranks:
+                continue
+            row = {"model": a, "versus": b, "groups": {}}
+            for g, sel in groups.items():
+                row["groups"][g] = paired_difference(ranks[a][sel], ranks[b][sel], list(queries[sel]), ks)
+            rows.append(row)
+    return rows
 
 
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
@@ -264,6 +303,26 @@ def markdown_report(results: dict) -> str:
         for name, m in models.items():
             cells = [_fmt_se(m, g, k) for g in COLD_GROUPS for k in ks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    diffs = results.get("differences") or []
+    if diffs:
+        groups = [g for g in ("all", "cold") if g in diffs[0]["groups"]]
+        lines += ["", "Differences in Recall (percentage points) ± the paired standard error of the difference "
+                  "(per pair hit_A - hit_B, clustered by query note; models of this run only); ** where the gap "
+                  "exceeds two standard errors:", ""]
+        head = [f"{'' if g == 'all' else g + ' '}R@{k}" for g in groups for k in ks]
+        lines += ["| Model − versus | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for row in diffs:
+            cells = []
+            for g in groups:
+                d = row["groups"][g]
+                for k in ks:
+                    x, se = d["diff"][str(k)], d["se"][str(k)]
+                    if x is None or np.isnan(x):
+                        cells.append("–")
+                        continue
+                    mark = "**" if se is not None and not np.isnan(se) and abs(x) > 2 * se else ""
+                    cells.append(f"{mark}{100 * x:+.1f} ± {100 * se:.1f}{mark}")
+            lines.append(f"| {row['model']} − {row['versus']} | " + " | ".join(cells) + " |")
     gen = {n: m["generation"] for n, m in models.items() if m.get("generation")}
     if gen:
         lines += ["", "Generation on test notes (greedy; category decoded within the model's category set where "
@@ -514,10 +573,13 @@ def run(args) -> int:
         print(f"cold-start holdout: {len(cold)} notes; test pairs warm {results['pairs']['warm']}, "
               f"cold {results['pairs']['cold']}", file=sys.stderr)
 
+    all_ranks: dict[str, np.ndarray] = {}  # this run's models, for the paired differences
+
     def record(name: str, emb: np.ndarray | None, seconds: dict, extra: dict | None = None,
                ranks: np.ndarray | None = None) -> None:
         if ranks is None:
             ranks = pair_ranks(emb, test_ids, exp.test_pairs)
+        all_ranks[name] = ranks
         rep = ranks_report(ranks, exp.test_pairs, ks, buckets, cold)
         rep["seconds"] = seconds
         rep.update(extra or {})
@@ -580,6 +642,9 @@ def run(args) -> int:
             record(name, vecs[name], sec, extra)
         del llms
 
+    groups = {g: sel for g, sel in pair_groups(exp.test_pairs, buckets, cold).items() if g in ("all", "cold")}
+    results["differences"] = differences_report(all_ranks, [name for name, _ in models], exp.test_pairs, ks,
+                                                groups)
     results["seconds_total"] = round(time.time() - t_all, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "results.md").write_text(markdown_report(results))

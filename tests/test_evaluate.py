@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from notellm.evaluate import (markdown_report, pair_ranks, plot_recall, recall_at_k, recall_report,
-                              recall_se, scaled_ks, score_ranks)
+from notellm.evaluate import (differences_report, markdown_report, paired_difference, pair_ranks, plot_recall,
+                              recall_at_k, recall_report, recall_se, scaled_ks, score_ranks)
 
 
 def _case():
@@ -132,6 +132,46 @@ def test_recall_se_is_clustered_by_query():
     se = recall_se(ranks, ["a", "b", "c", "d"], [1])["1"]
     assert se == pytest.approx(np.sqrt(4 / 3 * 4 * 0.25) / 4)
     assert np.isnan(recall_se(ranks, ["a"] * 4, [1])["1"])  # one cluster: no standard error
+
+
+def test_paired_difference_known_answer_and_smaller_than_independent_errors():
+    q = ["q1", "q1", "q2", "q2"]
+    a, b = np.array([0.0, 0.0, 5.0, 5.0]), np.array([5.0, 0.0, 5.0, 0.0])
+    # k=1: hits a = 1,1,0,0; b = 0,1,0,1; d = 1,0,0,-1 -> mean 0; cluster sums +1, -1 -> sqrt(2 * 2) / 4
+    d = paired_difference(a, b, q, [1])
+    assert d["diff"]["1"] == 0.0 and d["se"]["1"] == pytest.approx(0.5)
+    same = paired_difference(a, a, q, [1, 6])
+    assert same["diff"] == {"1": 0.0, "6": 0.0} and same["se"] == {"1": 0.0, "6": 0.0}
+    # two correlated models (B = A with a few ranks pushed out): the paired error is far below the
+    # errors added as if independent, and the gap is what it was built to be
+    rng = np.random.default_rng(0)
+    queries = [f"q{i // 3}" for i in range(3000)]
+    ra = rng.integers(0, 100, 3000).astype(float)
+    rb = ra.copy()
+    rb[rng.random(3000) < 0.1] = 99.0
+    d = paired_difference(ra, rb, queries, [10])
+    se_a, se_b = recall_se(ra, queries, [10])["10"], recall_se(rb, queries, [10])["10"]
+    expect = recall_at_k(ra, [10])["10"] - recall_at_k(rb, [10])["10"]
+    assert d["diff"]["10"] == pytest.approx(expect) and d["diff"]["10"] > 0
+    assert d["se"]["10"] < 0.5 * np.sqrt(se_a ** 2 + se_b ** 2)
+
+
+def test_differences_report_pairs_trained_models_with_every_other_row_and_marks_two_se(tmp_path):
+    ids, emb, pairs = _case()
+    pairs = pairs * 20  # enough pairs per query for standard errors
+    pairs = [(p[0], p[1], 1.0) for p in pairs] + [("B", "A", 1.0)] * 10 + [("D", "C", 1.0)] * 10
+    good = pair_ranks(emb, ids, pairs)
+    bad = good + 3.0
+    ranks = {"pop": bad, "sbert": bad, "NoteLLM": good}
+    sel = {"all": np.ones(len(pairs), dtype=bool)}
+    rows = differences_report(ranks, ["NoteLLM"], pairs, [1, 2], sel)
+    assert [(r["model"], r["versus"]) for r in rows] == [("NoteLLM", "pop"), ("NoteLLM", "sbert")]
+    assert rows[0]["groups"]["all"]["diff"]["1"] > 0
+    res = {"data": {"name": "toy"}, "pool": 4, "ks": [1, 2], "pairs": {"all": len(pairs), "unseen": 0, "low": 0,
+                                                                      "high": 0},
+           "models": {}, "differences": rows}
+    md = markdown_report(res)
+    assert "| NoteLLM − sbert | **+" in md and "paired standard error" in md
 
 
 def test_add_to_keeps_the_rows_of_the_same_measurement_only(tmp_path):

@@ -184,6 +184,10 @@ def test_cpu_tiny_rehearsal_writes_results_curves_and_run_json(tmp_path):
     rows = ["Popularity (training clicks, text-free)", "SentenceBERT zero-shot", "SentenceBERT fine-tuned",
             "Base LLM zero-shot", "NoteLLM", "NoteLLM w/o CSFT"]
     assert list(res["models"]) == rows
+    # each trained model against each baseline, paired, overall and on cold pairs
+    assert {(d["model"], d["versus"]) for d in res["differences"]} == {
+        (a, b) for a in rows[4:] for b in rows[:4]}
+    assert all(set(d["groups"]) == {"all", "cold"} for d in res["differences"])
     ks = [str(k) for k in res["ks"]]
     for name, m in res["models"].items():
         for g in ("all", "warm", "cold"):
