@@ -128,12 +128,13 @@ def recall_se(ranks: np.ndarray, queries: Sequence[str], ks: Sequence[int]) -> d
 
 
 def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, queries: Sequence[str],
-                      ks: Sequence[int]) -> dict[str, dict[str, float]]:
+                      ks: Sequence[int], *, clusters: list[list[int]] | None = None) -> dict[str, dict[str, float]]:
     """Recall@k of model A minus model B on the same pairs, with the standard error of that difference,
     paired (per pair: hit_A - hit_B) and clustered by query note. Two models' errors are strongly
     correlated on shared pairs, so this is much smaller than sqrt(se_A^2 + se_B^2): it is the number to
-    compare a gap with. {"diff": {k: d}, "se": {k: se}}."""
-    idx = _clusters(queries)
+    compare a gap with. ``clusters``: `_clusters(queries)`, when the caller already has it.
+    {"diff": {k: d}, "se": {k: se}}."""
+    idx = clusters if clusters is not None else _clusters(queries)
     out: dict[str, dict[str, float]] = {"diff": {}, "se": {}}
     for k in ks:
         d = (ranks_a < k).astype(np.float64) - (ranks_b < k).astype(np.float64)
@@ -147,15 +148,13 @@ def differences_report(ranks: dict[str, np.ndarray], trained: Sequence[str], pai
     """For each trained model, its paired Recall@k difference to every other model that is not a trained
     one, per group of pairs (``groups``: name -> boolean selection, e.g. all / cold)."""
     queries = np.array([p[0] for p in pairs], dtype=object)
+    clusters = {g: _clusters(list(queries[sel])) for g, sel in groups.items()}  # the same for every model
     rows = []
-    for a in trained:
-        for b in ranks:
-            if b in trained or a not in ranks:
-                continue
-            row = {"model": a, "versus": b, "groups": {}}
-            for g, sel in groups.items():
-                row["groups"][g] = paired_difference(ranks[a][sel], ranks[b][sel], list(queries[sel]), ks)
-            rows.append(row)
+    for a in (m for m in trained if m in ranks):
+        for b in (m for m in ranks if m not in trained):
+            rows.append({"model": a, "versus": b, "groups": {
+                g: paired_difference(ranks[a][sel], ranks[b][sel], (), ks, clusters=clusters[g])
+                for g, sel in groups.items()}})
     return rows
 
 
