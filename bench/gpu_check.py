@@ -13,17 +13,27 @@ still reports what it measured; a phase that fails is recorded with its error an
                  rehearsal) exported as fp32 and fp16 packages with the project's exporter, each validated
                  on the run's execution provider against torch on the same device (fp32: max |diff| with
                  TF32 off on both sides; fp16: min cosine vs torch fp32; greedy generation agreement).
+2b. fuse         each ``--fuse-dtypes`` package (fp16 by default) rewritten as ``notellm export --fuse``
+                 would (:func:`export.onnx_export.fuse_for_ort`, onnxscript's ORT fusions: attention as
+                 MultiHeadAttention, (skip) RMS norm, rotary), in a child process with ``--fuse-site`` (the
+                 pack's onnxscript, the version this project is tested with) first on its path; validated
+                 against torch like the plain packages and measured as one more engine, ``ort-fp16-fused``.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
-                 binding), on real note texts. Prompts are tokenised before timing on both sides (the worker
-                 tokenises on its polling thread).
+                 binding; the fused package with it), on real note texts. Prompts are tokenised before
+                 timing on both sides (the worker tokenises on its polling thread).
 4. worker        the worker's own path (decode -> prepare_many, one batched tokenizer pass per poll ->
                  Batcher -> Pipeline(EncodeStage -> Milvus sink) on milvus-lite; no Kafka on that
-                 machine): pipeline notes/s against the same encoder alone on the batches the batcher
-                 formed, and the busy time of each stage.
-5. fusions       onnxruntime.transformers.optimizer's decoder fusions (the recipe ORT uses for Llama:
-                 model_type gpt2 = rotary attention, RoPE, (skip) simplified layer norm) on each package:
-                 fused-op counts, parity with the plain graph, embed throughput beside it.
+                 machine) with the fastest fp16 package: pipeline notes/s against the same encoder alone on
+                 the batches the batcher formed, and the busy time of each stage.
+5. fusions       the two fusion recipes side by side on each plain package (``--skip fusions`` once the
+                 fused engine answers the question): onnxruntime.transformers.optimizer's decoder fusions
+                 (ORT's Llama recipe, model_type gpt2) and onnxscript's; fused-op counts, parity with the
+                 plain graph, embed throughput beside it.
+6. profile       where the time goes, embed-only at the best ORT batch: every CUDA kernel of three batches
+                 under torch.profiler (CUPTI sees ONNX Runtime's kernels too), per engine (ORT fp16 plain
+                 and fused, torch eager fp16): GPU busy share of the wall time, time per kernel class
+                 (matmul, attention, norm, rotary, copy, other) and the top kernels.
 
 Goals checked (issue 13): ORT CUDA fp16 >= 2x torch eager at the best batch; >= 1M prompt tokens/s
 embed-only; worker pipeline >= 0.9x the encoder alone.
@@ -189,6 +199,59 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+FUSE_CHILD = """
+import json, sys
+from pathlib import Path
+import onnx_ir, onnxscript
+from export.onnx_export import fuse_for_ort
+counts = fuse_for_ort(Path(sys.argv[1]))
+print(json.dumps({"fusions": counts, "onnxscript": onnxscript.__version__, "onnx_ir": onnx_ir.__version__}))
+"""
+
+
+def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_site: str | None,
+                      timeout_s: float = 240.0) -> dict[str, Any]:
+    """The package `notellm export --fuse` would write, built from the exported one: a copy whose graph
+    :func:`export.onnx_export.fuse_for_ort` rewrites in a child process - with ``fuse_site`` (the
+    onnxscript/onnx-ir this project's venv has, carried by the pack) first on its path, because the device
+    image's onnxscript may not know the attention patterns - then re-hashed and validated against torch on
+    the run's device like the plain packages."""
+    import subprocess
+
+    from export.onnx_export import MANIFEST_FILE, content_hash
+    from export.validate import validate_package
+
+    out = work / f"pkg-{kind}-fused"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    env = dict(os.environ)
+    if fuse_site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (fuse_site, str(REPO), env.get("PYTHONPATH"))))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", FUSE_CHILD, str(out / "model.onnx")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout_s)
+    if p.returncode != 0:
+        raise RuntimeError(f"fuse_for_ort failed (exit {p.returncode}): {p.stderr[-1500:]}")
+    fused = json.loads(p.stdout.strip().splitlines()[-1])
+    fuse_s = time.perf_counter() - t0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    hashed = list(manifest["graph_files"]) + [manifest["tokenizer"]]
+    if manifest.get("categories"):
+        hashed.append(manifest["categories"])
+    manifest.update(fusions=fused["fusions"], model_version=content_hash(out, hashed), validation=None)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    ref = copy.deepcopy(model).to(device)
+    opts = {"use_tf32": 0} if device == "cuda" else None
+    t1 = time.perf_counter()
+    report = validate_package(ref, out, device=device, provider_options=opts)
+    del ref
+    _empty_cache()
+    return {"package": str(out), "fuse_s": round(fuse_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
+            "fused_with": {"onnxscript": fused["onnxscript"], "onnx_ir": fused["onnx_ir"],
+                           "site": fuse_site or "this environment"},
+            "fusions": fused["fusions"], "ops": op_counts(out / "model.onnx"), "validation": report}
+
+
 # --------------------------------------------------------------------------------------------- phase 3
 def measure(run: Callable[[Any], int], batches: list[Any], notes_per: Callable[[Any], int], point_s: float,
             sync: Callable[[], None]) -> dict[str, Any]:
@@ -298,6 +361,17 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
     return out
 
 
+def worker_package(enc: dict[str, Any] | None, packages: dict[str, str], device: str) -> tuple[str, int | None]:
+    """The package the worker phase runs (on CUDA the fastest fp16 ORT engine with category generation,
+    plain or fused) and that engine's best batch."""
+    kinds = [k for k in packages if k.startswith("fp16")] if device == "cuda" else []
+    kinds = kinds or [next(iter(packages))]
+    rows = (enc or {}).get("best_embed+category") or {}
+    scored = [((rows.get(f"ort-{k}") or {}).get("notes_per_s") or 0.0, k) for k in kinds]
+    kind = max(scored)[1] if any(v for v, _ in scored) else kinds[0]
+    return kind, (rows.get(f"ort-{kind}") or {}).get("batch")
+
+
 def best(points: dict[str, Any], key: str = "notes_per_s") -> tuple[int | None, float]:
     vals = [(int(b), r[key]) for b, r in points.items() if isinstance(r, dict) and key in r]
     if not vals:
@@ -313,7 +387,7 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
     for mode in modes:
         rows: dict[str, Any] = {}
         for kind, pkg in packages.items():
-            for binding in (True, False):
+            for binding in ((True,) if kind.endswith("-fused") else (True, False)):
                 name = f"ort-{kind}{'' if binding else '-nobinding'}"
                 if engines and name not in engines:
                     continue
@@ -499,6 +573,8 @@ def fusion_phase(packages: dict[str, str], model, device: str, notes, batch: int
     res: dict[str, Any] = {}
     sample = notes[:64]
     for kind, pkg in packages.items():
+        if kind.endswith("-fused"):
+            continue  # already fused: measured as its own engine
         src = Path(pkg)
         res[f"{kind}/plain"] = {"ops": op_counts(src / "model.onnx")}
         for fname, fuse in FUSIONS.items():
@@ -534,11 +610,126 @@ def fusion_phase(packages: dict[str, str], model, device: str, notes, batch: int
     return res
 
 
+# --------------------------------------------------------------------------------------------- phase 6
+KERNEL_CLASSES = (  # first match wins; matched against the lower-cased kernel name
+    ("attention", ("fmha", "flash", "attention", "mha", "softmax")),
+    ("matmul", ("gemm", "cutlass", "cublas", "xmma", "matmul", "sm90_", "sm80_", "ampere_", "hopper", "aten::linear",
+                "aten::mm", "aten::addmm", "aten::bmm")),
+    ("norm", ("layernorm", "layer_norm", "rmsnorm", "rms_norm", "skiplayernorm")),
+    ("rotary", ("rotary",)),
+    ("copy", ("memcpy", "memset", "copy", "transpose", "concat", "cat_", "aten::cat", "gather", "slice", "expand")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "elementwise/other"
+
+
+def _busy_union(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy
+
+
+def profile_engine(run: Callable[[], Any], device: str, calls: int = 3, top: int = 12) -> dict[str, Any]:
+    """Where one engine's time goes: ``calls`` warm calls under torch.profiler. On CUDA it records every
+    kernel the process launches through CUPTI - ONNX Runtime's included, since both use the same device
+    context - so the kernel time per class (matmul, attention, norm, copy, elementwise) and the GPU's busy
+    share of the wall time are measured the same way for both engines. On the CPU it records torch's
+    operators (ONNX Runtime's own work is invisible there: only the wall time is then meaningful)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    run()  # warm (shapes, allocator)
+    acts = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        sync()
+        wall = time.perf_counter() - t0
+    per_name: dict[str, list[float]] = {}
+    intervals: list[tuple[float, float]] = []
+    want = "CUDA" if device == "cuda" else "CPU"
+    for e in prof.events():
+        kind = getattr(e.device_type, "name", str(e.device_type)).split(".")[-1].upper()
+        if kind != want or (device != "cuda" and e.cpu_parent is not None):
+            continue  # on the CPU: top-level operators only, no double counting
+        tr = e.time_range
+        dur = float(tr.end - tr.start)  # us
+        intervals.append((float(tr.start), float(tr.end)))
+        rec = per_name.setdefault(e.name, [0.0, 0])
+        rec[0] += dur
+        rec[1] += 1
+    total_us = sum(v[0] for v in per_name.values())
+    classes: dict[str, float] = {}
+    for name, (us, _) in per_name.items():
+        c = kernel_class(name)
+        classes[c] = classes.get(c, 0.0) + us
+    top_rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "calls": calls, "wall_ms": round(wall * 1e3, 2),
+        "recorded": "cuda kernels" if device == "cuda" else "torch cpu operators",
+        "events": sum(v[1] for v in per_name.values()),
+        "busy_ms": round(_busy_union(intervals) / 1e3, 2), "summed_ms": round(total_us / 1e3, 2),
+        "busy_share_of_wall": round(_busy_union(intervals) / 1e6 / wall, 3) if wall > 0 else None,
+        "by_class_ms": {k: round(v / 1e3, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:160], "ms": round(us / 1e3, 2), "count": c, "class": kernel_class(n)}
+                for n, (us, c) in top_rows],
+    }
+
+
+def profile_phase(model, packages: dict[str, str], device: str, notes, batch: int) -> dict[str, Any]:
+    """Embed-only at one batch size, per engine: ORT on each fp16 package (plain, fused), torch eager fp16
+    (bf16/fp32 on the CPU), each profiled over three batches of the same notes."""
+    import torch
+
+    res: dict[str, Any] = {"batch": batch}
+    sample = notes[:batch]
+    for kind, pkg in packages.items():
+        if device == "cuda" and not kind.startswith("fp16"):
+            continue
+        enc = ort_engine(pkg, device, io_binding=True, batch=batch, tf32=False)
+        try:
+            prompts = [enc.tokenize(n, "category") for n in sample]
+            res[f"ort-{kind}"] = profile_engine(lambda: enc.encode(prompts, "none"), device)
+            res[f"ort-{kind}"]["prompt_tokens"] = sum(p.tokens for p in prompts)
+        finally:
+            enc.close()
+            _empty_cache()
+    dt = "fp16" if device == "cuda" else "fp32"
+    m = copy.deepcopy(model).to(device=device, dtype={"fp16": torch.float16, "fp32": torch.float32}[dt]).eval()
+    nb = m.tokenize_notes(sample, "category", padding_side="left", include_continuation=False, device=device)
+
+    def run() -> None:
+        with torch.no_grad():
+            m.embed_batch(nb.input_ids, nb.attention_mask, nb.emb_positions)
+
+    res[f"torch-{dt}"] = profile_engine(run, device)
+    res[f"torch-{dt}"]["prompt_tokens"] = int(nb.attention_mask.sum())
+    res[f"torch-{dt}"]["padded_tokens"] = int(nb.attention_mask.numel())
+    del m
+    _empty_cache()
+    return res
+
+
 # --------------------------------------------------------------------------------------------- report
 def goals(doc: dict[str, Any]) -> dict[str, Any]:
     enc = doc.get("encoder") or {}
     b = enc.get("best_embed") or {}
-    ort16 = (b.get("ort-fp16") or {}).get("notes_per_s") or 0.0
+    ort16 = max([(v or {}).get("notes_per_s") or 0.0 for k, v in b.items() if k.startswith("ort-fp16")] or [0.0])
     torch_best = max([(b.get(k) or {}).get("notes_per_s") or 0.0 for k in ("torch-fp16", "torch-bf16")] or [0.0])
     tok = 0.0
     for name, pts in (enc.get("embed") or {}).items():
@@ -577,6 +768,13 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"Parity {kind} on {e['validation'].get('providers', ['?'])[0]}: "
                          f"{'passed' if e['validation']['passed'] else 'FAILED'}; max |diff| {v['max_abs_diff']:.2e}, "
                          f"min cosine {v['min_cosine']:.6f}, generation agreement {v['generation_agreement']:.2f}.")
+    for name in [k for k in doc if k.startswith("fuse_")]:
+        e = doc[name]
+        v = e["validation"]["metrics"]
+        lines += ["", f"Fused {name[5:]} package (onnxscript {e['fused_with']['onnxscript']}): "
+                  f"{', '.join(f'{k} {n}' for k, n in e['fusions'].items())}; parity "
+                  f"{'passed' if e['validation']['passed'] else 'FAILED'}: max |diff| {v['max_abs_diff']:.2e}, "
+                  f"min cosine {v['min_cosine']:.6f}, generation agreement {v['generation_agreement']:.2f}."]
     enc = doc.get("encoder")
     if enc:
         for mode in ("embed", "embed+category"):
@@ -612,6 +810,21 @@ def markdown(doc: dict[str, Any]) -> str:
                 speed = f"{e['plain'].get('notes_per_s')} -> {e['fused'].get('notes_per_s')}"
             what = ops or r.get("error") or r.get("skipped") or "none"
             lines.append(f"| {name} | {what} | {r.get('parity_min_cosine', '')} | {speed} |")
+    pr = doc.get("profile")
+    if pr:
+        classes = ("matmul", "attention", "norm", "rotary", "copy", "elementwise/other")
+        lines += ["", f"Profile, embed only, batch {pr['batch']} ({next((r['recorded'] for r in pr.values() if isinstance(r, dict)), '')}; "
+                  "ms per batch):", "",
+                  "| engine | wall | busy (share) | " + " | ".join(classes) + " | top |",
+                  "| --- |" + " --- |" * (len(classes) + 3)]
+        for name, r in pr.items():
+            if not isinstance(r, dict):
+                continue
+            n = r["calls"]
+            cells = [f"{r['by_class_ms'].get(c, 0.0) / n:.1f}" for c in classes]
+            top = r["top"][0] if r["top"] else {}
+            lines.append(f"| {name} | {r['wall_ms'] / n:.1f} | {r['busy_ms'] / n:.1f} ({r['busy_share_of_wall']}) | "
+                         + " | ".join(cells) + f" | {top.get('name', '')[:60]} {top.get('ms', 0) / n:.1f} |")
     g = doc.get("goals")
     if g:
         lines += ["", "| goal | value | target | met |", "| --- | --- | --- | --- |"]
@@ -635,7 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="fp32,fp16", help="packages to export (default fp32,fp16)")
     ap.add_argument("--modes", default="embed,embed+category", help="encoder modes measured")
     ap.add_argument("--engines", help="only these engines, e.g. ort-fp16,torch-fp16 (default: all)")
-    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions")
+    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile")
+    ap.add_argument("--fuse-dtypes", default="fp16",
+                    help="packages also measured fused (`notellm export --fuse`), as engine ort-<dtype>-fused; '' for none")
+    ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"
     arch = a.arch or ("tiny" if a.cpu else "smollm2")
@@ -666,24 +882,32 @@ def main(argv: list[str] | None = None) -> int:
             packages[kind] = r["package"]
     if not packages:
         return 1
+    for kind in filter(None, a.fuse_dtypes.split(",")):
+        if kind in packages:
+            r = rep.phase(f"fuse_{kind}", lambda kind=kind: fuse_and_validate(model, kind, packages[kind], work, device,
+                                                                              a.fuse_site), need_s=60)
+            if r is not None and r["validation"]["passed"]:
+                packages[f"{kind}-fused"] = r["package"]
     # encoder benchmarks get what is left minus the worker and fusion phases' share
     reserve = 0.3 * rep.left()
     engines = set(a.engines.split(",")) if a.engines else None
     enc = rep.phase("encoder", lambda: encoder_phase(model, packages, device, notes, sizes, point_s,
                                                      time.monotonic() + rep.left() - reserve,
                                                      modes=tuple(a.modes.split(",")), engines=engines))
-    kind = "fp16" if "fp16" in packages and device == "cuda" else next(iter(packages))
-    best_batch = None
-    if enc:
-        best_batch = (enc.get("best_embed+category") or {}).get(f"ort-{kind}", {}).get("batch")
+    kind, best_batch = worker_package(enc, packages, device)
     batch = int(best_batch or max(sizes))
     skip = set(filter(None, a.skip.split(",")))
     if "worker" not in skip:
-        rep.phase("worker", lambda: worker_phase(packages[kind], device, notes, batch, "category", work, "process"),
+        rep.phase("worker", lambda: {"package": kind, **worker_phase(packages[kind], device, notes, batch, "category",
+                                                                     work, "process")},
                   need_s=20)
     if "fusions" not in skip:
         rep.phase("fusions", lambda: fusion_phase(packages, model, device, notes, batch, point_s, work,
                                                   time.monotonic() + rep.left()), need_s=20)
+    if "profile" not in skip:
+        embed_batch = ((enc or {}).get("best_embed") or {}).get(f"ort-{kind}", {}).get("batch")
+        rep.phase("profile", lambda: profile_phase(model, packages, device, notes, int(embed_batch or max(sizes))),
+                  need_s=15)
     rep.doc["goals"] = goals(rep.doc)
     rep.doc["total_s"] = round(time.monotonic() - t_start, 1)
     rep.save()

@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,19 @@ def export_step_graph(model: NoteLLM, path: Path, *, dtype: str = "fp32") -> lis
     attention_mask = torch.ones((B, P + S), dtype=torch.int64)
     attention_mask[0, :2] = 0
     past = [torch.randn(B, kv_heads, P, head_dim, generator=gen).to(tdtype) for _ in range(2 * layers)]
-    batch, seq, past_len = Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC
+    # Named dims, one per axis meaning, shared by every tensor that has it: with Dim.DYNAMIC on each past
+    # tensor, torch 2.11's export gave each layer's past key and past value its own length symbol; the
+    # attention's key and value then differ in the graph's shapes and onnxscript's attention fusion
+    # (fuse_for_ort) refuses to match. `past` may be 0 (the prefill); 0 is not an example size here.
+    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
     kv_shape = {0: batch, 2: past_len}
     # *past is one varargs group for torch.export.
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple(kv_shape for _ in past))
     in_names, out_names = io_names(layers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), _heartbeat(f"exporting {dtype} step graph"):
+    with torch.no_grad(), _heartbeat(f"exporting {dtype} step graph"), warnings.catch_warnings():
+        # the exporter notes that a named dim shared by several inputs keeps one name: that is the intent
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
         program = torch.onnx.export(
             wrapper, (input_ids, attention_mask, *past), dynamo=True, input_names=in_names,
             output_names=out_names, dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True,

@@ -1,6 +1,7 @@
 """The GPU check's CPU rehearsal: `scripts/gpu-check --cpu` runs the device run's code path end to end
-(export + validation, every engine configuration, the worker's encode -> sink path on milvus-lite, both
-fusion recipes) with a tiny model, so a device run can fail only for GPU reasons."""
+(export + validation, the fused package built in a child process, every engine configuration, the worker's
+encode -> sink path on milvus-lite, both fusion recipes, the profile) with a tiny model, so a device run can
+fail only for GPU reasons."""
 from __future__ import annotations
 
 import json
@@ -14,21 +15,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_cpu_rehearsal_runs_every_phase(tmp_path):
     out = tmp_path / "out"
+    fuse_site = tmp_path / "site-fuse"  # the pack's folder for the fusing child (empty here: this venv's onnxscript)
+    fuse_site.mkdir()
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable)
     p = subprocess.run([str(REPO / "scripts" / "gpu-check"), "--cpu", "--out", str(out), "--work", str(tmp_path / "w"),
-                        "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1"],
+                        "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
-        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "encoder", "worker", "fusions")}
+        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "fuse_fp16", "encoder", "worker",
+                          "fusions", "profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
         assert v["passed"], v
         assert v["providers"][0] == "CPUExecutionProvider"
     assert doc["export_fp32"]["validation"]["metrics"]["generation_agreement"] == 1.0
+    fz = doc["fuse_fp16"]
+    assert fz["validation"]["passed"] and fz["fused_with"]["site"] == str(fuse_site)
+    assert fz["ops"]["MultiHeadAttention"] == 2 and fz["fusions"]["sdpa"] == 2  # what `notellm export --fuse` writes
     enc = doc["encoder"]
-    engines = {"ort-fp32", "ort-fp32-nobinding", "ort-fp16", "ort-fp16-nobinding", "torch-fp32", "torch-bf16"}
+    engines = {"ort-fp32", "ort-fp32-nobinding", "ort-fp16", "ort-fp16-nobinding", "ort-fp16-fused", "torch-fp32",
+               "torch-bf16"}
     for mode in ("embed", "embed+category"):
         assert set(enc[mode]) == engines
         for name in engines:
@@ -38,7 +46,9 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     w = doc["worker"]
     assert w["milvus_rows"] == w["notes"] == 16
     assert w["pipeline_notes_per_s"] > 0 and w["encoder_alone_notes_per_s"] > 0
+    assert w["package"] == "fp32"  # on the CPU the worker phase keeps the first package
     f = doc["fusions"]
+    assert not any(k.startswith("fp16-fused") for k in f)  # a fused package is not fused again
     for kind in ("fp32", "fp16"):
         for recipe in ("ort_transformers_gpt2", "onnxscript_ort_fusions"):
             r = f[f"{kind}/{recipe}"]
@@ -46,10 +56,16 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
             assert r["parity_min_cosine"] > 0.999
     # the onnxscript recipe fuses attention in our dynamo-exported graph
     assert f["fp32/onnxscript_ort_fusions"]["ops"]["MultiHeadAttention"] == 2
+    pr = doc["profile"]
+    assert set(pr) == {"batch", "ort-fp32", "ort-fp16", "ort-fp16-fused", "torch-fp32"}
+    t = pr["torch-fp32"]  # on the CPU the profiler sees torch's operators (ORT's only as wall time)
+    assert t["events"] > 0 and 0 < t["busy_ms"] <= t["wall_ms"] and t["by_class_ms"]["matmul"] > 0
+    assert all(pr[k]["wall_ms"] > 0 and pr[k]["prompt_tokens"] > 0 for k in pr if k != "batch")
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s",
                                  "pipeline_vs_encoder_alone"}
     md = (out / "gpu-check.md").read_text()
-    assert "**embed**" in md and "Worker path" in md and "| goal |" in md
+    assert "**embed**" in md and "Worker path" in md and "| goal |" in md and "Profile, embed only" in md
+    assert "Fused fp16 package" in md
     assert (out / "gpu-check.log").stat().st_size > 0
 
 
