@@ -691,9 +691,11 @@ def profile_engine(run: Callable[[], Any], device: str, calls: int = 3, top: int
     }
 
 
-def profile_phase(model, packages: dict[str, str], device: str, notes, batch: int) -> dict[str, Any]:
+def profile_phase(model, packages: dict[str, str], device: str, notes, batch: int, *, generate: bool = False
+                  ) -> dict[str, Any]:
     """Embed-only at one batch size, per engine: ORT on each fp16 package (plain, fused), torch eager fp16
-    (bf16/fp32 on the CPU), each profiled over three batches of the same notes."""
+    (bf16/fp32 on the CPU), each profiled over three batches of the same notes; with ``generate`` also ORT
+    with category generation (one call)."""
     import torch
 
     res: dict[str, Any] = {"batch": batch}
@@ -706,6 +708,9 @@ def profile_phase(model, packages: dict[str, str], device: str, notes, batch: in
             prompts = [enc.tokenize(n, "category") for n in sample]
             res[f"ort-{kind}"] = profile_engine(lambda: enc.encode(prompts, "none"), device)
             res[f"ort-{kind}"]["prompt_tokens"] = sum(p.tokens for p in prompts)
+            if generate:  # the same notes with category generation (prefill, continuation, decode steps)
+                res[f"ort-{kind}/embed+category"] = profile_engine(lambda: enc.encode(prompts, "category"), device,
+                                                                   calls=1)
         finally:
             enc.close()
             _empty_cache()
@@ -722,6 +727,98 @@ def profile_phase(model, packages: dict[str, str], device: str, notes, batch: in
     res[f"torch-{dt}"]["padded_tokens"] = int(nb.attention_mask.numel())
     del m
     _empty_cache()
+    return res
+
+
+def ort_profile(pkg: str, device: str, notes, batch: int, mode: str, work: Path, calls: int = 3) -> dict[str, Any]:
+    """ONNX Runtime's own profiler on one encoder configuration: what the host does per graph call. On the
+    CUDA provider a node's time is its host time (shape work, allocation, kernel launch; kernels run
+    asynchronously), so beside the kernel profile this says where the GPU's idle gaps come from: the
+    framework (model_run minus its nodes), nodes on the CPU provider, or host <-> device copies."""
+    import onnxruntime as ort
+
+    generate = "category" if mode == "embed+category" else "none"
+    enc = ort_engine(pkg, device, io_binding=True, batch=batch, tf32=False)
+    try:
+        prompts = [enc.tokenize(n, "category") for n in notes[:batch]]
+        enc.encode(prompts, generate)  # warm: the shared prefix, shapes, the allocator
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(work / f"ortprof-{Path(pkg).name}-{mode.replace('+', '_')}")
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+        enc.session = ort.InferenceSession(str(Path(pkg) / enc.manifest["graph"]), sess_options=so, providers=providers)
+        enc._prefix_batch = {}  # its OrtValues belong to the first session's device allocator: rebuild them
+        steps = [0]
+        step = enc._step
+
+        def counted(*args, **kwargs):
+            steps[0] += 1
+            return step(*args, **kwargs)
+
+        enc._step = counted  # one graph run per step: the warm runs below are dropped from the profile
+        enc.encode(prompts, generate)
+        warm_runs = steps[0]
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            enc.encode(prompts, generate)
+        wall = time.perf_counter() - t0
+        trace = json.loads(Path(enc.session.end_profiling()).read_text())
+    finally:
+        enc.close()
+        _empty_cache()
+    runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[warm_runs:]
+    if not runs:
+        raise RuntimeError("the ORT profile holds no measured model_run")
+    start = runs[0]["ts"]
+    nodes = [e for e in trace if e.get("cat") == "Node" and e["ts"] >= start and e.get("name", "").endswith("_kernel_time")]
+    per_provider: dict[str, float] = {}
+    per_op: dict[tuple[str, str], list[float]] = {}
+    cpu_nodes: set[str] = set()
+    for e in nodes:
+        a = e.get("args") or {}
+        prov = str(a.get("provider", "?")).replace("ExecutionProvider", "")
+        op = str(a.get("op_name", "?"))
+        per_provider[prov] = per_provider.get(prov, 0.0) + e["dur"]
+        rec = per_op.setdefault((op, prov), [0.0, 0])
+        rec[0] += e["dur"]
+        rec[1] += 1
+        if prov == "CPU" and device == "cuda":
+            cpu_nodes.add(e["name"][: -len("_kernel_time")])
+    n_runs = len(runs)
+    run_us = sum(e["dur"] for e in runs)
+    node_us = sum(per_provider.values())
+    memcpy = sum(c for (op, _), (_, c) in per_op.items() if op.startswith("Memcpy"))
+    top = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:12]
+    return {
+        "mode": mode, "batch": batch, "calls": calls, "graph_runs": n_runs, "graph_runs_per_call": n_runs / calls,
+        "wall_ms_per_call": round(wall * 1e3 / calls, 2),
+        "model_run_ms_per_call": round(run_us / 1e3 / calls, 2),
+        "nodes_host_ms_per_call": round(node_us / 1e3 / calls, 2),
+        "framework_ms_per_call": round((run_us - node_us) / 1e3 / calls, 2),
+        "outside_run_ms_per_call": round(wall * 1e3 / calls - run_us / 1e3 / calls, 2),
+        "by_provider_ms_per_call": {k: round(v / 1e3 / calls, 2) for k, v in per_provider.items()},
+        "node_calls_per_run": round(len(nodes) / n_runs, 1), "memcpy_per_run": round(memcpy / n_runs, 1),
+        "cpu_provider_nodes": sorted(cpu_nodes)[:40], "cpu_provider_node_count": len(cpu_nodes),
+        "top_ops": [{"op": op, "provider": prov, "ms_per_call": round(us / 1e3 / calls, 2), "count_per_run": round(c / n_runs, 1)}
+                    for (op, prov), (us, c) in top],
+    }
+
+
+def ort_profile_phase(packages: dict[str, str], device: str, notes, batch: int, work: Path,
+                      modes: tuple[str, ...]) -> dict[str, Any]:
+    res: dict[str, Any] = {"batch": batch}
+    for kind, pkg in packages.items():
+        if device == "cuda" and not kind.startswith("fp16"):
+            continue
+        for mode in modes:
+            progress(f"  ort profile: {kind} {mode}")
+            res[f"ort-{kind}/{mode}"] = ort_profile(pkg, device, notes, batch, mode, work)
     return res
 
 
@@ -813,7 +910,7 @@ def markdown(doc: dict[str, Any]) -> str:
     pr = doc.get("profile")
     if pr:
         classes = ("matmul", "attention", "norm", "rotary", "copy", "elementwise/other")
-        lines += ["", f"Profile, embed only, batch {pr['batch']} ({next((r['recorded'] for r in pr.values() if isinstance(r, dict)), '')}; "
+        lines += ["", f"Kernel profile, embed only unless the row says so, batch {pr['batch']} ({next((r['recorded'] for r in pr.values() if isinstance(r, dict)), '')}; "
                   "ms per batch):", "",
                   "| engine | wall | busy (share) | " + " | ".join(classes) + " | top |",
                   "| --- |" + " --- |" * (len(classes) + 3)]
@@ -825,6 +922,20 @@ def markdown(doc: dict[str, Any]) -> str:
             top = r["top"][0] if r["top"] else {}
             lines.append(f"| {name} | {r['wall_ms'] / n:.1f} | {r['busy_ms'] / n:.1f} ({r['busy_share_of_wall']}) | "
                          + " | ".join(cells) + f" | {top.get('name', '')[:60]} {top.get('ms', 0) / n:.1f} |")
+    op = doc.get("ort_profile")
+    if op:
+        lines += ["", f"ONNX Runtime's profiler, batch {op['batch']} (ms per encode call; host time: on CUDA a node's "
+                  "time is its launch, not its kernel):", "",
+                  "| package / mode | graph runs | wall | model_run | nodes | framework | outside runs | by provider "
+                  "| memcpy per run | CPU-provider nodes | top op (host ms) |", "| --- |" + " --- |" * 10]
+        for name, r in op.items():
+            if not isinstance(r, dict):
+                continue
+            t = r["top_ops"][0] if r["top_ops"] else {}
+            lines.append(f"| {name} | {r['graph_runs_per_call']:.0f} | {r['wall_ms_per_call']} | {r['model_run_ms_per_call']} "
+                         f"| {r['nodes_host_ms_per_call']} | {r['framework_ms_per_call']} | {r['outside_run_ms_per_call']} "
+                         f"| {json.dumps(r['by_provider_ms_per_call'])} | {r['memcpy_per_run']} | "
+                         f"{r['cpu_provider_node_count']} | {t.get('op', '')}/{t.get('provider', '')} {t.get('ms_per_call', '')} |")
     g = doc.get("goals")
     if g:
         lines += ["", "| goal | value | target | met |", "| --- | --- | --- | --- |"]
@@ -848,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="fp32,fp16", help="packages to export (default fp32,fp16)")
     ap.add_argument("--modes", default="embed,embed+category", help="encoder modes measured")
     ap.add_argument("--engines", help="only these engines, e.g. ort-fp16,torch-fp16 (default: all)")
-    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile")
+    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile,ort_profile")
     ap.add_argument("--fuse-dtypes", default="fp16",
                     help="packages also measured fused (`notellm export --fuse`), as engine ort-<dtype>-fused; '' for none")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
@@ -904,10 +1015,13 @@ def main(argv: list[str] | None = None) -> int:
     if "fusions" not in skip:
         rep.phase("fusions", lambda: fusion_phase(packages, model, device, notes, batch, point_s, work,
                                                   time.monotonic() + rep.left()), need_s=20)
+    embed_batch = int(((enc or {}).get("best_embed") or {}).get(f"ort-{kind}", {}).get("batch") or max(sizes))
     if "profile" not in skip:
-        embed_batch = ((enc or {}).get("best_embed") or {}).get(f"ort-{kind}", {}).get("batch")
-        rep.phase("profile", lambda: profile_phase(model, packages, device, notes, int(embed_batch or max(sizes))),
-                  need_s=15)
+        rep.phase("profile", lambda: profile_phase(model, packages, device, notes, embed_batch,
+                                                   generate="embed+category" in a.modes.split(",")), need_s=15)
+    if "ort_profile" not in skip:
+        rep.phase("ort_profile", lambda: ort_profile_phase(packages, device, notes, embed_batch, work,
+                                                           tuple(a.modes.split(","))), need_s=20)
     rep.doc["goals"] = goals(rep.doc)
     rep.doc["total_s"] = round(time.monotonic() - t_start, 1)
     rep.save()
