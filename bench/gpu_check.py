@@ -711,6 +711,7 @@ def profile_phase(model, packages: dict[str, str], device: str, notes, batch: in
             if generate:  # the same notes with category generation (prefill, continuation, decode steps)
                 res[f"ort-{kind}/embed+category"] = profile_engine(lambda: enc.encode(prompts, "category"), device,
                                                                    calls=1)
+                res[f"ort-{kind}/embed+category"]["prompt_tokens"] = res[f"ort-{kind}"]["prompt_tokens"]
         finally:
             enc.close()
             _empty_cache()

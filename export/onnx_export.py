@@ -218,8 +218,9 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     exports): (skip) RMS normalisation, rotary embedding and attention as com.microsoft contrib ops, which
     both the CPU and the CUDA execution providers run. Returns {fusion: count} of those applied; raises
     RuntimeError when nothing fused (the export's patterns changed: a fused package would be the plain one).
-    Measured: ~1.0x on 2 CPU cores; +18 % embed notes/s for fp16 on an H200 from the norm fusions alone,
-    within that run's noise (docs/results/gpu/README.md)."""
+    Measured: ~1.0x on 2 CPU cores; on an H200 (fp16, batch 512, runs 3-4 in docs/results/gpu/README.md)
+    1.5x the plain graph's embed-only notes/s (30 MultiHeadAttention + the norms), but 0.5-1.06x with
+    generation (cuDNN attention per decode shape): use it for embed-only deployments."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 

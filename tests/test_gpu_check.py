@@ -25,7 +25,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "fuse_fp16", "encoder", "worker",
-                          "fusions", "profile")}
+                          "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
         assert v["passed"], v
@@ -57,15 +57,24 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     # the onnxscript recipe fuses attention in our dynamo-exported graph
     assert f["fp32/onnxscript_ort_fusions"]["ops"]["MultiHeadAttention"] == 2
     pr = doc["profile"]
-    assert set(pr) == {"batch", "ort-fp32", "ort-fp16", "ort-fp16-fused", "torch-fp32"}
+    ort_rows = {f"ort-{k}{m}" for k in ("fp32", "fp16", "fp16-fused") for m in ("", "/embed+category")}
+    assert set(pr) == {"batch", "torch-fp32"} | ort_rows
     t = pr["torch-fp32"]  # on the CPU the profiler sees torch's operators (ORT's only as wall time)
     assert t["events"] > 0 and 0 < t["busy_ms"] <= t["wall_ms"] and t["by_class_ms"]["matmul"] > 0
     assert all(pr[k]["wall_ms"] > 0 and pr[k]["prompt_tokens"] > 0 for k in pr if k != "batch")
+    op = doc["ort_profile"]  # ONNX Runtime's own profiler: host time per graph call
+    for k in ("fp32", "fp16", "fp16-fused"):
+        e, g = op[f"ort-{k}/embed"], op[f"ort-{k}/embed+category"]
+        assert e["graph_runs_per_call"] == 1 and g["graph_runs_per_call"] > 2  # prefill, continuation, decode
+        assert 0 < e["nodes_host_ms_per_call"] <= e["model_run_ms_per_call"] <= e["wall_ms_per_call"] * 1.05
+        assert e["by_provider_ms_per_call"]["CPU"] > 0 and e["top_ops"]
+    # the fused graph runs fewer nodes per call than the plain one
+    assert op["ort-fp16-fused/embed"]["node_calls_per_run"] < op["ort-fp16/embed"]["node_calls_per_run"]
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s",
                                  "pipeline_vs_encoder_alone"}
     md = (out / "gpu-check.md").read_text()
-    assert "**embed**" in md and "Worker path" in md and "| goal |" in md and "Profile, embed only" in md
-    assert "Fused fp16 package" in md
+    assert "**embed**" in md and "Worker path" in md and "| goal |" in md and "Kernel profile" in md
+    assert "Fused fp16 package" in md and "ONNX Runtime's profiler" in md
     assert (out / "gpu-check.log").stat().st_size > 0
 
 
