@@ -20,8 +20,9 @@ still reports what it measured; a phase that fails is recorded with its error an
                  against torch like the plain packages and measured as one more engine, ``ort-fp16-fused``.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
-                 binding; the fused package with it), on real note texts. Prompts are tokenised before
-                 timing on both sides (the worker tokenises on its polling thread).
+                 binding; the fused package with it; generation also reading the full logits every step,
+                 ``-hostlogits``, beside the default top-k), on real note texts. Prompts are tokenised
+                 before timing on both sides (the worker tokenises on its polling thread).
 4. worker        the worker's own path (decode -> prepare_many, one batched tokenizer pass per poll ->
                  Batcher -> Pipeline(EncodeStage -> Milvus sink) on milvus-lite; no Kafka on that
                  machine) with the fastest fp16 package: pipeline notes/s against the same encoder alone on
@@ -281,18 +282,20 @@ def chunks(items: list, size: int) -> list[list]:
     return full or [items[:size]]
 
 
-def ort_engine(pkg: str, device: str, *, io_binding: bool, batch: int, tf32: bool = True):
+def ort_engine(pkg: str, device: str, *, io_binding: bool, batch: int, tf32: bool = True,
+               device_topk: bool = True):
     from worker.encoder import OnnxNoteEncoder
 
     opts = None if device != "cuda" else {"use_tf32": int(tf32)}
     return OnnxNoteEncoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9,
-                           io_binding=io_binding, provider_options=opts)
+                           io_binding=io_binding, provider_options=opts, device_topk=device_topk)
 
 
 def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_binding: bool, point_s: float,
-              deadline: float, tf32: bool = True) -> dict[str, Any]:
+              deadline: float, tf32: bool = True, device_topk: bool = True) -> dict[str, Any]:
     generate = "category" if mode == "embed+category" else "none"
-    enc = ort_engine(pkg, device, io_binding=io_binding, batch=max(batches_sizes), tf32=tf32)
+    enc = ort_engine(pkg, device, io_binding=io_binding, batch=max(batches_sizes), tf32=tf32,
+                     device_topk=device_topk)
     prompts = [enc.tokenize(n, "category") for n in notes]
     out: dict[str, Any] = {"providers": enc.providers}
     for b in batches_sizes:
@@ -394,6 +397,13 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
                 progress(f"  {mode}: {name}")
                 rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=binding,
                                        point_s=point_s, deadline=deadline, tf32=False)
+            # generation reading the full [B, vocab] logits every step (what runs 1-4 measured) beside the
+            # default, which reads the graph's top-k and leaves the logits on the device
+            name = f"ort-{kind}-hostlogits"
+            if mode == "embed+category" and (name in engines if engines else not kind.endswith("-fused")):
+                progress(f"  {mode}: {name}")
+                rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
+                                       deadline=deadline, tf32=False, device_topk=False)
         for dt in torch_dtypes:
             if engines and f"torch-{dt}" not in engines:
                 continue

@@ -7,7 +7,9 @@ The package (a directory):
     inputs   input_ids [B, S] int64, attention_mask [B, P+S] int64 (1 = real token, over past + new),
              past_key_values.{i}.key / .value [B, kv_heads, P, head_dim] (P = 0: prefill)
     outputs  note_vector [B, d] float32 (L2-normalised projection of the LAST position's hidden state),
-             logits [B, V] (last position), present.{i}.key / .value [B, kv_heads, P+S, head_dim]
+             logits [B, V] (last position), top_logits / top_ids [B, K] (the K best of those logits,
+             K = ``TOP_K`` or V if smaller: greedy decoding reads these and leaves the full logits on the
+             device), present.{i}.key / .value [B, kv_heads, P+S, head_dim]
   The 4-D additive attention mask (causal + padding, filled with the dtype's finfo.min) and the position
   ids (cumsum(mask) - 1, the rule Hugging Face generate uses) are computed inside the graph, so left
   padding — or padding in the middle, after a shared cached prefix — just works.
@@ -48,6 +50,11 @@ CATEGORIES_FILE = "categories.json"  # the closed category set, when the model h
 PACKAGE_FORMAT = "notellm-onnx/1"
 OPSET = 20
 INT8_BLOCK_SIZE = 128
+# The next-token candidates the graph returns beside the full logits. Greedy decoding needs one token per
+# row: with the K best on the host, a decode step copies B x K values instead of the [B, vocab] fp32 logits
+# (100 MB at batch 512 for SmolLM2: 6.6 ms per step on an H200, plus the argmax in numpy). The encoder
+# falls back to the full logits for the rare row the K cannot decide (see OnnxNoteEncoder._choose).
+TOP_K = 32
 
 
 class StepGraph(nn.Module):
@@ -84,11 +91,12 @@ class StepGraph(nn.Module):
                            use_cache=True, **{self.cache_kwarg: cache})
         last = out.last_hidden_state[:, -1, :]
         logits = self.head(last).float()
+        top_logits, top_ids = torch.topk(logits, min(TOP_K, int(self.head.out_features)), dim=-1)
         vec = F.normalize(self.proj(last).float(), dim=-1)
         presents: list[torch.Tensor] = []
         for layer in cache.layers:
             presents += [layer.keys, layer.values]
-        return (vec, logits, *presents)
+        return (vec, logits, top_logits, top_ids, *presents)
 
 
 def cache_kwarg(decoder: nn.Module) -> str:
@@ -107,7 +115,7 @@ def cache_kwarg(decoder: nn.Module) -> str:
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     inputs = ["input_ids", "attention_mask"]
-    outputs = ["note_vector", "logits"]
+    outputs = ["note_vector", "logits", "top_logits", "top_ids"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
@@ -294,6 +302,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": int(model.lm.config.vocab_size),
+        "top_k": min(TOP_K, int(model.lm.get_output_embeddings().out_features)),
         "special_tokens": {
             "emb": {"token": EMB_TOKEN, "id": model.emb_token_id},
             "eos": {"token": tok.eos_token, "id": model.eos_token_id},

@@ -264,3 +264,60 @@ def test_embed_cli(pkg, capsys):
     enc = OnnxNoteEncoder(pkg, device="cpu")
     ref = enc.embed([NoteText("Toy Story (1995)", "Adventure|Animation|Children|Comedy|Fantasy", "Adventure")])
     np.testing.assert_allclose(np.array(out["vector"], dtype=np.float32), ref[0], atol=1e-5)
+
+
+def _reference(logits: np.ndarray, rows, allowed=None) -> list[int]:
+    if allowed is None:
+        return [int(np.argmax(logits[r])) for r in rows]
+    return [allowed[int(np.argmax(logits[r, allowed]))] for r in rows]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 32])
+def test_step_logits_top_k_decides_exactly_like_the_full_argmax(k):
+    """StepLogits picks what numpy's argmax over the full logits picks (lowest id among ties), from the
+    graph's top-k when that decides the row and from the full logits otherwise - including coarse fp16-like
+    scores full of ties, ties across the k-th place, and label sets with no member among the k."""
+    from worker.encoder import StepLogits
+
+    rng = np.random.default_rng(k)
+    for trial in range(40):
+        V = 200
+        logits = rng.normal(size=(16, V)).astype(np.float32)
+        if trial % 2:
+            logits = np.round(logits * 2) / 2  # few distinct values: many ties, often at the boundary
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # a top-k; tie order deliberately arbitrary
+        order = np.array([rng.permutation(o) if trial % 3 == 0 else o for o in order])
+        top_ids = order
+        top_vals = np.take_along_axis(logits, order, axis=1)
+        srt = np.argsort(-top_vals, axis=1, kind="stable")  # TopK returns values sorted, descending
+        top_ids, top_vals = np.take_along_axis(top_ids, srt, 1), np.take_along_axis(top_vals, srt, 1)
+        rows = np.arange(16)
+        fetched = []
+        sl = StepLogits(top_vals, top_ids, lambda: fetched.append(1) or logits)
+        assert sl.argmax_rows(rows).tolist() == _reference(logits, rows)
+        for allowed in (sorted(rng.choice(V, 7, replace=False).tolist()), [int(top_ids[0, 0])], list(range(V))):
+            got = [sl.argmax_within(int(r), allowed) for r in rows]
+            assert got == _reference(logits, rows, allowed), (k, trial, allowed)
+        assert len(fetched) <= 1  # the full logits are fetched once per step at most
+    # a clear winner never touches the full logits
+    clear = np.arange(50, dtype=np.float32)[None, ::-1].repeat(3, 0)
+    sl = StepLogits(clear[:, :4], np.tile(np.arange(4), (3, 1)), lambda: pytest.fail("fetched the full logits"))
+    assert sl.argmax_rows(np.arange(3)).tolist() == [0, 0, 0]
+    assert sl.argmax_within(1, [2, 30]) == 2 and sl.fallback_rows == 0
+
+
+def test_generation_from_the_graph_top_k_matches_the_full_logits(pkg):
+    """The package's top_logits/top_ids outputs drive greedy decoding with the same outputs as the full
+    logits, with and without I/O binding, constrained (category trie) or not (hashtags)."""
+    m = json.loads((pkg / "notellm.json").read_text())
+    assert m["top_k"] >= 1 and m["outputs"][:4] == ["note_vector", "logits", "top_logits", "top_ids"]
+    ref = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_new_tokens=6, device_topk=False)
+    assert not ref.device_topk
+    want = {t: ref._run_task_ids(NOTES, t, generate=True) for t in ("category", "hashtags")}
+    for binding in (True, False):
+        e = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=4, max_new_tokens=6, io_binding=binding)
+        assert e.device_topk
+        for t, (v, ids) in want.items():
+            v2, ids2 = e._run_task_ids(NOTES, t, generate=True)
+            assert ids2 == ids, (binding, t)
+            np.testing.assert_allclose(v2, v, atol=1e-6)

@@ -106,18 +106,67 @@ def _choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+class StepLogits:
+    """One decode step's next-token scores: the graph's top-k (host arrays) when the package has them, and
+    the full [B, vocab] logits, fetched (from the device, on CUDA) only when a row needs them.
+
+    The top-k decides a row exactly when its best candidate is strictly above the k-th value: every token
+    with that score is then inside the top-k, so the lowest such id is numpy's argmax. Otherwise (a tie at
+    the boundary, or, within a label trie, no allowed token among the k) the row is read from the full
+    logits. ``fallback_rows`` counts those rows (the bench reports it)."""
+
+    def __init__(self, top_values: np.ndarray | None, top_ids: np.ndarray | None, full):
+        self.top_values = top_values
+        self.top_ids = top_ids
+        self._fetch = full
+        self._full: np.ndarray | None = None
+        self.fallback_rows = 0
+
+    def full(self) -> np.ndarray:
+        if self._full is None:
+            self._full = np.asarray(self._fetch())
+        return self._full
+
+    def argmax_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.top_values is None:
+            return self.full()[rows].argmax(-1).astype(np.int64)
+        vals, ids = self.top_values[rows], self.top_ids[rows].astype(np.int64)
+        best = vals[:, 0]
+        picked = np.where(vals == best[:, None], ids, np.iinfo(np.int64).max).min(-1)
+        undecided = np.flatnonzero(vals[:, -1] >= best)  # all k tied: an equal score may lie outside
+        if undecided.size:
+            self.fallback_rows += int(undecided.size)
+            picked[undecided] = self.full()[rows[undecided]].argmax(-1)
+        return picked
+
+    def argmax_within(self, r: int, allowed: list[int]) -> int:
+        """The best of ``allowed`` (sorted ids) in row ``r``."""
+        if self.top_values is not None:
+            vals, ids = self.top_values[r], self.top_ids[r]
+            ok = np.isin(ids, allowed)
+            if ok.any():
+                best = vals[ok].max()
+                if best > vals[-1]:
+                    return int(ids[ok & (vals == best)].min())
+            self.fallback_rows += 1
+        return allowed[int(np.argmax(self.full()[r, allowed]))]
+
+
 class OnnxNoteEncoder:
     """The `worker.encoding.Encoder` protocol on one ONNX Runtime session, in this process."""
 
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
                  share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None,
-                 constrain_categories: bool = True):
+                 constrain_categories: bool = True, device_topk: bool = True):
         self.model_dir = Path(model_dir)
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
         # without it every step round-trips the cache through host memory (kept for measurement).
         self.io_binding = bool(io_binding)
+        # Greedy decoding from the graph's top-k (`top_logits`/`top_ids`; packages since 2026-11-27): the
+        # [B, vocab] logits stay where the session ran and are copied only for a row the top-k cannot decide.
+        self._want_device_topk = bool(device_topk)
         self._provider_options = dict(provider_options or {})
         self._prefix_kv: dict[str, list[np.ndarray]] = {}
         # The shared prefix's KV broadcast to a batch size, where the session reads it (the device for
@@ -222,7 +271,9 @@ class OnnxNoteEncoder:
         if self._in_names != expected_in or self._out_names != expected_out:
             raise EncoderError("graph inputs/outputs differ from the manifest")
         self._past_names = self._in_names[2:]
-        self._present_names = self._out_names[2:]
+        self._present_names = [n for n in self._out_names if n.startswith("present.")]
+        self._top_k = int(m.get("top_k") or 0) if {"top_logits", "top_ids"} <= set(self._out_names) else 0
+        self.device_topk = self._want_device_topk and self._top_k > 0
         self.session = session
         log.info("encoder.loaded", model_dir=str(self.model_dir), model_version=self.model_version,
                  dim=self.dim, providers=self.providers, dtype=m.get("dtype"),
@@ -243,7 +294,7 @@ class OnnxNoteEncoder:
         cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
         mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
         _, logits, past = self._step(cont, mask, past)
-        nxt = logits.argmax(-1).astype(np.int64)[:, None]
+        nxt = self._choose(logits, [[] for _ in range(n)], np.zeros(n, dtype=bool), None)[:, None]
         mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
         self._step(nxt, mask, past)
         log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
@@ -328,16 +379,23 @@ class OnnxNoteEncoder:
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[Any], *,
               want_vec: bool = False, want_logits: bool = True
-              ) -> tuple[np.ndarray | None, np.ndarray | None, list[Any]]:
+              ) -> tuple[np.ndarray | None, "StepLogits | None", list[Any]]:
         """One graph call. ``past`` holds numpy arrays or OrtValues (kept on the device between steps).
-        Outputs not wanted stay on the device (an embed-only prefill never copies the [B, vocab] logits)."""
+        Outputs not wanted stay on the device: an embed-only prefill never copies the [B, vocab] logits, and
+        with ``device_topk`` a decode step copies only the top-k (the full logits on demand, see
+        :class:`StepLogits`)."""
         if not self.io_binding:
             feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                                      "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
             for name, value in zip(self._past_names, past):
                 feeds[name] = value if isinstance(value, np.ndarray) else value.numpy()
-            outs = self.session.run(None, feeds)
-            return (outs[0] if want_vec else None), (outs[1] if want_logits else None), list(outs[2:])
+            outs = dict(zip(self._out_names, self.session.run(None, feeds)))
+            logits = None
+            if want_logits:
+                full = outs["logits"]
+                logits = (StepLogits(outs["top_logits"], outs["top_ids"], lambda: full) if self.device_topk
+                          else StepLogits(None, None, lambda: full))
+            return (outs["note_vector"] if want_vec else None), logits, [outs[n] for n in self._present_names]
         b = self.session.io_binding()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -345,15 +403,41 @@ class OnnxNoteEncoder:
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             b.bind_ortvalue_input(name, value)
-        b.bind_output("note_vector", "cpu" if want_vec else self._device)
-        b.bind_output("logits", "cpu" if want_logits else self._device)
-        for name in self._present_names:
-            b.bind_output(name, self._device)
+        topk = want_logits and self.device_topk
+        where = {"note_vector": "cpu" if want_vec else self._device,
+                 "logits": "cpu" if want_logits and not topk else self._device,
+                 "top_logits": "cpu" if topk else self._device, "top_ids": "cpu" if topk else self._device}
+        names = [n for n in self._out_names if n in where] + self._present_names
+        for name in names:
+            b.bind_output(name, where.get(name, self._device))
         self.session.run_with_iobinding(b)
-        outs = b.get_outputs()
-        vec = outs[0].numpy() if want_vec else None
-        logits = outs[1].numpy() if want_logits else None
-        return vec, logits, list(outs[2:])
+        outs = dict(zip(names, b.get_outputs()))
+        vec = outs["note_vector"].numpy() if want_vec else None
+        logits = None
+        if topk:
+            full_value = outs["logits"]
+            logits = StepLogits(outs["top_logits"].numpy(), outs["top_ids"].numpy(), full_value.numpy)
+        elif want_logits:
+            full = outs["logits"].numpy()
+            logits = StepLogits(None, None, lambda: full)
+        return vec, logits, [outs[n] for n in self._present_names]
+
+    def _choose(self, logits: "StepLogits", generated: list[list[int]], done: np.ndarray,
+                trie: LabelTrie | None) -> np.ndarray:
+        """The greedy next token of every row (``pad`` for finished rows): the argmax of the logits, within
+        ``trie``'s continuations when given (EOS past a label's end); ties go to the lowest id, as numpy's
+        argmax does. From the top-k when it decides the row, else from the full logits."""
+        B = len(generated)
+        nxt = np.full(B, self.pad_id, dtype=np.int64)
+        rows = np.flatnonzero(~done)
+        if trie is None:
+            picked = logits.argmax_rows(rows)
+            nxt[rows] = picked
+            return nxt
+        for r in rows:
+            allowed = trie.allowed(generated[r])
+            nxt[r] = logits.argmax_within(int(r), allowed) if allowed else self.eos_id
+        return nxt
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices sorted by length, cut so each sub-batch holds at most `max_batch_notes` and
@@ -463,12 +547,8 @@ class OnnxNoteEncoder:
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)
         for step in range(self.max_new_tokens):
-            nxt = logits.argmax(-1).astype(np.int64)
-            if trie is not None:  # the best token that continues some label; past a label's end, EOS
-                for r in np.flatnonzero(~done):
-                    allowed = trie.allowed(generated[r])
-                    nxt[r] = allowed[int(np.argmax(logits[r, allowed]))] if allowed else self.eos_id
-            nxt[done] = self.pad_id
+            # the best token (that continues some label, with a trie; past a label's end, EOS)
+            nxt = self._choose(logits, generated, done, trie)
             for r in np.flatnonzero(~done):
                 tok = int(nxt[r])
                 if tok == self.eos_id:
