@@ -887,6 +887,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if enc:
         for mode in ("embed", "embed+category"):
             rows = enc.get(mode) or {}
+            if not rows:
+                continue  # a mode this run did not measure (--modes)
             sizes = [str(b) for b in enc["batch_sizes"]]
             lines += ["", f"**{mode}**: notes/s (prompt tokens/s) by batch size", "",
                       "| engine | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
