@@ -53,7 +53,7 @@ INT8_BLOCK_SIZE = 128
 # The next-token candidates the graph returns beside the full logits. Greedy decoding needs one token per
 # row: with the K best on the host, a decode step copies B x K values instead of the [B, vocab] fp32 logits
 # (100 MB at batch 512 for SmolLM2: 6.6 ms per step on an H200, plus the argmax in numpy). The encoder
-# falls back to the full logits for the rare row the K cannot decide (see OnnxNoteEncoder._choose).
+# falls back to the full logits for the rare row the K cannot decide (worker.encoder.StepLogits).
 TOP_K = 32
 
 

@@ -304,6 +304,10 @@ def test_step_logits_top_k_decides_exactly_like_the_full_argmax(k):
     sl = StepLogits(clear[:, :4], np.tile(np.arange(4), (3, 1)), lambda: pytest.fail("fetched the full logits"))
     assert sl.argmax_rows(np.arange(3)).tolist() == [0, 0, 0]
     assert sl.argmax_within(1, [2, 30]) == 2 and sl.fallback_rows == 0
+    # NaN scores (a numerically broken row) go to the full logits, like numpy's argmax
+    bad = np.array([[np.nan, 1.0, 0.5]], dtype=np.float32)
+    sl = StepLogits(bad[:, :2], np.array([[0, 1]]), lambda: bad)
+    assert sl.argmax_rows(np.arange(1)).tolist() == [int(np.argmax(bad[0]))] and sl.fallback_rows == 1
 
 
 def test_generation_from_the_graph_top_k_matches_the_full_logits(pkg):

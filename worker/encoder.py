@@ -113,7 +113,7 @@ class StepLogits:
     The top-k decides a row exactly when its best candidate is strictly above the k-th value: every token
     with that score is then inside the top-k, so the lowest such id is numpy's argmax. Otherwise (a tie at
     the boundary, or, within a label trie, no allowed token among the k) the row is read from the full
-    logits. ``fallback_rows`` counts those rows (the bench reports it)."""
+    logits. ``fallback_rows`` counts those rows."""
 
     def __init__(self, top_values: np.ndarray | None, top_ids: np.ndarray | None, full):
         self.top_values = top_values
@@ -133,7 +133,8 @@ class StepLogits:
         vals, ids = self.top_values[rows], self.top_ids[rows].astype(np.int64)
         best = vals[:, 0]
         picked = np.where(vals == best[:, None], ids, np.iinfo(np.int64).max).min(-1)
-        undecided = np.flatnonzero(vals[:, -1] >= best)  # all k tied: an equal score may lie outside
+        # all k tied (an equal score may lie outside), or NaN scores: numpy's argmax over the full row decides
+        undecided = np.flatnonzero((vals[:, -1] >= best) | np.isnan(best))
         if undecided.size:
             self.fallback_rows += int(undecided.size)
             picked[undecided] = self.full()[rows[undecided]].argmax(-1)
