@@ -123,3 +123,63 @@ def test_budget_is_the_encoders_padded_tokens_function():
         b.add(note(i, tokens=t), 0.0)
     got = b.flush(0.0)
     assert got.padded_tokens == padded_tokens([7, 30, 12]) == 90
+
+
+class _RecountingBatcher(Batcher):
+    """The reference: the token budget recomputed from every kept note at every record (what the batcher
+    did before it kept a running maximum)."""
+
+    def add(self, record, now, ready=True):
+        from worker.encoding import padded_tokens
+
+        closed = []
+        if ready and self._opened_at is not None and now >= self._opened_at + self.linger_s:
+            closed.append(self._close(now, "linger"))
+        if isinstance(record, Note):
+            if self._records and (self._records + 1 > self.max_notes or padded_tokens(
+                    list({**self._tokens, record.note_id: record.tokens}.values())) > self.max_tokens):
+                closed.append(self._close(now, "tokens" if self._records < self.max_notes else "notes"))
+        elif self._records >= self.max_notes:
+            closed.append(self._close(now, "notes"))
+        self._put(record, now)
+        if self._records >= self.max_notes:
+            closed.append(self._close(now, "notes"))
+        elif isinstance(record, Note) and padded_tokens(list(self._tokens.values())) >= self.max_tokens:
+            closed.append(self._close(now, "tokens"))
+        return closed
+
+
+def test_running_token_budget_closes_exactly_where_recounting_does():
+    """Random streams with repeated note ids (a replaced note may have been the longest), tombstones, dead
+    letters, lingering and partition drops: the same batches as recounting the budget at every record."""
+    import random
+
+    def summary(batches):
+        return [(b.reason, [(n.note_id, n.offset) for n in b.notes], [t.note_id for t in b.tombstones],
+                 b.offsets, b.records, b.padded_tokens) for b in batches if b is not None]
+
+    for seed in range(60):
+        rng = random.Random(seed)
+        kw = dict(max_notes=rng.choice([3, 8, 50]), max_tokens=rng.choice([60, 200, 1000]), linger_s=0.5)
+        fast, ref = Batcher(**kw), _RecountingBatcher(**kw)
+        got, want = [], []
+        now = 0.0
+        for off in range(200):
+            now += rng.choice([0.0, 0.0, 0.1, 0.6])
+            r = rng.random()
+            nid = f"n{rng.randrange(12)}"  # few ids: replacements inside a batch are common
+            if r < 0.75:
+                rec = note(off, p=rng.randrange(2), off=off, tokens=rng.randint(1, 70), nid=nid)
+            elif r < 0.9:
+                rec = Tombstone(note_id=nid, partition=rng.randrange(2), offset=off)
+            else:
+                rec = dead(off, p=rng.randrange(2))
+            ready = rng.random() < 0.8
+            got += fast.add(rec, now, ready)
+            want += ref.add(rec, now, ready)
+            if rng.random() < 0.03:
+                p = rng.randrange(2)
+                assert fast.drop_partitions([p]) == ref.drop_partitions([p])
+        got.append(fast.flush(now))
+        want.append(ref.flush(now))
+        assert summary(got) == summary(want), seed

@@ -76,6 +76,21 @@ def test_batches_respect_count_and_token_budget(enc):
     assert flat == sorted(flat), "notes are sorted by length before batching"
 
 
+def test_batches_are_maximal_under_both_budgets(pkg):
+    """Each sub-batch closes only when the next (longer) prompt would break a budget: random lengths,
+    checked against padded_tokens recomputed over the whole sub-batch."""
+    rng = np.random.default_rng(0)
+    for notes_cap, token_cap in ((4, 600), (64, 3000), (512, 10**9), (8, 50)):
+        e = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=notes_cap, max_batch_tokens=token_cap)
+        lengths = rng.integers(5, 120, size=300).tolist()
+        batches = e._batches(lengths)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b, nxt in zip(batches, batches[1:]):
+            assert len(b) == 1 or padded_tokens([lengths[i] for i in b]) <= token_cap
+            grown = [lengths[i] for i in b] + [lengths[nxt[0]]]
+            assert len(b) == notes_cap or padded_tokens(grown) > token_cap
+
+
 def test_tokenize_once_then_encode_from_ids(enc):
     """tokenize gives the note segments (and the budget unit); encode runs from those ids alone."""
     for n in NOTES:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from worker.encoding import padded_tokens
+from worker.encoding import padded_size, padded_tokens
 from worker.records import Batch, DeadLetter, Note, Record, Tombstone
 
 
@@ -34,6 +34,7 @@ class Batcher:
         self._records = 0
         self._opened_at: float | None = None
         self._tokens: dict[str, int] = {}  # note_id -> prompt tokens of the notes kept
+        self._longest = 0  # max(self._tokens.values()), kept as notes come (recomputed only on a replace)
 
     # -- state ---------------------------------------------------------------------------------
     def deadline(self) -> float | None:
@@ -55,15 +56,17 @@ class Batcher:
         self._put(record, now)
         if self._records >= self.max_notes:
             closed.append(self._close(now, "notes"))
-        elif isinstance(record, Note) and padded_tokens(list(self._tokens.values())) >= self.max_tokens:
+        elif isinstance(record, Note) and padded_size(len(self._tokens), self._longest) >= self.max_tokens:
             closed.append(self._close(now, "tokens"))
         return closed
 
     def _would_overflow(self, note: Note) -> bool:
         if self._records + 1 > self.max_notes:
             return True
-        lengths = {**self._tokens, note.note_id: note.tokens}
-        return padded_tokens(list(lengths.values())) > self.max_tokens
+        if note.note_id in self._tokens:  # replaces a note of this batch (rare): recount without it
+            others = [t for k, t in self._tokens.items() if k != note.note_id]
+            return padded_tokens([*others, note.tokens]) > self.max_tokens
+        return padded_size(len(self._tokens) + 1, max(self._longest, note.tokens)) > self.max_tokens
 
     def _put(self, record: Record, now: float) -> None:
         if self._opened_at is None:
@@ -76,10 +79,12 @@ class Batcher:
             self._dead.append(record)
             return
         self._latest.pop(record.note_id, None)
-        self._tokens.pop(record.note_id, None)
+        if self._tokens.pop(record.note_id, None) == self._longest:
+            self._longest = max(self._tokens.values(), default=0)
         self._latest[record.note_id] = record
         if isinstance(record, Note):
             self._tokens[record.note_id] = record.tokens
+            self._longest = max(self._longest, record.tokens)
 
     def poll(self, now: float, ready: bool = True) -> Batch | None:
         """Close the open batch if it has lingered long enough (and the encoder stage is `ready`)."""

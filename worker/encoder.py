@@ -43,7 +43,7 @@ import onnxruntime as ort
 
 from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, LabelTrie, NoteLike, NoteText, cut_output,
                              parse_category, parse_hashtags)
-from worker.encoding import GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, padded_tokens
+from worker.encoding import GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, padded_size
 from worker.logs import get_logger
 from worker.prompt_tokens import PromptTokenizer
 from worker.records import Prompt
@@ -446,12 +446,15 @@ class OnnxNoteEncoder:
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         batches: list[list[int]] = []
         cur: list[int] = []
+        longest = 0
         for i in order:
+            n = lengths[i]
             if cur and (len(cur) >= self.max_batch_notes
-                        or padded_tokens([lengths[j] for j in cur] + [lengths[i]]) > self.max_batch_tokens):
+                        or padded_size(len(cur) + 1, max(longest, n)) > self.max_batch_tokens):
                 batches.append(cur)
-                cur = []
+                cur, longest = [], 0
             cur.append(i)
+            longest = max(longest, n)
         if cur:
             batches.append(cur)
         return batches
