@@ -388,6 +388,19 @@ class LabelTrie:
         targets = {category_target(x) for x in labels if x and category_target(x)}
         return cls(t.encode(x + OUTPUT_QUOTE) for x in sorted(targets))
 
+    def states(self) -> list[dict[int, int]]:
+        """The trie as numbered states, breadth first from the root (state 0): ``states()[s]`` maps each
+        token allowed in state ``s`` to the state it leads to (empty past a label's end). For decoders that
+        keep one state per row instead of walking ``allowed`` from the root at every step."""
+        nodes, table = [self._root], []
+        for node in nodes:  # grows while it is walked: breadth first
+            row = {}
+            for t in sorted(node):
+                row[t] = len(nodes)
+                nodes.append(node[t])
+            table.append(row)
+        return table
+
     def allowed(self, generated: Sequence[int]) -> list[int]:
         """The tokens that continue some label after ``generated`` ([] past a label's end or off the set)."""
         node = self._root

@@ -340,3 +340,42 @@ def test_generation_from_the_graph_top_k_matches_the_full_logits(pkg):
             v2, ids2 = e._run_task_ids(NOTES, t, generate=True)
             assert ids2 == ids, (binding, t)
             np.testing.assert_allclose(v2, v, atol=1e-6)
+
+
+def test_vectorised_trie_choice_matches_the_per_row_rule():
+    """StepLogits.argmax_allowed (every row at once, trie states as arrays) chooses what argmax_within
+    chooses row by row from LabelTrie.allowed - with the graph's top-k and from the full logits alone."""
+    from notellm.prompts import LabelTrie
+    from worker.encoder import StepLogits, TrieTables
+
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 300, size=rng.integers(1, 6)).tolist() for _ in range(40)]
+    seqs += [[7, 8, 9], [7, 8], [7, 10]]  # shared prefixes, and a label that is a prefix of another
+    trie = LabelTrie(seqs)
+    tables = TrieTables(trie)
+    states = trie.states()
+    assert len(states) == tables.next.shape[0] and states[0] == {t: tables.next[0, c]
+                                                                 for c, t in enumerate(tables.tokens)
+                                                                 if tables.next[0, c] >= 0}
+    paths = {0: []}  # state -> the tokens that lead there
+    for s, row in enumerate(states):
+        for t, child in row.items():
+            paths[child] = paths[s] + [t]
+    live = [s for s in paths if states[s]]
+    for trial in range(30):
+        B, V, k = 24, 320, (1, 4, 32)[trial % 3]
+        logits = rng.normal(size=(B, V)).astype(np.float32)
+        if trial % 2:
+            logits = np.round(logits)  # ties everywhere
+        row_states = np.array([live[i] for i in rng.integers(0, len(live), B)])
+        for r, s in enumerate(row_states):  # often make an allowed token the winner
+            if rng.random() < 0.5:
+                logits[r, list(states[s])] += 3
+        ids = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        vals = np.take_along_axis(logits, ids, 1)
+        rows = np.arange(B)
+        for top in ((vals, ids), (None, None)):
+            want = [StepLogits(*top, lambda: logits).argmax_within(r, trie.allowed(paths[s]))
+                    for r, s in zip(rows, row_states)]
+            got = StepLogits(*top, lambda: logits).argmax_allowed(rows, row_states, tables)
+            assert got.tolist() == want, (trial, k, top[0] is None)

@@ -140,6 +140,30 @@ class StepLogits:
             picked[undecided] = self.full()[rows[undecided]].argmax(-1)
         return picked
 
+    def argmax_allowed(self, rows: np.ndarray, states: np.ndarray, tables: TrieTables) -> np.ndarray:
+        """For each of ``rows`` (in trie state ``states``, which allow at least one token): the best allowed
+        token, as ``argmax_within(r, allowed)`` would choose it, for all rows at once."""
+        picked = np.zeros(len(rows), dtype=np.int64)
+        undecided = np.ones(len(rows), dtype=bool)
+        if self.top_values is not None:
+            vals, ids = self.top_values[rows], self.top_ids[rows].astype(np.int64)
+            cols = tables.columns(ids)
+            ok = (cols >= 0) & tables.allowed[states[:, None], np.maximum(cols, 0)]
+            best = np.where(ok, vals, -np.inf).max(-1)
+            undecided = ~(ok.any(-1) & (best > vals[:, -1]))
+            picked = np.where(ok & (vals == best[:, None]), ids, np.iinfo(np.int64).max).min(-1)
+        u = np.flatnonzero(undecided)
+        if u.size:
+            if self.top_values is not None:
+                self.fallback_rows += int(u.size)
+            allowed = tables.allowed[states[u]]
+            scores = np.where(allowed, self.full()[rows[u]][:, tables.tokens], -np.inf)
+            col = scores.argmax(-1)
+            off = ~allowed[np.arange(u.size), col]  # every allowed score is -inf: the first allowed token
+            col[off] = allowed[off].argmax(-1)
+            picked[u] = tables.tokens[col]
+        return picked
+
     def argmax_within(self, r: int, allowed: list[int]) -> int:
         """The best of ``allowed`` (sorted ids) in row ``r``."""
         if self.top_values is not None:
@@ -151,6 +175,31 @@ class StepLogits:
                     return int(ids[ok & (vals == best)].min())
             self.fallback_rows += 1
         return allowed[int(np.argmax(self.full()[r, allowed]))]
+
+
+class TrieTables:
+    """A :class:`LabelTrie` as arrays, so a decode step chooses every row's token at once: the trie's
+    tokens (sorted ids; a column each), ``next[state, column]`` (the state a token leads to, -1 where it is
+    not allowed) and ``allowed`` (``next >= 0``). State 0 is the root (``LabelTrie.states``)."""
+
+    def __init__(self, trie: LabelTrie):
+        states = trie.states()
+        self.tokens = np.array(sorted({t for row in states for t in row}), dtype=np.int64)
+        column = {int(t): c for c, t in enumerate(self.tokens)}
+        self.next = np.full((len(states), max(len(self.tokens), 1)), -1, dtype=np.int64)
+        for s, row in enumerate(states):
+            for t, child in row.items():
+                self.next[s, column[t]] = child
+        self.allowed = self.next >= 0
+        self.any_allowed = self.allowed.any(1)
+        self._column = np.full(int(self.tokens.max(initial=0)) + 1, -1, dtype=np.int64)
+        self._column[self.tokens] = np.arange(len(self.tokens))
+
+    def columns(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids -> their column (-1 for a token the trie never allows)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < self._column.shape[0])
+        return np.where(inside, self._column[np.where(inside, ids, 0)], -1)
 
 
 class OnnxNoteEncoder:
@@ -216,6 +265,7 @@ class OnnxNoteEncoder:
         self.categories: tuple[str, ...] = self._read_categories(m.get("categories"))
         self._category_trie = (LabelTrie.for_labels(self.tokenizer, self.categories)
                                if self.categories and constrain_categories else None)
+        self._category_tables = TrieTables(self._category_trie) if self._category_trie is not None else None
 
         self.num_layers = int(m["num_layers"])
         self.num_kv_heads = int(m["num_kv_heads"])
@@ -295,7 +345,7 @@ class OnnxNoteEncoder:
         cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
         mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
         _, logits, past = self._step(cont, mask, past)
-        nxt = self._choose(logits, [[] for _ in range(n)], np.zeros(n, dtype=bool), None)[:, None]
+        nxt = self._choose(logits, np.zeros(n, dtype=bool))[:, None]
         mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
         self._step(nxt, mask, past)
         log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
@@ -423,21 +473,20 @@ class OnnxNoteEncoder:
             logits = StepLogits(None, None, lambda: full)
         return vec, logits, [outs[n] for n in self._present_names]
 
-    def _choose(self, logits: "StepLogits", generated: list[list[int]], done: np.ndarray,
-                trie: LabelTrie | None) -> np.ndarray:
-        """The greedy next token of every row (``pad`` for finished rows): the argmax of the logits, within
-        ``trie``'s continuations when given (EOS past a label's end); ties go to the lowest id, as numpy's
-        argmax does. From the top-k when it decides the row, else from the full logits."""
-        B = len(generated)
-        nxt = np.full(B, self.pad_id, dtype=np.int64)
+    def _choose(self, logits: "StepLogits", done: np.ndarray, trie: TrieTables | None = None,
+                states: np.ndarray | None = None) -> np.ndarray:
+        """The greedy next token of every row (``pad`` for finished rows): the argmax of the logits, or with
+        ``trie`` the best token its row's state allows (EOS past a label's end); ties go to the lowest id,
+        as numpy's argmax does. From the top-k when it decides a row, else from the full logits."""
+        nxt = np.full(len(done), self.pad_id, dtype=np.int64)
         rows = np.flatnonzero(~done)
         if trie is None:
-            picked = logits.argmax_rows(rows)
-            nxt[rows] = picked
+            nxt[rows] = logits.argmax_rows(rows)
             return nxt
-        for r in rows:
-            allowed = trie.allowed(generated[r])
-            nxt[r] = logits.argmax_within(int(r), allowed) if allowed else self.eos_id
+        live = trie.any_allowed[states[rows]]
+        nxt[rows[~live]] = self.eos_id
+        if live.any():
+            nxt[rows[live]] = logits.argmax_allowed(rows[live], states[rows[live]], trie)
         return nxt
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -490,7 +539,7 @@ class OnnxNoteEncoder:
         for idx in self._batches([len(instruction) + len(s) + extra for s in segments]):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
                                      None if shared is None else self._prefix_past(task, len(idx)),
-                                     trie=self._category_trie if task == "category" else None)
+                                     trie=self._category_tables if task == "category" else None)
             vecs[idx] = v
             for k, i in enumerate(idx):
                 out_ids[i] = gen[k]
@@ -522,7 +571,7 @@ class OnnxNoteEncoder:
         return past
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
-                   shared: list[Any] | None = None, *, trie: LabelTrie | None = None
+                   shared: list[Any] | None = None, *, trie: TrieTables | None = None
                    ) -> tuple[np.ndarray, list[list[int]]]:
         """Prefill ``prefixes`` (left-padded, so every row ends at the last position) after the optional
         shared KV, then greedy-decode when a continuation is given (within ``trie``'s labels when given).
@@ -550,9 +599,13 @@ class OnnxNoteEncoder:
         _, logits, past = self._step(cont, mask, past)
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)
+        states = np.zeros(B, dtype=np.int64) if trie is not None else None  # every row at the trie's root
         for step in range(self.max_new_tokens):
             # the best token (that continues some label, with a trie; past a label's end, EOS)
-            nxt = self._choose(logits, generated, done, trie)
+            nxt = self._choose(logits, done, trie, states)
+            if trie is not None:
+                moving = np.flatnonzero(~done & (nxt != self.eos_id))
+                states[moving] = trie.next[states[moving], trie.columns(nxt[moving])]
             for r in np.flatnonzero(~done):
                 tok = int(nxt[r])
                 if tok == self.eos_id:
