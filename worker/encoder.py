@@ -165,7 +165,8 @@ class StepLogits:
         return picked
 
     def argmax_within(self, r: int, allowed: list[int]) -> int:
-        """The best of ``allowed`` (sorted ids) in row ``r``."""
+        """The best of ``allowed`` (sorted ids) in row ``r``: the per-row rule, which ``argmax_allowed``
+        applies to every row at once (and is tested against)."""
         if self.top_values is not None:
             vals, ids = self.top_values[r], self.top_ids[r]
             ok = np.isin(ids, allowed)
