@@ -129,24 +129,16 @@ class _RecountingBatcher(Batcher):
     """The reference: the token budget recomputed from every kept note at every record (what the batcher
     did before it kept a running maximum)."""
 
-    def add(self, record, now, ready=True):
+    def _would_overflow(self, note):
         from worker.encoding import padded_tokens
 
-        closed = []
-        if ready and self._opened_at is not None and now >= self._opened_at + self.linger_s:
-            closed.append(self._close(now, "linger"))
-        if isinstance(record, Note):
-            if self._records and (self._records + 1 > self.max_notes or padded_tokens(
-                    list({**self._tokens, record.note_id: record.tokens}.values())) > self.max_tokens):
-                closed.append(self._close(now, "tokens" if self._records < self.max_notes else "notes"))
-        elif self._records >= self.max_notes:
-            closed.append(self._close(now, "notes"))
-        self._put(record, now)
-        if self._records >= self.max_notes:
-            closed.append(self._close(now, "notes"))
-        elif isinstance(record, Note) and padded_tokens(list(self._tokens.values())) >= self.max_tokens:
-            closed.append(self._close(now, "tokens"))
-        return closed
+        lengths = {**self._tokens, note.note_id: note.tokens}
+        return self._records + 1 > self.max_notes or padded_tokens(list(lengths.values())) > self.max_tokens
+
+    def _budget_reached(self):
+        from worker.encoding import padded_tokens
+
+        return padded_tokens(list(self._tokens.values())) >= self.max_tokens
 
 
 def test_running_token_budget_closes_exactly_where_recounting_does():

@@ -56,9 +56,12 @@ class Batcher:
         self._put(record, now)
         if self._records >= self.max_notes:
             closed.append(self._close(now, "notes"))
-        elif isinstance(record, Note) and padded_size(len(self._tokens), self._longest) >= self.max_tokens:
+        elif isinstance(record, Note) and self._budget_reached():
             closed.append(self._close(now, "tokens"))
         return closed
+
+    def _budget_reached(self) -> bool:
+        return padded_size(len(self._tokens), self._longest) >= self.max_tokens
 
     def _would_overflow(self, note: Note) -> bool:
         if self._records + 1 > self.max_notes:
