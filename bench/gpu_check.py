@@ -173,21 +173,30 @@ def export_and_validate(model, dtype: str, work: Path, device: str) -> dict[str,
     """Export on the CPU with the project's exporter (validation off there), then validate the package on
     the run's device against torch on that device."""
     from export.onnx_export import export_package
-    from export.validate import validate_package
 
     out = work / f"pkg-{dtype}"
     t0 = time.perf_counter()
     export_package(model, out, dtype=dtype, validate=False)
     export_s = time.perf_counter() - t0
-    ref = copy.deepcopy(model).to(device)  # fp32 torch reference on the device (fp16 is compared with it)
-    opts = {"use_tf32": 0} if device == "cuda" else None
     t1 = time.perf_counter()
-    report = validate_package(ref, out, device=device, provider_options=opts)
-    del ref
-    _empty_cache()
+    report = validate_on_device(model, out, device)
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"package": str(out), "export_s": round(export_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
             "bytes": size, "validation": report}
+
+
+def validate_on_device(model, pkg: Path, device: str) -> dict[str, Any]:
+    """The export's validation of ``pkg`` on the run's execution provider against the fp32 torch model on
+    the same device (fp16 packages are compared with it; TF32 off on the CUDA side)."""
+    from export.validate import validate_package
+
+    ref = copy.deepcopy(model).to(device)
+    opts = {"use_tf32": 0} if device == "cuda" else None
+    try:
+        return validate_package(ref, pkg, device=device, provider_options=opts)
+    finally:
+        del ref
+        _empty_cache()
 
 
 def _empty_cache() -> None:
@@ -219,8 +228,7 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
     the run's device like the plain packages."""
     import subprocess
 
-    from export.onnx_export import MANIFEST_FILE, content_hash
-    from export.validate import validate_package
+    from export.onnx_export import MANIFEST_FILE, content_hash, hashed_files
 
     out = work / f"pkg-{kind}-fused"
     shutil.rmtree(out, ignore_errors=True)
@@ -236,17 +244,11 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
     fused = json.loads(p.stdout.strip().splitlines()[-1])
     fuse_s = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    hashed = list(manifest["graph_files"]) + [manifest["tokenizer"]]
-    if manifest.get("categories"):
-        hashed.append(manifest["categories"])
+    hashed = hashed_files(list(manifest["graph_files"]), categories=bool(manifest.get("categories")))
     manifest.update(fusions=fused["fusions"], model_version=content_hash(out, hashed), validation=None)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    ref = copy.deepcopy(model).to(device)
-    opts = {"use_tf32": 0} if device == "cuda" else None
     t1 = time.perf_counter()
-    report = validate_package(ref, out, device=device, provider_options=opts)
-    del ref
-    _empty_cache()
+    report = validate_on_device(model, out, device)
     return {"package": str(out), "fuse_s": round(fuse_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
             "fused_with": {"onnxscript": fused["onnxscript"], "onnx_ir": fused["onnx_ir"],
                            "site": fuse_site or "this environment"},

@@ -252,6 +252,12 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     return applied
 
 
+def hashed_files(graph_files: list[str], *, categories: bool) -> list[str]:
+    """The package files its model_version is the content hash of: the graph, the tokenizer, the
+    category set when the model has one."""
+    return [*graph_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
+
+
 def content_hash(directory: Path, files: list[str]) -> str:
     h = hashlib.sha256()
     for name in sorted(files):
@@ -378,11 +384,9 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
-    hashed = files + [TOKENIZER_FILE]
     if model.categories:
         (stage / CATEGORIES_FILE).write_text(json.dumps(list(model.categories), ensure_ascii=False, indent=1) + "\n")
-        hashed.append(CATEGORIES_FILE)
-    version = content_hash(stage, hashed)
+    version = content_hash(stage, hashed_files(files, categories=bool(model.categories)))
     manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
                               model_version=version, fusions=fusions)
     (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
