@@ -18,6 +18,10 @@ still reports what it measured; a phase that fails is recorded with its error an
                  MultiHeadAttention, (skip) RMS norm, rotary), in a child process with ``--fuse-site`` (the
                  pack's onnxscript, the version this project is tested with) first on its path; validated
                  against torch like the plain packages and measured as one more engine, ``ort-fp16-fused``.
+2c. embed graph  each ``--embed-graph-dtypes`` package (fp16 by default) with the hand-built embed-only
+                 graph added (``notellm export --embed-graph``, :mod:`export.embed_graph`: GroupQueryAttention
+                 with rotary inside, skip RMS norms, SiLU as one kernel; whole prompts right-padded), validated
+                 against torch like the others and measured embed-only as ``ort-fp16-embedgraph``.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding; the fused package with it; generation also reading the full logits every step,
@@ -61,6 +65,7 @@ GPU_BATCHES = (1, 8, 32, 128, 512)
 WARM_BATCHES = 4
 CPU_BATCHES = (1, 4)
 # Without I/O binding every step copies the whole KV cache to the host and back: measured up to these sizes.
+EMBED_KIND = "-embedgraph"  # package kinds with the hand-built embed graph (embed-only engines)
 NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
 
 
@@ -228,7 +233,7 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
     the run's device like the plain packages."""
     import subprocess
 
-    from export.onnx_export import MANIFEST_FILE, content_hash, hashed_files
+    from export.onnx_export import MANIFEST_FILE, content_hash, manifest_hashed_files
 
     out = work / f"pkg-{kind}-fused"
     shutil.rmtree(out, ignore_errors=True)
@@ -244,7 +249,7 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
     fused = json.loads(p.stdout.strip().splitlines()[-1])
     fuse_s = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    hashed = hashed_files(list(manifest["graph_files"]), categories=bool(manifest.get("categories")))
+    hashed = manifest_hashed_files(manifest)
     manifest.update(fusions=fused["fusions"], model_version=content_hash(out, hashed), validation=None)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     t1 = time.perf_counter()
@@ -253,6 +258,29 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
             "fused_with": {"onnxscript": fused["onnxscript"], "onnx_ir": fused["onnx_ir"],
                            "site": fuse_site or "this environment"},
             "fusions": fused["fusions"], "ops": op_counts(out / "model.onnx"), "validation": report}
+
+
+def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str) -> dict[str, Any]:
+    """A copy of the ``kind`` package with the hand-built embed graph added (export.embed_graph: fused
+    norms, GroupQueryAttention with rotary inside, SiLU as one kernel), re-hashed and validated against
+    torch on the run's device (both of its vector paths). Its encoder embeds through that graph."""
+    from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph
+    from export.onnx_export import MANIFEST_FILE, content_hash, embed_graph_spec, manifest_hashed_files
+
+    out = work / f"pkg-{kind}-embedgraph"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    t0 = time.perf_counter()
+    files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind)
+    build_s = time.perf_counter() - t0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["embed_graph"] = embed_graph_spec(files)
+    manifest.update(model_version=content_hash(out, manifest_hashed_files(manifest)), validation=None)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    t1 = time.perf_counter()
+    report = validate_on_device(model, out, device)
+    return {"package": str(out), "build_s": round(build_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
+            "ops": op_counts(out / EMBED_GRAPH_FILE), "validation": report}
 
 
 # --------------------------------------------------------------------------------------------- phase 3
@@ -392,7 +420,9 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
     for mode in modes:
         rows: dict[str, Any] = {}
         for kind, pkg in packages.items():
-            for binding in ((True,) if kind.endswith("-fused") else (True, False)):
+            if kind.endswith(EMBED_KIND) and mode != "embed":
+                continue  # it generates with the step graph it shares with its source package
+            for binding in ((True,) if kind.endswith(("-fused", EMBED_KIND)) else (True, False)):
                 name = f"ort-{kind}{'' if binding else '-nobinding'}"
                 if engines and name not in engines:
                     continue
@@ -402,7 +432,7 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
             # generation reading the full [B, vocab] logits every step (what runs 1-4 measured) beside the
             # default, which reads the graph's top-k and leaves the logits on the device
             name = f"ort-{kind}-hostlogits"
-            if mode == "embed+category" and (name in engines if engines else not kind.endswith("-fused")):
+            if mode == "embed+category" and (name in engines if engines else not kind.endswith(("-fused", EMBED_KIND))):
                 progress(f"  {mode}: {name}")
                 rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
                                        deadline=deadline, tf32=False, device_topk=False)
@@ -720,7 +750,7 @@ def profile_phase(model, packages: dict[str, str], device: str, notes, batch: in
             prompts = [enc.tokenize(n, "category") for n in sample]
             res[f"ort-{kind}"] = profile_engine(lambda: enc.encode(prompts, "none"), device)
             res[f"ort-{kind}"]["prompt_tokens"] = sum(p.tokens for p in prompts)
-            if generate:  # the same notes with category generation (prefill, continuation, decode steps)
+            if generate and not kind.endswith(EMBED_KIND):  # the same notes with category generation
                 res[f"ort-{kind}/embed+category"] = profile_engine(lambda: enc.encode(prompts, "category"), device,
                                                                    calls=1)
                 res[f"ort-{kind}/embed+category"]["prompt_tokens"] = res[f"ort-{kind}"]["prompt_tokens"]
@@ -764,23 +794,32 @@ def ort_profile(pkg: str, device: str, notes, batch: int, mode: str, work: Path,
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-        enc.session = ort.InferenceSession(str(Path(pkg) / enc.manifest["graph"]), sess_options=so, providers=providers)
-        enc._prefix_batch = {}  # its OrtValues belong to the first session's device allocator: rebuild them
+        # embed-only on a package with an embed graph runs that graph (one run per sub-batch), else the step
+        # graph (one run per step)
+        embed = generate == "none" and enc.embed_session is not None
+        graph = enc.manifest["embed_graph"]["graph"] if embed else enc.manifest["graph"]
+        session = ort.InferenceSession(str(Path(pkg) / graph), sess_options=so, providers=providers)
+        if embed:
+            enc.embed_session = session
+        else:
+            enc.session = session
+            enc._prefix_batch = {}  # its OrtValues belong to the first session's device allocator: rebuild them
         steps = [0]
-        step = enc._step
+        attr = "_embed_rows" if embed else "_step"
+        call = getattr(enc, attr)
 
         def counted(*args, **kwargs):
             steps[0] += 1
-            return step(*args, **kwargs)
+            return call(*args, **kwargs)
 
-        enc._step = counted  # one graph run per step: the warm runs below are dropped from the profile
+        setattr(enc, attr, counted)  # one count per graph run: the warm runs below are dropped from the profile
         enc.encode(prompts, generate)
         warm_runs = steps[0]
         t0 = time.perf_counter()
         for _ in range(calls):
             enc.encode(prompts, generate)
         wall = time.perf_counter() - t0
-        trace = json.loads(Path(enc.session.end_profiling()).read_text())
+        trace = json.loads(Path(session.end_profiling()).read_text())
     finally:
         enc.close()
         _empty_cache()
@@ -830,6 +869,8 @@ def ort_profile_phase(packages: dict[str, str], device: str, notes, batch: int, 
         if device == "cuda" and not kind.startswith("fp16"):
             continue
         for mode in modes:
+            if kind.endswith(EMBED_KIND) and mode != "embed":
+                continue
             progress(f"  ort profile: {kind} {mode}")
             res[f"ort-{kind}/{mode}"] = ort_profile(pkg, device, notes, batch, mode, work)
     return res
@@ -885,6 +926,15 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{', '.join(f'{k} {n}' for k, n in e['fusions'].items())}; parity "
                   f"{'passed' if e['validation']['passed'] else 'FAILED'}: max |diff| {v['max_abs_diff']:.2e}, "
                   f"min cosine {v['min_cosine']:.6f}, generation agreement {v['generation_agreement']:.2f}."]
+    for name in [k for k in doc if k.startswith("embed_graph_")]:
+        e = doc[name]
+        v = e["validation"]["metrics"]
+        eg, sg = v.get("embed_graph") or v, v.get("step_graph") or v
+        lines += ["", f"Embed graph on the {name[12:]} package ({e['ops'].get('GroupQueryAttention', 0)} "
+                  f"GroupQueryAttention, {sum(e['ops'].values())} nodes): parity "
+                  f"{'passed' if e['validation']['passed'] else 'FAILED'}: embed graph max |diff| "
+                  f"{eg['max_abs_diff']:.2e}, min cosine {eg['min_cosine']:.6f}; step graph min cosine "
+                  f"{sg['min_cosine']:.6f}; generation agreement {v['generation_agreement']:.2f}."]
     enc = doc.get("encoder")
     if enc:
         for mode in ("embed", "embed+category"):
@@ -977,6 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile,ort_profile")
     ap.add_argument("--fuse-dtypes", default="fp16",
                     help="packages also measured fused (`notellm export --fuse`), as engine ort-<dtype>-fused; '' for none")
+    ap.add_argument("--embed-graph-dtypes", default="fp16",
+                    help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
+                         "(default fp16; empty: none)")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"
@@ -1014,6 +1067,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                               a.fuse_site), need_s=60)
             if r is not None and r["validation"]["passed"]:
                 packages[f"{kind}-fused"] = r["package"]
+    for kind in filter(None, a.embed_graph_dtypes.split(",")):
+        if kind in packages:
+            r = rep.phase(f"embed_graph_{kind}", lambda kind=kind: embed_graph_and_validate(
+                model, kind, packages[kind], work, device), need_s=30)
+            if r is not None and r["validation"]["passed"]:
+                packages[f"{kind}{EMBED_KIND}"] = r["package"]
     # encoder benchmarks get what is left minus the worker and fusion phases' share
     reserve = 0.3 * rep.left()
     engines = set(a.engines.split(",")) if a.engines else None

@@ -1,4 +1,4 @@
-"""`notellm export --model DIR|smollm2 --out DIR [--dtype fp32|fp16] [--quantize int8]`.
+"""`notellm export --model DIR|smollm2 --out DIR [--dtype fp32|fp16] [--quantize int8] [--fuse] [--embed-graph]`.
 
 --model is a saved NoteLLM directory (``NoteLLM.save``), an adapter directory (``notellm.adapter``: a LoRA
 run's small artifact, merged here onto the base it names; ``models/notellm-default`` is the trained default),
@@ -27,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse", action="store_true",
                         help="apply ONNX Runtime's fusions (RMS norm, rotary, attention; onnxscript) to the fp32/fp16 "
                              "graph; validated against torch like the plain graph")
+    parser.add_argument("--embed-graph", action="store_true",
+                        help="also write the hand-built embed-only graph (GroupQueryAttention and fused norms, "
+                             "export/embed_graph.py) that the encoder runs when it generates nothing; fp16 on CUDA")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_export(args.model, cache_dir=args.cache_dir, seed=args.seed, dim=args.dim)
     log.info("model ready in %.1fs (dim=%d, base=%s)", time.perf_counter() - t0, model.dim, model.base_model_id)
     try:
-        manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse)
+        manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
+                                  embed_graph=args.embed_graph)
     except ValidationFailed as e:
         print(json.dumps({"ok": False, "failures": e.report["failures"], "metrics": e.report["metrics"],
                           "mismatches": e.report["mismatches"]}, indent=2, ensure_ascii=False))
@@ -64,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     v = manifest["validation"]
     print(json.dumps({"ok": True, "out": str(args.out), "model_version": manifest["model_version"],
                       "dtype": manifest["dtype"], "quantization": manifest["quantization"],
-                      "fusions": manifest["fusions"],
+                      "fusions": manifest["fusions"], "embed_graph": bool(manifest["embed_graph"]),
                       "metrics": v["metrics"], "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0

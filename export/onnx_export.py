@@ -32,12 +32,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.embed_graph import EMBED_GRAPH_FILE, EMBED_INPUTS, EMBED_OUTPUTS, build_embed_graph
 from notellm.model import NoteLLM
 from notellm.prompts import EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION
 
@@ -252,10 +253,23 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     return applied
 
 
-def hashed_files(graph_files: list[str], *, categories: bool) -> list[str]:
-    """The package files its model_version is the content hash of: the graph, the tokenizer, the
-    category set when the model has one."""
-    return [*graph_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
+def hashed_files(graph_files: list[str], *, categories: bool, embed_files: Sequence[str] = ()) -> list[str]:
+    """The package files its model_version is the content hash of: the graph, the embed graph when the
+    package has one, the tokenizer, the category set when the model has one."""
+    return [*graph_files, *embed_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
+
+
+def embed_graph_spec(embed_files: Sequence[str]) -> dict[str, Any] | None:
+    """The manifest's ``embed_graph`` entry for the embed-only graph's files (export.embed_graph), or None."""
+    if not embed_files:
+        return None
+    return {"graph": embed_files[0], "files": list(embed_files), "inputs": EMBED_INPUTS, "outputs": EMBED_OUTPUTS}
+
+
+def manifest_hashed_files(manifest: dict[str, Any]) -> list[str]:
+    """:func:`hashed_files` of a written package, from its manifest."""
+    return hashed_files(list(manifest["graph_files"]), categories=bool(manifest.get("categories")),
+                        embed_files=list((manifest.get("embed_graph") or {}).get("files") or ()))
 
 
 def content_hash(directory: Path, files: list[str]) -> str:
@@ -284,7 +298,7 @@ def max_prompt_tokens(model: NoteLLM) -> int:
 
 def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, graph_files: list[str],
                    model_version: str, validation: dict[str, Any] | None = None,
-                   fusions: dict[str, int] | None = None) -> dict[str, Any]:
+                   fusions: dict[str, int] | None = None, embed_files: Sequence[str] = ()) -> dict[str, Any]:
     layers, kv_heads, head_dim = _kv_geometry(model)
     in_names, out_names = io_names(layers)
     tok = model.tokenizer
@@ -298,6 +312,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "base_model_id": model.base_model_id,
         "graph": graph_files[0],
         "graph_files": graph_files,
+        "embed_graph": embed_graph_spec(embed_files),
         "tokenizer": TOKENIZER_FILE,
         "categories": CATEGORIES_FILE if model.categories else None,
         "dtype": dtype,
@@ -350,12 +365,13 @@ class ValidationFailed(RuntimeError):
 
 
 def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "fp32",
-                   quantize: str | None = None, fuse: bool = False, validate: bool = True,
-                   notes=None) -> dict[str, Any]:
+                   quantize: str | None = None, fuse: bool = False, embed_graph: bool = False,
+                   validate: bool = True, notes=None) -> dict[str, Any]:
     """Write a validated package to ``out_dir``. Builds in ``<out>.partial``; on success that folder
     replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and
-    validated. Returns the manifest."""
+    validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`), which the
+    encoder's embed-only path then runs (and validation checks). Returns the manifest."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError("dtype must be fp32 or fp16")
     if quantize not in (None, "int8"):
@@ -364,6 +380,8 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         raise ValueError("int8 quantisation starts from the fp32 graph (use --dtype fp32)")
     if fuse and quantize:
         raise ValueError("fusions apply to fp32 and fp16 graphs, not to an int8-quantised one")
+    if embed_graph and quantize:
+        raise ValueError("the embed graph is built in fp32 or fp16, not int8")
     out = Path(out_dir)
     stage = out.with_name(out.name + ".partial")
     if stage.exists():
@@ -383,12 +401,13 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
+    embed_files = build_embed_graph(model, stage / EMBED_GRAPH_FILE, dtype=dtype) if embed_graph else []
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
     if model.categories:
         (stage / CATEGORIES_FILE).write_text(json.dumps(list(model.categories), ensure_ascii=False, indent=1) + "\n")
-    version = content_hash(stage, hashed_files(files, categories=bool(model.categories)))
+    version = content_hash(stage, hashed_files(files, categories=bool(model.categories), embed_files=embed_files))
     manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
-                              model_version=version, fusions=fusions)
+                              model_version=version, fusions=fusions, embed_files=embed_files)
     (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if validate:
         from export.validate import validate_package

@@ -2,7 +2,9 @@
 
 ONNX Runtime runs the package exactly as the worker does (:class:`worker.encoder.OnnxNoteEncoder`, CPU,
 left padding, notes sorted into batches by length); torch runs right-padded batches (embeddings) and
-Hugging Face ``generate`` (greedy, left padding). A fixed set of real notes of mixed lengths is used
+Hugging Face ``generate`` (greedy, left padding). A package with an embed graph has both of its vector
+paths checked: the embed graph's (embed-only) and the step graph's (the prefill before generation); the
+reported max |diff| and cosines are the worse of the two, each path's are reported beside. A fixed set of real notes of mixed lengths is used
 (MovieLens titles/genres, MIND news, a long note that hits truncation, non-ASCII text, empty fields).
 
 Thresholds:
@@ -90,7 +92,16 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
     mismatches: list[dict[str, Any]] = []
     agree = total = 0
     for task in ("category", "hashtags"):
-        _, ort_texts = enc.generate_raw(notes, task)
+        step_vec, ort_texts = enc.generate_raw(notes, task)
+        if task == "category" and enc.embed_session is not None:
+            # embed-only ran the package's embed graph; the step graph's prefill vectors are held to the
+            # same thresholds (the worker reads them whenever it generates)
+            metrics["embed_graph"] = {k: metrics[k] for k in ("max_abs_diff", "min_cosine", "mean_cosine")}
+            metrics["step_graph"] = {"max_abs_diff": float(np.abs(step_vec - ref_vec).max()),
+                                     "min_cosine": float(_cos(step_vec, ref_vec).min()),
+                                     "mean_cosine": float(_cos(step_vec, ref_vec).mean())}
+            for k, worst in (("max_abs_diff", max), ("min_cosine", min), ("mean_cosine", min)):
+                metrics[k] = worst(metrics["embed_graph"][k], metrics["step_graph"][k])
         _, ref_texts = model.generate_notes(notes, task, max_new_tokens=max_new_tokens, batch_size=len(notes))
         for i, (a, b) in enumerate(zip(ort_texts, ref_texts)):
             total += 1

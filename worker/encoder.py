@@ -209,8 +209,12 @@ class OnnxNoteEncoder:
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
                  share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None,
-                 constrain_categories: bool = True, device_topk: bool = True):
+                 constrain_categories: bool = True, device_topk: bool = True, embed_graph: bool = True):
         self.model_dir = Path(model_dir)
+        # Embed-only calls run the package's embed graph when it has one (export/embed_graph.py: fused
+        # contrib ops, whole prompts right-padded, no shared prefix); generation always runs the step graph.
+        self._want_embed_graph = bool(embed_graph)
+        self.embed_session: ort.InferenceSession | None = None
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
         # without it every step round-trips the cache through host memory (kept for measurement).
@@ -306,6 +310,7 @@ class OnnxNoteEncoder:
         wanted = _choose_providers(device)
         t0 = time.perf_counter()
         self.session = None
+        self.embed_session = None
         self._prefix_kv = {}
         providers: list[Any] = list(wanted)
         if wanted[0] == "CUDAExecutionProvider" and self._provider_options:
@@ -326,10 +331,31 @@ class OnnxNoteEncoder:
         self._present_names = [n for n in self._out_names if n.startswith("present.")]
         self._top_k = int(m.get("top_k") or 0) if {"top_logits", "top_ids"} <= set(self._out_names) else 0
         self.device_topk = self._want_device_topk and self._top_k > 0
+        self.embed_session = self._open_embed_session(so, providers)
         self.session = session
         log.info("encoder.loaded", model_dir=str(self.model_dir), model_version=self.model_version,
                  dim=self.dim, providers=self.providers, dtype=m.get("dtype"),
-                 quantization=m.get("quantization"), load_s=round(time.perf_counter() - t0, 2))
+                 quantization=m.get("quantization"), embed_graph=self.embed_session is not None,
+                 load_s=round(time.perf_counter() - t0, 2))
+
+    def _open_embed_session(self, so: "ort.SessionOptions", providers: list[Any]) -> "ort.InferenceSession | None":
+        """The package's embed graph in a second session on the same providers, or None: not in the
+        package, turned off, or an fp32 package on CUDA (ONNX Runtime's GroupQueryAttention runs fp16/bf16
+        there; fp32 would fall back to the CPU node by node)."""
+        spec = self.manifest.get("embed_graph")
+        if not spec or not self._want_embed_graph:
+            return None
+        if self._device == "cuda" and self.manifest.get("dtype") != "fp16":
+            log.info("encoder.embed_graph_unused", reason="fp32 package on CUDA: the step graph embeds")
+            return None
+        name = spec.get("graph")
+        if not isinstance(name, str) or Path(name).name != name:
+            raise EncoderError(f"{self.model_dir}: manifest embed_graph {name!r} is not a file name in the package")
+        session = ort.InferenceSession(str(self.model_dir / name), sess_options=so, providers=providers)
+        ins, outs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if ins != spec.get("inputs") or outs != spec.get("outputs"):
+            raise EncoderError(f"{name}: inputs/outputs {ins}/{outs} differ from the manifest's embed_graph")
+        return session
 
     # ------------------------------------------------------------------------------------------ public
     def warmup(self) -> None:
@@ -349,6 +375,8 @@ class OnnxNoteEncoder:
         nxt = self._choose(logits, np.zeros(n, dtype=bool))[:, None]
         mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
         self._step(nxt, mask, past)
+        if self.embed_session is not None:
+            self._embed_rows([[self.pad_id] * seq] * n)
         log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
 
     def tokenize(self, note: NoteLike, generate: GenerateTask) -> Prompt:
@@ -400,6 +428,7 @@ class OnnxNoteEncoder:
 
     def close(self) -> None:
         self.session = None
+        self.embed_session = None
         self._prefix_kv = {}
         self._prefix_batch = {}
 
@@ -529,6 +558,11 @@ class OnnxNoteEncoder:
         if self.session is None:
             raise EngineError("the encoder is closed")
         instruction = self.prompts.instruction_ids(task)
+        if not generate and self.embed_session is not None:
+            rows = [instruction + list(s) for s in segments]
+            for idx in self._batches([len(r) for r in rows]):
+                vecs[idx] = self._embed_rows([rows[i] for i in idx])
+            return vecs, out_ids
         shared = self._shared_prefix(task) if self.share_prefix else None
         if shared is not None:  # the instruction's KV is computed once; only the note part is prefilled
             rows = [list(s) for s in segments]
@@ -570,6 +604,13 @@ class OnnxNoteEncoder:
                 self._prefix_batch.pop(next(iter(self._prefix_batch)))
         self._prefix_batch[key] = past  # most recently used last
         return past
+
+    def _embed_rows(self, rows: list[list[int]]) -> np.ndarray:
+        """Note vectors of whole prompts through the embed graph: right-padded, each row's vector read at
+        its last real token (``lengths`` - 1)."""
+        ids, lengths = right_padded(rows, self.pad_id)
+        (vec,) = self.embed_session.run(["note_vector"], {"input_ids": ids, "lengths": lengths})
+        return vec.astype(np.float32, copy=False)
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
                    shared: list[Any] | None = None, *, trie: TrieTables | None = None
@@ -620,6 +661,17 @@ class OnnxNoteEncoder:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
             _, logits, past = self._step(nxt[:, None], mask, past)
         return vec, generated
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids [B, S], lengths [B]) int64: each row's tokens first, then ``pad_id``."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if len(rows) == 0 or int(lengths.min()) < 1:
+        raise ValueError("every row needs at least one token")
+    ids = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+    return ids, lengths
 
 
 __all__ = ["OnnxNoteEncoder", "EncoderError", "NoteText"]

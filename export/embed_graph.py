@@ -1,0 +1,177 @@
+"""The embed graph: a hand-built ONNX graph of a Llama-family NoteLLM for embed-only encoding, made of
+ONNX Runtime's fused contrib ops, written beside the step graph when a package asks for it.
+
+    inputs   input_ids [B, S] int64: whole prompts (instruction + note segment), RIGHT-padded
+             lengths   [B] int64: each row's real tokens (1..S)
+    outputs  note_vector [B, d] float32: L2-normalised projection of the hidden state at lengths - 1
+
+Why it exists (docs/results/gpu/README.md, run 4): the exported step graph, even after onnxscript's
+fusions, spends its GPU time on what a hand-built graph does not need: an `Expand` of every K/V to the 9
+query heads (GQA's repeat_kv), rotary as Mul/Neg/Split/Concat, SiLU and x up as separate kernels, the
+transposes around attention, and a 4-D additive mask built per call. Here each layer is
+
+    SkipSimplifiedLayerNorm -> MatMul (packed QKV) -> GroupQueryAttention (rotary inside, K/V heads read
+    in place) -> MatMul -> SkipSimplifiedLayerNorm -> MatMul x2 -> QuickGelu(alpha=1) = SiLU -> Mul -> MatMul
+
+about 10 nodes a layer. The price: ORT's GroupQueryAttention takes a batch with padding only on the right
+and, for a batch of more than one row, no past (a "first prompt"), so the task's instruction is computed
+for every row instead of once (the step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens.
+Causal attention makes right padding exact: no real token sees a pad.
+
+The graph is built from the torch module's own weights (packed QKV and the rotary tables computed by the
+model's rotary module), and the package is validated against torch like the step graph (the encoder's
+embed-only path runs this graph when the package has one). GroupQueryAttention runs on CUDA in fp16/bf16
+and on the CPU in fp32/fp16.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EMBED_GRAPH_FILE = "embed.onnx"
+EMBED_INPUTS = ["input_ids", "lengths"]
+EMBED_OUTPUTS = ["note_vector"]
+OPSET = 20
+MS_DOMAIN = "com.microsoft"
+
+
+def unsupported(model) -> str | None:
+    """Why ``model`` cannot have an embed graph, or None. The graph is the Llama block (RMS norms, SiLU
+    gated MLP without biases, rotary over the whole head in rotate-half layout)."""
+    cfg = model.lm.config
+    if getattr(cfg, "model_type", None) not in ("llama",):
+        return f"model_type {getattr(cfg, 'model_type', None)!r} (the embed graph is built for llama)"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "attention or MLP biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if heads % kv or head_dim % 16:
+        return f"heads {heads}/{kv} with head_dim {head_dim} (GroupQueryAttention's rotary needs head_dim % 16 == 0)"
+    if model.proj.bias is not None:
+        return "a projection with a bias"
+    return None
+
+
+def rotary_tables(model, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) [positions, head_dim / 2] float32 from the model's own rotary module (its scaling and
+    attention factor included). Raises if the tables are not the rotate-half layout (two equal halves)."""
+    rot = model.lm.get_decoder().rotary_emb
+    ref = next(model.parameters())
+    x = torch.zeros(1, dtype=torch.float32, device=ref.device)
+    pos = torch.arange(positions, device=ref.device)[None, :]
+    with torch.no_grad():
+        cos, sin = rot(x, pos)
+    cos, sin = cos[0].float().cpu().numpy(), sin[0].float().cpu().numpy()
+    half = cos.shape[-1] // 2
+    if not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+        raise ValueError("the model's rotary tables are not in rotate-half layout")
+    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+
+
+def build_embed_graph(model, path: Path, *, dtype: str = "fp32") -> list[str]:
+    """Write the embed graph of ``model`` to ``path`` (weights in ``<path>.data``); returns its files."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    why = unsupported(model)
+    if why:
+        raise ValueError(f"no embed graph for this model: {why}")
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError("dtype must be fp32 or fp16")
+    np_dtype = np.float16 if dtype == "fp16" else np.float32
+    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    cfg = model.lm.config
+    dec = model.lm.get_decoder()
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    eps = float(cfg.rms_norm_eps)
+    scale = float(getattr(dec.layers[0].self_attn, "scaling", 1.0 / math.sqrt(head_dim)))
+
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def weight(name: str, t) -> str:
+        a = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(a.astype(np_dtype)), name))
+        return name
+
+    def const(name: str, a: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def node(op: str, ins: list[str], outs: list[str], *, domain: str = "", **attrs) -> list[str]:
+        nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+        return outs
+
+    def linear_t(layer) -> np.ndarray:  # [out, in] -> [in, out] for MatMul(x, W)
+        return layer.weight.detach().float().cpu().numpy().T
+
+    one = const("one_i64", np.array(1, dtype=np.int64))
+    # per-row lengths -> GroupQueryAttention's seqlens_k (total length - 1, int32); S as its total length
+    (last,) = node("Sub", ["lengths", one], ["last_index"])
+    (seqlens_k,) = node("Cast", [last], ["seqlens_k"], to=TensorProto.INT32)
+    (seq_len,) = node("Shape", ["input_ids"], ["seq_len"], start=1, end=2)
+    (total,) = node("Cast", [seq_len], ["total_seq_len"], to=TensorProto.INT32)
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or model.max_length)
+    cos, sin = rotary_tables(model, max_pos)
+    cos_name, sin_name = weight("rotary_cos", cos), weight("rotary_sin", sin)
+
+    (h,) = node("Gather", [weight("embed_tokens", dec.embed_tokens.weight), "input_ids"], ["h0"], axis=0)
+    residual = h
+    delta: str | None = None
+    for i, layer in enumerate(dec.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        g1 = weight(f"l{i}.input_norm", layer.input_layernorm.weight)
+        if delta is None:
+            (x,) = node("SimplifiedLayerNormalization", [residual, g1], [f"l{i}.x"], axis=-1, epsilon=eps,
+                        stash_type=1)
+        else:
+            x, _, _, residual = node("SkipSimplifiedLayerNormalization", [delta, residual, g1],
+                                     [f"l{i}.x", "", "", f"l{i}.resid"], domain=MS_DOMAIN, epsilon=eps)
+        qkv_w = np.concatenate([linear_t(attn.q_proj), linear_t(attn.k_proj), linear_t(attn.v_proj)], axis=1)
+        (qkv,) = node("MatMul", [x, weight(f"l{i}.qkv", qkv_w)], [f"l{i}.qkv_out"])
+        a, _, _ = node("GroupQueryAttention", [qkv, "", "", "", "", seqlens_k, total, cos_name, sin_name],
+                    [f"l{i}.attn", f"l{i}.present_key", f"l{i}.present_value"], domain=MS_DOMAIN,
+                    num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0, scale=scale)
+        (o,) = node("MatMul", [a, weight(f"l{i}.o", linear_t(attn.o_proj))], [f"l{i}.o_out"])
+        g2 = weight(f"l{i}.post_norm", layer.post_attention_layernorm.weight)
+        x2, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g2],
+                                  [f"l{i}.x2", "", "", f"l{i}.resid2"], domain=MS_DOMAIN, epsilon=eps)
+        (gate,) = node("MatMul", [x2, weight(f"l{i}.gate", linear_t(mlp.gate_proj))], [f"l{i}.gate_out"])
+        (up,) = node("MatMul", [x2, weight(f"l{i}.up", linear_t(mlp.up_proj))], [f"l{i}.up_out"])
+        (act,) = node("QuickGelu", [gate], [f"l{i}.silu"], domain=MS_DOMAIN, alpha=1.0)  # x * sigmoid(x)
+        (m,) = node("Mul", [act, up], [f"l{i}.gated"])
+        (delta,) = node("MatMul", [m, weight(f"l{i}.down", linear_t(mlp.down_proj))], [f"l{i}.mlp_out"])
+    y, _, _, _ = node("SkipSimplifiedLayerNormalization", [delta, residual, weight("final_norm", dec.norm.weight)],
+                      ["hidden", "", "", ""], domain=MS_DOMAIN, epsilon=eps)
+    (idx,) = node("Unsqueeze", [last, const("axis1", np.array([1], dtype=np.int64))], ["last_index_2d"])
+    (h_last,) = node("GatherND", [y, idx], ["hidden_last"], batch_dims=1)  # [B, hidden]
+    (z,) = node("MatMul", [h_last, weight("projection", linear_t(model.proj))], ["projected"])
+    (zf,) = node("Cast", [z], ["projected_f32"], to=TensorProto.FLOAT)
+    (norm,) = node("ReduceL2", [zf, const("axis_last", np.array([-1], dtype=np.int64))], ["norm"], keepdims=1)
+    (norm_c,) = node("Max", [norm, const("norm_eps", np.array(1e-12, dtype=np.float32))], ["norm_clamped"])
+    node("Div", [zf, norm_c], ["note_vector"])
+
+    graph = helper.make_graph(
+        nodes, "notellm_embed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("note_vector", TensorProto.FLOAT, ["batch", int(model.dim)])],
+        initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                          producer_name="notellm-stream export.embed_graph")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path.name, data.name]
+
