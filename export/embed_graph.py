@@ -35,6 +35,10 @@ EMBED_GRAPH_FILE = "embed.onnx"
 EMBED_INPUTS = ["input_ids", "lengths"]
 EMBED_OUTPUTS = ["note_vector"]
 OPSET = 20
+# Pinned, not the installed onnx's newest: onnx 1.2x writes IR 14 by default, which ONNX Runtime 1.31 (the
+# device image's onnxruntime-gpu) refuses to load ("max supported IR version: 13"). 10 is what the step
+# graph's exporter writes for opset 20.
+IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
 
 
@@ -166,7 +170,7 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32") -> list[str]:
         [helper.make_tensor_value_info("note_vector", TensorProto.FLOAT, ["batch", int(model.dim)])],
         initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                          producer_name="notellm-stream export.embed_graph")
+                          producer_name="notellm-stream export.embed_graph", ir_version=IR_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
