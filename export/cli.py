@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "graph; validated against torch like the plain graph")
     parser.add_argument("--embed-graph", action="store_true",
                         help="also write the hand-built embed-only graph (GroupQueryAttention and fused norms, "
-                             "export/embed_graph.py) that the encoder runs when it generates nothing; fp16 on CUDA")
+                             "export/embed_graph.py) that the encoder runs on CUDA (fp16) when it generates nothing")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")

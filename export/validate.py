@@ -80,7 +80,7 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
     t0 = time.perf_counter()
     enc = OnnxNoteEncoder(package_dir, device=device, max_batch_notes=batch_notes,
                           max_batch_tokens=100_000, max_new_tokens=max_new_tokens,
-                          provider_options=provider_options)
+                          provider_options=provider_options, embed_graph=True)
     ort_vec = enc.embed(notes)
     ref_vec = model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
     metrics: dict[str, Any] = {

@@ -209,11 +209,13 @@ class OnnxNoteEncoder:
     def __init__(self, model_dir, *, device: str = "auto", intra_op_threads: int = 0,
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
                  share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None,
-                 constrain_categories: bool = True, device_topk: bool = True, embed_graph: bool = True):
+                 constrain_categories: bool = True, device_topk: bool = True,
+                 embed_graph: bool | None = None):
         self.model_dir = Path(model_dir)
         # Embed-only calls run the package's embed graph when it has one (export/embed_graph.py: fused
         # contrib ops, whole prompts right-padded, no shared prefix); generation always runs the step graph.
-        self._want_embed_graph = bool(embed_graph)
+        # None: on CUDA (fp16) only; True: on the CPU too (validation); False: never.
+        self._want_embed_graph = embed_graph
         self.embed_session: ort.InferenceSession | None = None
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
@@ -340,13 +342,18 @@ class OnnxNoteEncoder:
 
     def _open_embed_session(self, so: "ort.SessionOptions", providers: list[Any]) -> "ort.InferenceSession | None":
         """The package's embed graph in a second session on the same providers, or None: not in the
-        package, turned off, or an fp32 package on CUDA (ONNX Runtime's GroupQueryAttention runs fp16/bf16
-        there; fp32 would fall back to the CPU node by node)."""
+        package, turned off, an fp32 package on CUDA (ONNX Runtime's GroupQueryAttention runs fp16/bf16
+        there; fp32 would fall back to the CPU node by node), or the CPU unless asked for: there the step
+        graph's shared instruction prefix wins (SmolLM2 fp32 on 2 cores: 8.5 vs 9.9 notes/s at batch 8,
+        7.1 vs 8.5 at 32), on an H200 the embed graph does (docs/results/gpu/README.md, run 7)."""
         spec = self.manifest.get("embed_graph")
-        if not spec or not self._want_embed_graph:
+        if not spec or self._want_embed_graph is False:
             return None
         if self._device == "cuda" and self.manifest.get("dtype") != "fp16":
             log.info("encoder.embed_graph_unused", reason="fp32 package on CUDA: the step graph embeds")
+            return None
+        if self._device == "cpu" and self._want_embed_graph is None:
+            log.info("encoder.embed_graph_unused", reason="on the CPU the step graph's shared prefix is faster")
             return None
         name = spec.get("graph")
         if not isinstance(name, str) or Path(name).name != name:

@@ -1,0 +1,147 @@
+"""The hand-built embed graph (export/embed_graph.py): exact against torch, exact under right padding, in
+the package's hash and validation, run by the encoder's embed-only path, refused where it cannot apply."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph, unsupported
+from export.onnx_export import MANIFEST_FILE, content_hash, export_package, manifest_hashed_files
+from export.validate import VALIDATION_NOTES
+from tests.tiny import NOTES, tiny_notellm, tiny_package
+from worker.encoder import EncoderError, OnnxNoteEncoder, right_padded
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def packages(request, tmp_path_factory):
+    """(plain package, the same model exported with --embed-graph, its manifest, dtype)."""
+    dtype = request.param
+    plain_dir, plain = tiny_package(dtype)
+    out = tmp_path_factory.mktemp(f"eg-{dtype}") / "pkg"
+    manifest = export_package(tiny_notellm(), out, dtype=dtype, embed_graph=True)
+    return plain_dir, plain, out, manifest, dtype
+
+
+def test_package_carries_hashes_and_validates_both_vector_paths(packages):
+    plain_dir, plain, out, manifest, dtype = packages
+    spec = manifest["embed_graph"]
+    assert spec == {"graph": EMBED_GRAPH_FILE, "files": [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"],
+                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"]}
+    assert plain["embed_graph"] is None
+    assert all((out / f).exists() for f in spec["files"])
+    # the embed graph is part of what model_version hashes: same step graph, another version
+    assert manifest["model_version"] == content_hash(out, manifest_hashed_files(manifest))
+    assert set(spec["files"]) <= set(manifest_hashed_files(manifest))
+    assert manifest["model_version"] != plain["model_version"]
+    v = manifest["validation"]
+    assert v["passed"], v
+    threshold = 1e-4 if dtype == "fp32" else None
+    for path in ("embed_graph", "step_graph"):
+        m = v["metrics"][path]
+        assert m["min_cosine"] >= 0.999
+        if threshold:
+            assert m["max_abs_diff"] <= threshold
+    g = onnx.load(str(out / EMBED_GRAPH_FILE), load_external_data=False)
+    assert g.ir_version == 10  # ONNX Runtime 1.31 (the device's) loads IR <= 13
+    ops = [n.op_type for n in g.graph.node]
+    layers = tiny_notellm().lm.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert not {"Expand", "Transpose", "MultiHeadAttention", "Softmax"} & set(ops)
+
+
+def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
+    plain_dir, _, out, _, dtype = packages
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    with_graph = OnnxNoteEncoder(out, device="cpu", max_batch_notes=3, embed_graph=True)
+    without = OnnxNoteEncoder(out, device="cpu", max_batch_notes=3, embed_graph=False)
+    auto = OnnxNoteEncoder(out, device="cpu", max_batch_notes=3)  # the default: on CUDA only
+    plain = OnnxNoteEncoder(plain_dir, device="cpu", max_batch_notes=3, embed_graph=True)
+    assert with_graph.embed_session is not None
+    assert without.embed_session is None and auto.embed_session is None and plain.embed_session is None
+    calls = []
+    run = with_graph._embed_rows
+    with_graph._embed_rows = lambda rows: calls.append(len(rows)) or run(rows)
+    notes = list(VALIDATION_NOTES)
+    v = with_graph.embed(notes)
+    assert sum(calls) == len(notes) and max(calls) <= 3  # every note, in the encoder's sub-batches
+    assert np.abs(v - without.embed(notes)).max() < tol
+    assert np.abs(v - plain.embed(notes)).max() < tol
+    # generating, the vector comes from the step graph's prefill, as without the embed graph
+    calls.clear()
+    vg, cats, _ = with_graph.encode([with_graph.tokenize(n, "category") for n in NOTES], "category")
+    vp, cats_p, _ = plain.encode([plain.tokenize(n, "category") for n in NOTES], "category")
+    assert not calls and cats == cats_p and np.abs(vg - vp).max() < tol
+    with_graph.warmup()
+    with_graph.close()
+    assert with_graph.embed_session is None
+
+
+def test_right_padding_is_exact_whatever_the_batch(packages):
+    """A note's vector does not depend on the notes batched with it (causal attention never reaches the
+    pads on the right) nor on how long the longest of them is."""
+    _, _, out, _, dtype = packages
+    enc = OnnxNoteEncoder(out, device="cpu", max_batch_notes=1, embed_graph=True)
+    notes = list(VALIDATION_NOTES)
+    alone = enc.embed(notes)
+    enc.max_batch_notes = len(notes)
+    together = enc.embed(notes)
+    assert np.abs(alone - together).max() < (1e-6 if dtype == "fp32" else 2e-3)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_smollm2_architecture_matches_torch(tmp_path):
+    """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
+    random weights: the embed graph against torch's embeddings on real note texts."""
+    from notellm.base_models import smollm2_architecture
+    from notellm.model import NoteLLM
+
+    lm, tok = smollm2_architecture(0)
+    model = NoteLLM.from_base(model=lm, tokenizer=tok, base_model_id="smollm2-arch", seed=0).eval()
+    assert unsupported(model) is None
+    path = tmp_path / EMBED_GRAPH_FILE
+    assert build_embed_graph(model, path, dtype="fp32") == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    notes = list(VALIDATION_NOTES)
+    rows = []
+    for n in notes:
+        e = model.prompts.encode(n, "category")
+        rows.append(list(e.input_ids[:e.emb_position]))
+    ids, lengths = right_padded(rows, model.pad_token_id)
+    (vec,) = session.run(None, {"input_ids": ids, "lengths": lengths})
+    ref = model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
+    assert np.abs(vec - ref).max() < 1e-4
+
+
+def test_refused_where_it_cannot_apply(tmp_path):
+    model = tiny_notellm()
+    with pytest.raises(ValueError, match="not int8"):
+        export_package(model, tmp_path / "x", quantize="int8", embed_graph=True)
+    model.lm.config.attention_bias = True
+    try:
+        assert "bias" in unsupported(model)
+        with pytest.raises(ValueError, match="no embed graph for this model"):
+            build_embed_graph(model, tmp_path / EMBED_GRAPH_FILE)
+    finally:
+        model.lm.config.attention_bias = False
+    with pytest.raises(ValueError):
+        right_padded([[1, 2], []], 0)
+    ids, lengths = right_padded([[5], [6, 7, 8]], 0)
+    assert ids.tolist() == [[5, 0, 0], [6, 7, 8]] and lengths.tolist() == [1, 3]
+
+
+def test_a_manifest_that_does_not_match_the_graph_is_refused(packages, tmp_path):
+    _, _, out, manifest, _ = packages
+    for bad in ({**manifest["embed_graph"], "inputs": ["input_ids", "attention_mask"]},
+                {**manifest["embed_graph"], "graph": "../embed.onnx"}):
+        pkg = tmp_path / "pkg"
+        shutil.rmtree(pkg, ignore_errors=True)
+        shutil.copytree(out, pkg)
+        (pkg / MANIFEST_FILE).write_text(json.dumps({**manifest, "embed_graph": bad}))
+        with pytest.raises(EncoderError, match="embed_graph"):
+            OnnxNoteEncoder(pkg, device="cpu", embed_graph=True)
