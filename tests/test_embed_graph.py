@@ -64,7 +64,7 @@ def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
     assert without.embed_session is None and auto.embed_session is None and plain.embed_session is None
     calls = []
     run = with_graph._embed_rows
-    with_graph._embed_rows = lambda rows: calls.append(len(rows)) or run(rows)
+    with_graph._embed_rows = lambda prefix, segments: calls.append(len(segments)) or run(prefix, segments)
     notes = list(VALIDATION_NOTES)
     v = with_graph.embed(notes)
     assert sum(calls) == len(notes) and max(calls) <= 3  # every note, in the encoder's sub-batches
@@ -133,6 +133,8 @@ def test_refused_where_it_cannot_apply(tmp_path):
         right_padded([[1, 2], []], 0)
     ids, lengths = right_padded([[5], [6, 7, 8]], 0)
     assert ids.tolist() == [[5, 0, 0], [6, 7, 8]] and lengths.tolist() == [1, 3]
+    ids, lengths = right_padded([[5], [], [6, 7, 8]], 0, prefix=(9, 9))  # the instruction, then each note
+    assert ids.tolist() == [[9, 9, 5, 0, 0], [9, 9, 0, 0, 0], [9, 9, 6, 7, 8]] and lengths.tolist() == [3, 2, 5]
 
 
 def test_a_manifest_that_does_not_match_the_graph_is_refused(packages, tmp_path):
