@@ -65,7 +65,16 @@ GPU_BATCHES = (1, 8, 32, 128, 512)
 WARM_BATCHES = 4
 CPU_BATCHES = (1, 4)
 # Without I/O binding every step copies the whole KV cache to the host and back: measured up to these sizes.
-EMBED_KIND = "-embedgraph"  # package kinds with the hand-built embed graph (embed-only engines)
+EMBED_KIND = "-embedgraph"  # in the kinds of packages with the hand-built embed graph (embed-only engines)
+
+
+def embed_kind(kind: str, rotary: str) -> str:
+    """fp16 + "gqa" -> fp16-embedgraph; fp16 + "op" -> fp16-embedgraph-ropeop."""
+    return f"{kind}{EMBED_KIND}" + ("" if rotary == "gqa" else f"-rope{rotary}")
+
+
+def is_embed_kind(kind: str) -> bool:
+    return EMBED_KIND in kind
 NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
 
 
@@ -260,26 +269,28 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
             "fusions": fused["fusions"], "ops": op_counts(out / "model.onnx"), "validation": report}
 
 
-def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str) -> dict[str, Any]:
+def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str, rotary: str = "gqa"
+                             ) -> dict[str, Any]:
     """A copy of the ``kind`` package with the hand-built embed graph added (export.embed_graph: fused
-    norms, GroupQueryAttention with rotary inside, SiLU as one kernel), re-hashed and validated against
-    torch on the run's device (both of its vector paths). Its encoder embeds through that graph."""
+    norms, GroupQueryAttention, SiLU as one kernel; rotary inside the attention or as its own op),
+    re-hashed and validated against torch on the run's device (both of its vector paths). Its encoder
+    embeds through that graph."""
     from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph
     from export.onnx_export import MANIFEST_FILE, content_hash, embed_graph_spec, manifest_hashed_files
 
-    out = work / f"pkg-{kind}-embedgraph"
+    out = work / f"pkg-{embed_kind(kind, rotary)}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out)
     t0 = time.perf_counter()
-    files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind)
+    files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind, rotary=rotary)
     build_s = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["embed_graph"] = embed_graph_spec(files)
+    manifest["embed_graph"] = embed_graph_spec(files, rotary)
     manifest.update(model_version=content_hash(out, manifest_hashed_files(manifest)), validation=None)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
-    return {"package": str(out), "build_s": round(build_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
+    return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
             "ops": op_counts(out / EMBED_GRAPH_FILE), "validation": report}
 
 
@@ -422,9 +433,9 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
     for mode in modes:
         rows: dict[str, Any] = {}
         for kind, pkg in packages.items():
-            if kind.endswith(EMBED_KIND) and mode != "embed":
+            if is_embed_kind(kind) and mode != "embed":
                 continue  # it generates with the step graph it shares with its source package
-            for binding in ((True,) if kind.endswith(("-fused", EMBED_KIND)) else (True, False)):
+            for binding in ((True,) if kind.endswith("-fused") or is_embed_kind(kind) else (True, False)):
                 name = f"ort-{kind}{'' if binding else '-nobinding'}"
                 if engines and name not in engines:
                     continue
@@ -434,7 +445,7 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
             # generation reading the full [B, vocab] logits every step (what runs 1-4 measured) beside the
             # default, which reads the graph's top-k and leaves the logits on the device
             name = f"ort-{kind}-hostlogits"
-            if mode == "embed+category" and (name in engines if engines else not kind.endswith(("-fused", EMBED_KIND))):
+            if mode == "embed+category" and (name in engines if engines else not (kind.endswith("-fused") or is_embed_kind(kind))):
                 progress(f"  {mode}: {name}")
                 rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
                                        deadline=deadline, tf32=False, device_topk=False)
@@ -758,7 +769,7 @@ def profile_phase(model, packages: dict[str, str], device: str, notes, batch: in
             prompts = [enc.tokenize(n, "category") for n in sample]
             res[f"ort-{kind}"] = profile_engine(lambda: enc.encode(prompts, "none"), device)
             res[f"ort-{kind}"]["prompt_tokens"] = sum(p.tokens for p in prompts)
-            if generate and not kind.endswith(EMBED_KIND):  # the same notes with category generation
+            if generate and not is_embed_kind(kind):  # the same notes with category generation
                 res[f"ort-{kind}/embed+category"] = profile_engine(lambda: enc.encode(prompts, "category"), device,
                                                                    calls=1)
                 res[f"ort-{kind}/embed+category"]["prompt_tokens"] = res[f"ort-{kind}"]["prompt_tokens"]
@@ -877,7 +888,7 @@ def ort_profile_phase(packages: dict[str, str], device: str, notes, batch: int, 
         if device == "cuda" and not kind.startswith("fp16"):
             continue
         for mode in modes:
-            if kind.endswith(EMBED_KIND) and mode != "embed":
+            if is_embed_kind(kind) and mode != "embed":
                 continue
             progress(f"  ort profile: {kind} {mode}")
             res[f"ort-{kind}/{mode}"] = ort_profile(pkg, device, notes, batch, mode, work)
@@ -938,7 +949,8 @@ def markdown(doc: dict[str, Any]) -> str:
         e = doc[name]
         v = e["validation"]["metrics"]
         eg, sg = v.get("embed_graph") or v, v.get("step_graph") or v
-        lines += ["", f"Embed graph on the {name[12:]} package ({e['ops'].get('GroupQueryAttention', 0)} "
+        lines += ["", f"Embed graph on the {name[12:].rsplit('_', 1)[0]} package, rotary {e.get('rotary', 'gqa')} "
+                  f"({e['ops'].get('GroupQueryAttention', 0)} "
                   f"GroupQueryAttention, {sum(e['ops'].values())} nodes): parity "
                   f"{'passed' if e['validation']['passed'] else 'FAILED'}: embed graph max |diff| "
                   f"{eg['max_abs_diff']:.2e}, min cosine {eg['min_cosine']:.6f}; step graph min cosine "
@@ -1038,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-graph-dtypes", default="fp16",
                     help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
                          "(default fp16; empty: none)")
+    ap.add_argument("--embed-graph-rotary", default="gqa,op",
+                    help="embed graph variants: gqa (rotary inside GroupQueryAttention: ort-fp16-embedgraph), "
+                         "op (RotaryEmbedding ops: ort-fp16-embedgraph-ropeop); default both")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"
@@ -1076,11 +1091,13 @@ def main(argv: list[str] | None = None) -> int:
             if r is not None and r["validation"]["passed"]:
                 packages[f"{kind}-fused"] = r["package"]
     for kind in filter(None, a.embed_graph_dtypes.split(",")):
-        if kind in packages:
-            r = rep.phase(f"embed_graph_{kind}", lambda kind=kind: embed_graph_and_validate(
-                model, kind, packages[kind], work, device), need_s=30)
-            if r is not None and r["validation"]["passed"]:
-                packages[f"{kind}{EMBED_KIND}"] = r["package"]
+        for rotary in filter(None, a.embed_graph_rotary.split(",")):
+            if kind in packages:
+                name = embed_kind(kind, rotary)
+                r = rep.phase(f"embed_graph_{kind}_{rotary}", lambda kind=kind, rotary=rotary: embed_graph_and_validate(
+                    model, kind, packages[kind], work, device, rotary), need_s=30)
+                if r is not None and r["validation"]["passed"]:
+                    packages[name] = r["package"]
     # encoder benchmarks get what is left minus the worker and fusion phases' share
     reserve = 0.3 * rep.left()
     engines = set(a.engines.split(",")) if a.engines else None

@@ -27,9 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse", action="store_true",
                         help="apply ONNX Runtime's fusions (RMS norm, rotary, attention; onnxscript) to the fp32/fp16 "
                              "graph; validated against torch like the plain graph")
-    parser.add_argument("--embed-graph", action="store_true",
+    parser.add_argument("--embed-graph", nargs="?", const="gqa", choices=["gqa", "op"], default=None,
                         help="also write the hand-built embed-only graph (GroupQueryAttention and fused norms, "
-                             "export/embed_graph.py) that the encoder runs on CUDA (fp16) when it generates nothing")
+                             "export/embed_graph.py) that the encoder runs on CUDA (fp16) when it generates "
+                             "nothing; rotary inside the attention (gqa, the default) or as its own op (op)")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("model ready in %.1fs (dim=%d, base=%s)", time.perf_counter() - t0, model.dim, model.base_model_id)
     try:
         manifest = export_package(model, args.out, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
-                                  embed_graph=args.embed_graph)
+                                  embed_graph=args.embed_graph or False)
     except ValidationFailed as e:
         print(json.dumps({"ok": False, "failures": e.report["failures"], "metrics": e.report["metrics"],
                           "mismatches": e.report["mismatches"]}, indent=2, ensure_ascii=False))

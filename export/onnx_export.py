@@ -259,11 +259,12 @@ def hashed_files(graph_files: list[str], *, categories: bool, embed_files: Seque
     return [*graph_files, *embed_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
 
 
-def embed_graph_spec(embed_files: Sequence[str]) -> dict[str, Any] | None:
+def embed_graph_spec(embed_files: Sequence[str], rotary: str = "gqa") -> dict[str, Any] | None:
     """The manifest's ``embed_graph`` entry for the embed-only graph's files (export.embed_graph), or None."""
     if not embed_files:
         return None
-    return {"graph": embed_files[0], "files": list(embed_files), "inputs": EMBED_INPUTS, "outputs": EMBED_OUTPUTS}
+    return {"graph": embed_files[0], "files": list(embed_files), "inputs": EMBED_INPUTS, "outputs": EMBED_OUTPUTS,
+            "rotary": rotary}
 
 
 def manifest_hashed_files(manifest: dict[str, Any]) -> list[str]:
@@ -298,7 +299,8 @@ def max_prompt_tokens(model: NoteLLM) -> int:
 
 def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, graph_files: list[str],
                    model_version: str, validation: dict[str, Any] | None = None,
-                   fusions: dict[str, int] | None = None, embed_files: Sequence[str] = ()) -> dict[str, Any]:
+                   fusions: dict[str, int] | None = None, embed_files: Sequence[str] = (),
+                   embed_rotary: str = "gqa") -> dict[str, Any]:
     layers, kv_heads, head_dim = _kv_geometry(model)
     in_names, out_names = io_names(layers)
     tok = model.tokenizer
@@ -312,7 +314,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "base_model_id": model.base_model_id,
         "graph": graph_files[0],
         "graph_files": graph_files,
-        "embed_graph": embed_graph_spec(embed_files),
+        "embed_graph": embed_graph_spec(embed_files, embed_rotary),
         "tokenizer": TOKENIZER_FILE,
         "categories": CATEGORIES_FILE if model.categories else None,
         "dtype": dtype,
@@ -365,13 +367,14 @@ class ValidationFailed(RuntimeError):
 
 
 def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "fp32",
-                   quantize: str | None = None, fuse: bool = False, embed_graph: bool = False,
+                   quantize: str | None = None, fuse: bool = False, embed_graph: bool | str = False,
                    validate: bool = True, notes=None) -> dict[str, Any]:
     """Write a validated package to ``out_dir``. Builds in ``<out>.partial``; on success that folder
     replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and
-    validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`), which the
-    encoder's embed-only path then runs (and validation checks). Returns the manifest."""
+    validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`; True or
+    "gqa": rotary inside GroupQueryAttention, "op": as RotaryEmbedding ops), which the encoder's embed-only
+    path runs on CUDA (and validation checks). Returns the manifest."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError("dtype must be fp32 or fp16")
     if quantize not in (None, "int8"):
@@ -401,13 +404,15 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
-    embed_files = build_embed_graph(model, stage / EMBED_GRAPH_FILE, dtype=dtype) if embed_graph else []
+    rotary = "gqa" if embed_graph is True else str(embed_graph)
+    embed_files = build_embed_graph(model, stage / EMBED_GRAPH_FILE, dtype=dtype, rotary=rotary) if embed_graph else []
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
     if model.categories:
         (stage / CATEGORIES_FILE).write_text(json.dumps(list(model.categories), ensure_ascii=False, indent=1) + "\n")
     version = content_hash(stage, hashed_files(files, categories=bool(model.categories), embed_files=embed_files))
     manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
-                              model_version=version, fusions=fusions, embed_files=embed_files)
+                              model_version=version, fusions=fusions, embed_files=embed_files,
+                              embed_rotary=rotary)
     (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if validate:
         from export.validate import validate_package

@@ -30,7 +30,7 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     plain_dir, plain, out, manifest, dtype = packages
     spec = manifest["embed_graph"]
     assert spec == {"graph": EMBED_GRAPH_FILE, "files": [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"],
-                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"]}
+                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"], "rotary": "gqa"}
     assert plain["embed_graph"] is None
     assert all((out / f).exists() for f in spec["files"])
     # the embed graph is part of what model_version hashes: same step graph, another version
@@ -93,9 +93,11 @@ def test_right_padding_is_exact_whatever_the_batch(packages):
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
-def test_smollm2_architecture_matches_torch(tmp_path):
+@pytest.mark.parametrize("rotary", ["gqa", "op"])
+def test_smollm2_architecture_matches_torch(rotary, tmp_path):
     """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
-    random weights: the embed graph against torch's embeddings on real note texts."""
+    random weights: the embed graph (rotary inside GroupQueryAttention, or as RotaryEmbedding ops) against
+    torch's embeddings on real note texts."""
     from notellm.base_models import smollm2_architecture
     from notellm.model import NoteLLM
 
@@ -103,7 +105,9 @@ def test_smollm2_architecture_matches_torch(tmp_path):
     model = NoteLLM.from_base(model=lm, tokenizer=tok, base_model_id="smollm2-arch", seed=0).eval()
     assert unsupported(model) is None
     path = tmp_path / EMBED_GRAPH_FILE
-    assert build_embed_graph(model, path, dtype="fp32") == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
+    assert build_embed_graph(model, path, dtype="fp32", rotary=rotary) == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert ops.count("RotaryEmbedding") == (0 if rotary == "gqa" else 2 * model.lm.config.num_hidden_layers)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -118,8 +122,21 @@ def test_smollm2_architecture_matches_torch(tmp_path):
     assert np.abs(vec - ref).max() < 1e-4
 
 
+def test_export_cli_writes_the_chosen_variant(tmp_path, capsys):
+    from notellm.cli import main
+
+    out = tmp_path / "pkg"
+    assert main(["export", "--model", "tiny", "--out", str(out), "--embed-graph", "op"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert printed["ok"] and printed["embed_graph"] and manifest["embed_graph"]["rotary"] == "op"
+    assert manifest["validation"]["passed"] and "embed_graph" in manifest["validation"]["metrics"]
+
+
 def test_refused_where_it_cannot_apply(tmp_path):
     model = tiny_notellm()
+    with pytest.raises(ValueError, match="rotary"):
+        build_embed_graph(model, tmp_path / EMBED_GRAPH_FILE, rotary="inside")
     with pytest.raises(ValueError, match="not int8"):
         export_package(model, tmp_path / "x", quantize="int8", embed_graph=True)
     model.lm.config.attention_bias = True

@@ -24,7 +24,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
-        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "fuse_fp16", "embed_graph_fp16", "encoder", "worker",
+        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_op", "encoder", "worker",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -34,16 +34,19 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     fz = doc["fuse_fp16"]
     assert fz["validation"]["passed"] and fz["fused_with"]["site"] == str(fuse_site)
     assert fz["ops"]["MultiHeadAttention"] == 2 and fz["fusions"]["sdpa"] == 2  # what `notellm export --fuse` writes
-    eg = doc["embed_graph_fp16"]  # the hand-built embed graph: both vector paths checked against torch
-    assert eg["validation"]["passed"] and eg["ops"]["GroupQueryAttention"] == 2 and eg["ops"]["MultiHeadAttention"] == 0
-    assert eg["validation"]["metrics"]["embed_graph"]["min_cosine"] > 0.999
-    assert eg["validation"]["metrics"]["step_graph"]["min_cosine"] > 0.999
+    for rotary, rotary_ops in (("gqa", 0), ("op", 4)):  # the hand-built embed graph, both variants
+        eg = doc[f"embed_graph_fp16_{rotary}"]
+        assert eg["validation"]["passed"] and eg["rotary"] == rotary
+        assert eg["ops"]["GroupQueryAttention"] == 2 and eg["ops"]["MultiHeadAttention"] == 0
+        assert eg["ops"]["RotaryEmbedding"] == rotary_ops  # Q and K in each of the 2 layers
+        assert eg["validation"]["metrics"]["embed_graph"]["min_cosine"] > 0.999  # both vector paths vs torch
+        assert eg["validation"]["metrics"]["step_graph"]["min_cosine"] > 0.999
     enc = doc["encoder"]
     engines = {"ort-fp32", "ort-fp32-nobinding", "ort-fp16", "ort-fp16-nobinding", "ort-fp16-fused", "torch-fp32",
                "torch-bf16"}
     for mode in ("embed", "embed+category"):
         extra = ({"ort-fp32-hostlogits", "ort-fp16-hostlogits"} if mode == "embed+category"
-                 else {"ort-fp16-embedgraph"})  # the embed graph's engine is embed-only
+                 else {"ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"})  # embed graphs: embed-only
         assert set(enc[mode]) == engines | extra
         for name in engines | extra:
             for b in ("1", "4"):
@@ -65,7 +68,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert f["fp32/onnxscript_ort_fusions"]["ops"]["MultiHeadAttention"] == 2
     pr = doc["profile"]
     ort_rows = {f"ort-{k}{m}" for k in ("fp32", "fp16", "fp16-fused") for m in ("", "/embed+category")}
-    assert set(pr) == {"batch", "torch-fp32", "ort-fp16-embedgraph"} | ort_rows
+    assert set(pr) == {"batch", "torch-fp32", "ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"} | ort_rows
     t = pr["torch-fp32"]  # on the CPU the profiler sees torch's operators (ORT's only as wall time)
     assert t["events"] > 0 and 0 < t["busy_ms"] <= t["wall_ms"] and t["by_class_ms"]["matmul"] > 0
     assert all(pr[k]["wall_ms"] > 0 and pr[k]["prompt_tokens"] > 0 for k in pr if k != "batch")
@@ -77,9 +80,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         assert e["by_provider_ms_per_call"]["CPU"] > 0 and e["top_ops"]
     # the fused graph runs fewer nodes per call than the plain one, the embed graph fewer still
     assert op["ort-fp16-fused/embed"]["node_calls_per_run"] < op["ort-fp16/embed"]["node_calls_per_run"]
-    e = op["ort-fp16-embedgraph/embed"]
-    assert "ort-fp16-embedgraph/embed+category" not in op and e["graph_runs_per_call"] == 1
-    assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
+    for k in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"):
+        e = op[f"{k}/embed"]
+        assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] == 1
+        assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s",
                                  "pipeline_vs_encoder_alone"}
     md = (out / "gpu-check.md").read_text()
