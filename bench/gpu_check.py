@@ -19,9 +19,11 @@ still reports what it measured; a phase that fails is recorded with its error an
                  pack's onnxscript, the version this project is tested with) first on its path; validated
                  against torch like the plain packages and measured as one more engine, ``ort-fp16-fused``.
 2c. embed graph  each ``--embed-graph-dtypes`` package (fp16 by default) with the hand-built embed-only
-                 graph added (``notellm export --embed-graph``, :mod:`export.embed_graph`: GroupQueryAttention
-                 with rotary inside, skip RMS norms, SiLU as one kernel; whole prompts right-padded), validated
-                 against torch like the others and measured embed-only as ``ort-fp16-embedgraph``.
+                 graph added (``notellm export --embed-graph``, :mod:`export.embed_graph`: GroupQueryAttention,
+                 skip RMS norms, SiLU as one kernel; whole prompts right-padded), one package per
+                 ``--embed-graph-rotary`` variant (rotary inside the attention: ``ort-fp16-embedgraph``; as
+                 RotaryEmbedding ops: ``ort-fp16-embedgraph-ropeop``), validated against torch like the
+                 others and measured embed-only.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding; the fused package with it; generation also reading the full logits every step,
@@ -951,7 +953,7 @@ def markdown(doc: dict[str, Any]) -> str:
         eg, sg = v.get("embed_graph") or v, v.get("step_graph") or v
         lines += ["", f"Embed graph on the {name[12:].rsplit('_', 1)[0]} package, rotary {e.get('rotary', 'gqa')} "
                   f"({e['ops'].get('GroupQueryAttention', 0)} "
-                  f"GroupQueryAttention, {sum(e['ops'].values())} nodes): parity "
+                  f"GroupQueryAttention, {e['ops'].get('total_nodes')} nodes): parity "
                   f"{'passed' if e['validation']['passed'] else 'FAILED'}: embed graph max |diff| "
                   f"{eg['max_abs_diff']:.2e}, min cosine {eg['min_cosine']:.6f}; step graph min cosine "
                   f"{sg['min_cosine']:.6f}; generation agreement {v['generation_agreement']:.2f}."]
