@@ -67,6 +67,7 @@ GPU_BATCHES = (1, 8, 32, 128, 512)
 WARM_BATCHES = 4
 CPU_BATCHES = (1, 4)
 # Without I/O binding every step copies the whole KV cache to the host and back: measured up to these sizes.
+NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
 EMBED_KIND = "-embedgraph"  # in the kinds of packages with the hand-built embed graph (embed-only engines)
 
 
@@ -77,7 +78,6 @@ def embed_kind(kind: str, rotary: str) -> str:
 
 def is_embed_kind(kind: str) -> bool:
     return EMBED_KIND in kind
-NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
 
 
 def progress(msg: str) -> None:
@@ -292,8 +292,9 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
-    return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
-            "ops": op_counts(out / EMBED_GRAPH_FILE), "validation": report}
+    return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1),
+            "validate_s": round(time.perf_counter() - t1, 1), "ops": op_counts(out / EMBED_GRAPH_FILE),
+            "validation": report}
 
 
 # --------------------------------------------------------------------------------------------- phase 3
@@ -447,7 +448,8 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
             # generation reading the full [B, vocab] logits every step (what runs 1-4 measured) beside the
             # default, which reads the graph's top-k and leaves the logits on the device
             name = f"ort-{kind}-hostlogits"
-            if mode == "embed+category" and (name in engines if engines else not (kind.endswith("-fused") or is_embed_kind(kind))):
+            default_off = kind.endswith("-fused") or is_embed_kind(kind)
+            if mode == "embed+category" and (name in engines if engines else not default_off):
                 progress(f"  {mode}: {name}")
                 rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
                                        deadline=deadline, tf32=False, device_topk=False)

@@ -20,8 +20,12 @@ Causal attention makes right padding exact: no real token sees a pad.
 
 The graph is built from the torch module's own weights (packed QKV and the rotary tables computed by the
 model's rotary module), and the package is validated against torch like the step graph (the encoder's
-embed-only path runs this graph when the package has one). GroupQueryAttention runs on CUDA in fp16/bf16
-and on the CPU in fp32/fp16.
+embed-only path runs this graph on CUDA when the package has one). GroupQueryAttention runs on CUDA in
+fp16/bf16 and on the CPU in fp32/fp16.
+
+Measured (H200, fp16, run 7): 6,358 notes/s at batch 2048 against 6,304 for the fused step graph and 4,372
+for torch eager, with 313 nodes against 1,502; on 2 CPU cores it is 0.85x the step graph, whose shared
+prefix saves more there, so the encoder uses it on CUDA only.
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 ONNX Runtime runs the package exactly as the worker does (:class:`worker.encoder.OnnxNoteEncoder`, CPU,
 left padding, notes sorted into batches by length); torch runs right-padded batches (embeddings) and
-Hugging Face ``generate`` (greedy, left padding). A package with an embed graph has both of its vector
-paths checked: the embed graph's (embed-only) and the step graph's (the prefill before generation); the
-reported max |diff| and cosines are the worse of the two, each path's are reported beside. A fixed set of real notes of mixed lengths is used
+Hugging Face ``generate`` (greedy, left padding). A fixed set of real notes of mixed lengths is used
 (MovieLens titles/genres, MIND news, a long note that hits truncation, non-ASCII text, empty fields).
+A package with an embed graph has both of its vector paths checked: the embed graph's (embed-only) and
+the step graph's (the prefill before generation); the reported max |diff| and cosines are the worse of
+the two, and each path's are reported beside them.
 
 Thresholds:
 - fp32:  embeddings max |ORT - torch| <= 1e-4, and greedy category + hashtag outputs identical;

@@ -19,6 +19,10 @@ How a batch runs (one ONNX session, one copy of the weights):
    then one token per step, greedy, reusing the KV cache, until every row produced EOS or a token holding
    the closing quote, or ``max_new_tokens``.
 
+Embed-only calls on CUDA run the package's embed graph instead when it has one (``notellm export
+--embed-graph``, a second session): whole prompts, right-padded, no past, each vector read at its row's
+last real token; on the CPU only when asked (``embed_graph=True``), because there the shared prefix wins.
+
 Task ``"both"``: the vector and the category come from the category prompt (it includes the topic); the
 hashtags come from a second prefill + decode of the hashtag prompt, because the model was trained to
 generate topics after that prompt — appending a second guidance to the category prompt would be cheaper
