@@ -185,14 +185,15 @@ def build_model(arch: str, seed: int = 0):
     return NoteLLM.from_base(model=lm, tokenizer=tok, base_model_id=lm.config._name_or_path, seed=seed).eval()
 
 
-def export_and_validate(model, dtype: str, work: Path, device: str) -> dict[str, Any]:
+def export_and_validate(model, dtype: str, work: Path, device: str, grouped: bool = True) -> dict[str, Any]:
     """Export on the CPU with the project's exporter (validation off there), then validate the package on
-    the run's device against torch on that device."""
+    the run's device against torch on that device. ``grouped=False``: the step graph with K/V expanded to
+    every query head (the export before session 20), package kind ``<dtype>-expanded``."""
     from export.onnx_export import export_package
 
-    out = work / f"pkg-{dtype}"
+    out = work / f"pkg-{dtype}{'' if grouped else '-expanded'}"
     t0 = time.perf_counter()
-    export_package(model, out, dtype=dtype, validate=False)
+    export_package(model, out, dtype=dtype, validate=False, grouped=grouped)
     export_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
@@ -934,8 +935,8 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, p in doc["phases"].items():
         lines.append(f"| {name} | {p['status']}{': ' + p.get('error', p.get('why', '')) if p['status'] != 'ok' else ''}"
                      f" | {p.get('seconds', '')} |")
-    for kind in ("fp32", "fp16"):
-        e = doc.get(f"export_{kind}")
+    for name in [k for k in doc if k.startswith("export_")]:
+        kind, e = name[len("export_"):].replace("_", " "), doc[name]
         if e:
             v = e["validation"]["metrics"]
             lines.append("")
@@ -1051,6 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile,ort_profile")
     ap.add_argument("--fuse-dtypes", default="fp16",
                     help="packages also measured fused (`notellm export --fuse`), as engine ort-<dtype>-fused; '' for none")
+    ap.add_argument("--expanded-dtypes", default="",
+                    help="also export these with the step graph's K/V expanded to every query head (the form "
+                         "before grouped attention), measured as ort-<dtype>-expanded beside it (default: none)")
     ap.add_argument("--embed-graph-dtypes", default="fp16",
                     help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
                          "(default fp16; empty: none)")
@@ -1086,6 +1090,11 @@ def main(argv: list[str] | None = None) -> int:
         r = rep.phase(f"export_{kind}", lambda kind=kind: export_and_validate(model, kind, work, device))
         if r is not None:
             packages[kind] = r["package"]
+    for kind in filter(None, a.expanded_dtypes.split(",")):
+        r = rep.phase(f"export_{kind}_expanded", lambda kind=kind: export_and_validate(model, kind, work, device,
+                                                                                      grouped=False))
+        if r is not None:
+            packages[f"{kind}-expanded"] = r["package"]
     if not packages:
         return 1
     for kind in filter(None, a.fuse_dtypes.split(",")):

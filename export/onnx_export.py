@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 
 from export.embed_graph import EMBED_GRAPH_FILE, EMBED_INPUTS, EMBED_OUTPUTS, build_embed_graph
 from notellm.model import NoteLLM
@@ -56,6 +57,44 @@ INT8_BLOCK_SIZE = 128
 # (100 MB at batch 512 for SmolLM2: 6.6 ms per step on an H200, plus the argmax in numpy). The encoder
 # falls back to the full logits for the rare row the K cannot decide (worker.encoder.StepLogits).
 TOP_K = 32
+
+
+GROUPED_ATTENTION = "notellm_grouped_sdpa"
+
+
+def grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The attention the step graph is exported with (a Hugging Face attention implementation): the query
+    heads that share a K/V head are stacked along the query axis, [B, H, S, D] -> [B, KV, G*S, D], so the
+    graph reads K and V (and the whole past) as they are. Hugging Face's sdpa path expands them to H heads
+    first (repeat_kv): on an H200 that `Expand` of the past was the largest generation kernel, 376 ms of a
+    call's ~1.4 s of GPU at batch 2048 (docs/results/gpu/README.md, run 6). Same math: query head
+    h = kv * G + g reads K/V head kv, as repeat_kv pairs them. The additive mask [B, 1, S, L] is repeated
+    for the G rows of each position. Returns ([B, S, H, D], None) like the library's implementations."""
+    B, H, S, D = query.shape
+    KV, L = key.shape[1], key.shape[2]
+    G = H // KV
+    q = query.reshape(B, KV, G * S, D)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, None].expand(B, 1, G, S, L).reshape(B, 1, G * S, L)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(B, H, S, D).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
+
+
+@contextlib.contextmanager
+def grouped_attention(lm: nn.Module):
+    """``lm`` runs :func:`grouped_sdpa` inside the block (its own implementation again after it)."""
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation(GROUPED_ATTENTION)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(previous)
 
 
 class StepGraph(nn.Module):
@@ -131,8 +170,10 @@ def _kv_geometry(model: NoteLLM) -> tuple[int, int, int]:
     return int(cfg.num_hidden_layers), kv, head_dim
 
 
-def export_step_graph(model: NoteLLM, path: Path, *, dtype: str = "fp32") -> list[str]:
-    """Export the step graph of ``model`` to ``path`` (external weight data next to it)."""
+def export_step_graph(model: NoteLLM, path: Path, *, dtype: str = "fp32", grouped: bool = True) -> list[str]:
+    """Export the step graph of ``model`` to ``path`` (external weight data next to it). ``grouped``: with
+    :func:`grouped_sdpa`, K/V heads read in place (the default); False: Hugging Face's sdpa (K/V expanded
+    to every query head), kept to measure one against the other."""
     from torch.export import Dim
 
     tdtype = torch.float16 if dtype == "fp16" else torch.float32
@@ -160,7 +201,8 @@ def export_step_graph(model: NoteLLM, path: Path, *, dtype: str = "fp32") -> lis
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple(kv_shape for _ in past))
     in_names, out_names = io_names(layers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), _heartbeat(f"exporting {dtype} step graph"), warnings.catch_warnings():
+    attention = grouped_attention(m.lm) if grouped else contextlib.nullcontext()
+    with torch.no_grad(), attention, _heartbeat(f"exporting {dtype} step graph"), warnings.catch_warnings():
         # the exporter notes that a named dim shared by several inputs keeps one name: that is the intent
         warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
         program = torch.onnx.export(
@@ -300,7 +342,7 @@ def max_prompt_tokens(model: NoteLLM) -> int:
 def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, graph_files: list[str],
                    model_version: str, validation: dict[str, Any] | None = None,
                    fusions: dict[str, int] | None = None, embed_files: Sequence[str] = (),
-                   embed_rotary: str = "gqa") -> dict[str, Any]:
+                   embed_rotary: str = "gqa", grouped: bool = True) -> dict[str, Any]:
     layers, kv_heads, head_dim = _kv_geometry(model)
     in_names, out_names = io_names(layers)
     tok = model.tokenizer
@@ -314,6 +356,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "base_model_id": model.base_model_id,
         "graph": graph_files[0],
         "graph_files": graph_files,
+        "step_attention": "grouped_sdpa" if grouped else "sdpa",  # K/V heads read in place, or expanded
         "embed_graph": embed_graph_spec(embed_files, embed_rotary),
         "tokenizer": TOKENIZER_FILE,
         "categories": CATEGORIES_FILE if model.categories else None,
@@ -368,13 +411,14 @@ class ValidationFailed(RuntimeError):
 
 def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "fp32",
                    quantize: str | None = None, fuse: bool = False, embed_graph: bool | str = False,
-                   validate: bool = True, notes=None) -> dict[str, Any]:
+                   validate: bool = True, notes=None, grouped: bool = True) -> dict[str, Any]:
     """Write a validated package to ``out_dir``. Builds in ``<out>.partial``; on success that folder
     replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and
     validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`; True or
     "gqa": rotary inside GroupQueryAttention, "op": as RotaryEmbedding ops), which the encoder's embed-only
-    path runs on CUDA (and validation checks). Returns the manifest."""
+    path runs on CUDA (and validation checks). ``grouped``: see :func:`export_step_graph`. Returns the
+    manifest."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError("dtype must be fp32 or fp16")
     if quantize not in (None, "int8"):
@@ -395,13 +439,13 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
     if quantize:
         fp32_dir = stage / "_fp32"
         log.info("exporting fp32 step graph (dynamo) ...")
-        export_step_graph(model, fp32_dir / GRAPH_FILE, dtype="fp32")
+        export_step_graph(model, fp32_dir / GRAPH_FILE, dtype="fp32", grouped=grouped)
         log.info("fp32 graph exported in %.1fs; quantising", time.perf_counter() - t0)
         files = quantize_int8(fp32_dir / GRAPH_FILE, stage / GRAPH_FILE)
         shutil.rmtree(fp32_dir)
     else:
         log.info("exporting %s step graph (dynamo) ...", dtype)
-        files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype)
+        files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype, grouped=grouped)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
     rotary = "gqa" if embed_graph is True else str(embed_graph)
@@ -412,7 +456,7 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
     version = content_hash(stage, hashed_files(files, categories=bool(model.categories), embed_files=embed_files))
     manifest = build_manifest(model, dtype=dtype, quantization=quantize, graph_files=files,
                               model_version=version, fusions=fusions, embed_files=embed_files,
-                              embed_rotary=rotary)
+                              embed_rotary=rotary, grouped=grouped)
     (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if validate:
         from export.validate import validate_package

@@ -199,3 +199,71 @@ def test_a_closed_category_set_travels_with_the_package(tmp_path):
     (pkg / MANIFEST_FILE).write_text(json.dumps(man))
     with pytest.raises(EncoderError, match="not a file name"):
         OnnxNoteEncoder(pkg, device="cpu")
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3, 9])
+def test_grouped_attention_is_huggingface_sdpa_without_the_expand(kv_heads):
+    """The step graph's attention (K/V heads read in place, query heads stacked per K/V head) against
+    Hugging Face's sdpa implementation (repeat_kv to every query head), with an additive mask that has
+    left padding, a padded middle and causality, for prefill (S > 1) and a decode step (S = 1)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from export.onnx_export import grouped_sdpa
+
+    g = torch.Generator().manual_seed(kv_heads)
+    B, H, D, P = 3, 9, 16, 5
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = H // kv_heads
+        is_causal = True
+
+    for S in (7, 1):
+        L = P + S
+        q = torch.randn(B, H, S, D, generator=g)
+        k, v = (torch.randn(B, kv_heads, L, D, generator=g) for _ in range(2))
+        allowed = torch.ones(B, L, dtype=torch.bool)
+        allowed[0, :2] = False  # left padding
+        allowed[1, P:P + 1] = False  # padding after a shared prefix
+        causal = torch.arange(L)[None, :] <= (torch.arange(S) + P)[:, None]
+        mask = torch.where(causal[None, None] & allowed[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+        ref, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=D ** -0.5)
+        out, _ = grouped_sdpa(Module(), q, k, v, mask, scaling=D ** -0.5)
+        assert out.shape == ref.shape == (B, S, H, D)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_step_graph_reads_kv_heads_in_place(package, tmp_path):
+    """The default export has no K/V `Expand` (the fused graph's attention runs on the K/V heads); the
+    expanded form stays exportable for side-by-side measurement and serves the same outputs."""
+    from export.onnx_export import export_package, fuse_for_ort
+
+    out, manifest = package
+    assert manifest["step_attention"] == "grouped_sdpa"
+    model = tiny_notellm()
+    expanded = export_package(model, tmp_path / "expanded", grouped=False)
+    assert expanded["step_attention"] == "sdpa" and expanded["validation"]["passed"]
+    assert model.lm.config._attn_implementation != "notellm_grouped_sdpa"  # the export restored it
+
+    def expands(path):
+        g = onnx.load(str(path), load_external_data=False)
+        return sum(n.op_type == "Expand" for n in g.graph.node)
+
+    layers = model.lm.config.num_hidden_layers
+    # each layer loses its K and V expands and gains at most the mask's (shared by the layers where the
+    # exporter's optimizer merges them)
+    assert expands(tmp_path / "expanded" / "model.onnx") - expands(out / "model.onnx") >= layers
+    fused = tmp_path / "fused"
+    import shutil
+
+    shutil.copytree(out, fused)
+    fuse_for_ort(fused / "model.onnx")
+    g = onnx.load(str(fused / "model.onnx"), load_external_data=False)
+    mha = [n for n in g.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == layers
+    kv = model.lm.config.num_key_value_heads
+    assert all(a.i == kv for n in mha for a in n.attribute if a.name == "num_heads")
+    a = OnnxNoteEncoder(out, device="cpu")
+    b = OnnxNoteEncoder(tmp_path / "expanded", device="cpu")
+    va, ca, _ = a.encode([a.tokenize(n, "category") for n in NOTES], "category")
+    vb, cb, _ = b.encode([b.tokenize(n, "category") for n in NOTES], "category")
+    assert np.abs(va - vb).max() < 1e-5 and ca == cb

@@ -19,12 +19,14 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     fuse_site.mkdir()
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable)
     p = subprocess.run([str(REPO / "scripts" / "gpu-check"), "--cpu", "--out", str(out), "--work", str(tmp_path / "w"),
-                        "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site)],
+                        "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site),
+                        "--expanded-dtypes", "fp32"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
-        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_op", "encoder", "worker",
+        k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
+                          "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_op", "encoder", "worker",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -43,9 +45,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         assert eg["validation"]["metrics"]["step_graph"]["min_cosine"] > 0.999
     enc = doc["encoder"]
     engines = {"ort-fp32", "ort-fp32-nobinding", "ort-fp16", "ort-fp16-nobinding", "ort-fp16-fused", "torch-fp32",
-               "torch-bf16"}
+               "torch-bf16", "ort-fp32-expanded", "ort-fp32-expanded-nobinding"}
     for mode in ("embed", "embed+category"):
-        extra = ({"ort-fp32-hostlogits", "ort-fp16-hostlogits"} if mode == "embed+category"
+        extra = ({"ort-fp32-hostlogits", "ort-fp16-hostlogits", "ort-fp32-expanded-hostlogits"}
+                 if mode == "embed+category"
                  else {"ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"})  # embed graphs: embed-only
         assert set(enc[mode]) == engines | extra
         for name in engines | extra:
@@ -67,17 +70,20 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     # the onnxscript recipe fuses attention in our dynamo-exported graph
     assert f["fp32/onnxscript_ort_fusions"]["ops"]["MultiHeadAttention"] == 2
     pr = doc["profile"]
-    ort_rows = {f"ort-{k}{m}" for k in ("fp32", "fp16", "fp16-fused") for m in ("", "/embed+category")}
+    ort_rows = {f"ort-{k}{m}" for k in ("fp32", "fp16", "fp16-fused", "fp32-expanded") for m in ("", "/embed+category")}
     assert set(pr) == {"batch", "torch-fp32", "ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"} | ort_rows
     t = pr["torch-fp32"]  # on the CPU the profiler sees torch's operators (ORT's only as wall time)
     assert t["events"] > 0 and 0 < t["busy_ms"] <= t["wall_ms"] and t["by_class_ms"]["matmul"] > 0
     assert all(pr[k]["wall_ms"] > 0 and pr[k]["prompt_tokens"] > 0 for k in pr if k != "batch")
     op = doc["ort_profile"]  # ONNX Runtime's own profiler: host time per graph call
-    for k in ("fp32", "fp16", "fp16-fused"):
+    for k in ("fp32", "fp16", "fp16-fused", "fp32-expanded"):
         e, g = op[f"ort-{k}/embed"], op[f"ort-{k}/embed+category"]
         assert e["graph_runs_per_call"] == 1 and g["graph_runs_per_call"] > 2  # prefill, continuation, decode
         assert 0 < e["nodes_host_ms_per_call"] <= e["model_run_ms_per_call"] <= e["wall_ms_per_call"] * 1.05
         assert e["by_provider_ms_per_call"]["CPU"] > 0 and e["top_ops"]
+    # the step graph with K/V expanded to every query head runs more nodes than the default (grouped) one
+    assert op["ort-fp32-expanded/embed"]["node_calls_per_run"] > op["ort-fp32/embed"]["node_calls_per_run"]
+    assert doc["export_fp32_expanded"]["validation"]["passed"]
     # the fused graph runs fewer nodes per call than the plain one, the embed graph fewer still
     assert op["ort-fp16-fused/embed"]["node_calls_per_run"] < op["ort-fp16/embed"]["node_calls_per_run"]
     for k in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-ropeop"):
