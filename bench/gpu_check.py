@@ -245,7 +245,7 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
     the run's device like the plain packages."""
     import subprocess
 
-    from export.onnx_export import MANIFEST_FILE, content_hash, manifest_hashed_files
+    from export.onnx_export import rehash_package
 
     out = work / f"pkg-{kind}-fused"
     shutil.rmtree(out, ignore_errors=True)
@@ -260,10 +260,7 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
         raise RuntimeError(f"fuse_for_ort failed (exit {p.returncode}): {p.stderr[-1500:]}")
     fused = json.loads(p.stdout.strip().splitlines()[-1])
     fuse_s = time.perf_counter() - t0
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    hashed = manifest_hashed_files(manifest)
-    manifest.update(fusions=fused["fusions"], model_version=content_hash(out, hashed), validation=None)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    rehash_package(out, fusions=fused["fusions"])
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
     return {"package": str(out), "fuse_s": round(fuse_s, 1), "validate_s": round(time.perf_counter() - t1, 1),
@@ -279,7 +276,7 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
     re-hashed and validated against torch on the run's device (both of its vector paths). Its encoder
     embeds through that graph."""
     from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph
-    from export.onnx_export import MANIFEST_FILE, content_hash, embed_graph_spec, manifest_hashed_files
+    from export.onnx_export import embed_graph_spec, rehash_package
 
     out = work / f"pkg-{embed_kind(kind, rotary)}"
     shutil.rmtree(out, ignore_errors=True)
@@ -287,10 +284,7 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
     t0 = time.perf_counter()
     files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind, rotary=rotary)
     build_s = time.perf_counter() - t0
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["embed_graph"] = embed_graph_spec(files, rotary)
-    manifest.update(model_version=content_hash(out, manifest_hashed_files(manifest)), validation=None)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    rehash_package(out, embed_graph=embed_graph_spec(files, rotary))
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
     return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1),

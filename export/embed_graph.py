@@ -104,7 +104,6 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     if rotary not in ROTARY:
         raise ValueError(f"rotary must be one of {ROTARY}")
     np_dtype = np.float16 if dtype == "fp16" else np.float32
-    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
     cfg = model.lm.config
     dec = model.lm.get_decoder()
     heads = int(cfg.num_attention_heads)

@@ -325,6 +325,17 @@ def content_hash(directory: Path, files: list[str]) -> str:
     return "sha256-" + h.hexdigest()[:16]
 
 
+def rehash_package(directory: Path, **changes: Any) -> dict[str, Any]:
+    """Apply ``changes`` to the manifest of the package in ``directory`` after its files were changed in
+    place (a fused graph, an added embed graph), recompute its model_version over
+    :func:`manifest_hashed_files` and drop its validation (the caller validates again). Returns the manifest."""
+    path = Path(directory) / MANIFEST_FILE
+    manifest = {**json.loads(path.read_text()), **changes}
+    manifest.update(model_version=content_hash(Path(directory), manifest_hashed_files(manifest)), validation=None)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def max_prompt_tokens(model: NoteLLM) -> int:
     """A prompt's length with every field at its token cap (+16 margin): the shape the encoder warms up
     with. Not a hard limit: JSON escaping of quote-heavy text can make a truncated field re-tokenise to
@@ -448,7 +459,7 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype, grouped=grouped)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
-    rotary = "gqa" if embed_graph is True else str(embed_graph)
+    rotary = embed_graph if isinstance(embed_graph, str) else "gqa"
     embed_files = build_embed_graph(model, stage / EMBED_GRAPH_FILE, dtype=dtype, rotary=rotary) if embed_graph else []
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
     if model.categories:

@@ -63,6 +63,12 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
+def _vector_metrics(vec: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    cos = _cos(vec, ref)
+    return {"max_abs_diff": float(np.abs(vec - ref).max()), "min_cosine": float(cos.min()),
+            "mean_cosine": float(cos.mean())}
+
+
 def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
                      max_new_tokens: int = 16, batch_notes: int = 5, device: str = "cpu",
                      provider_options: dict | None = None) -> dict[str, Any]:
@@ -84,12 +90,7 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
                           provider_options=provider_options, embed_graph=True)
     ort_vec = enc.embed(notes)
     ref_vec = model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
-    metrics: dict[str, Any] = {
-        "notes": len(notes),
-        "max_abs_diff": float(np.abs(ort_vec - ref_vec).max()),
-        "min_cosine": float(_cos(ort_vec, ref_vec).min()),
-        "mean_cosine": float(_cos(ort_vec, ref_vec).mean()),
-    }
+    metrics: dict[str, Any] = {"notes": len(notes), **_vector_metrics(ort_vec, ref_vec)}
     mismatches: list[dict[str, Any]] = []
     agree = total = 0
     for task in ("category", "hashtags"):
@@ -97,10 +98,8 @@ def validate_package(model, package_dir, *, notes: Sequence[Any] | None = None,
         if task == "category" and enc.embed_session is not None:
             # embed-only ran the package's embed graph; the step graph's prefill vectors are held to the
             # same thresholds (the worker reads them whenever it generates)
-            metrics["embed_graph"] = {k: metrics[k] for k in ("max_abs_diff", "min_cosine", "mean_cosine")}
-            metrics["step_graph"] = {"max_abs_diff": float(np.abs(step_vec - ref_vec).max()),
-                                     "min_cosine": float(_cos(step_vec, ref_vec).min()),
-                                     "mean_cosine": float(_cos(step_vec, ref_vec).mean())}
+            metrics["embed_graph"] = _vector_metrics(ort_vec, ref_vec)
+            metrics["step_graph"] = _vector_metrics(step_vec, ref_vec)
             for k, worst in (("max_abs_diff", max), ("min_cosine", min), ("mean_cosine", min)):
                 metrics[k] = worst(metrics["embed_graph"][k], metrics["step_graph"][k])
         _, ref_texts = model.generate_notes(notes, task, max_new_tokens=max_new_tokens, batch_size=len(notes))
