@@ -8,7 +8,8 @@ How a batch runs (one ONNX session, one copy of the weights):
 1. ``tokenize`` turns a note into its prompt ids once (:class:`worker.prompt_tokens.PromptTokenizer`:
    ``tokenizers`` through :mod:`notellm.prompts`, the same ids the torch model sees); ``encode`` takes
    those ids, sorts them by prompt length and cuts them into batches by ``max_batch_notes`` and
-   ``max_batch_tokens`` (:func:`worker.encoding.padded_tokens`); results come back in input order;
+   ``max_batch_tokens`` (:func:`worker.encoding.padded_tokens`), and by padding where it saves more
+   than the runs it adds (:func:`worker.encoding.length_batches`); results come back in input order;
 2. prefill: the left-padded prefix (ending in ``The compression word is:"``) with an empty past; the
    graph returns the note vector at the last position plus the KV cache;
    With ``share_prefix`` (default) the instruction — identical for every note of a task — is prefilled
@@ -48,13 +49,20 @@ import onnxruntime as ort
 
 from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, LabelTrie, NoteLike, NoteText, cut_output,
                              parse_category, parse_hashtags)
-from worker.encoding import GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, padded_size
+from worker.encoding import (GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, full_batches,
+                             length_batches)
 from worker.logs import get_logger
 from worker.prompt_tokens import PromptTokenizer
 from worker.records import Prompt
 
 PACKAGE_FORMAT = "notellm-onnx/1"
 TASKS = ("category", "hashtags", "both")
+# One graph run's fixed cost, in prompt tokens, for cutting a call's notes by length. CUDA: an H200 runs
+# ~1.2M padded tokens/s through the embed graph, and a call costs ~5-7 ms beyond its tokens (the fused graph:
+# 4,565 notes/s at batch 128 vs 5,711 at 512, run 3), so ~8k tokens. CPU: a run's overhead is a few ms
+# against ~1k tokens/s, but smaller batches run faster there anyway (9.3 vs 6.7 notes/s at 8 vs 32).
+CALL_TOKENS_CUDA = 8192
+CALL_TOKENS_CPU = 64
 
 log = get_logger("worker.encoder")
 
@@ -215,8 +223,12 @@ class OnnxNoteEncoder:
                  max_batch_notes: int = 32, max_batch_tokens: int = 4096, max_new_tokens: int = 16,
                  share_prefix: bool = True, io_binding: bool = True, provider_options: dict | None = None,
                  constrain_categories: bool = True, device_topk: bool = True,
-                 embed_graph: bool | None = None):
+                 embed_graph: bool | None = None, call_tokens: int | None = None):
         self.model_dir = Path(model_dir)
+        # The fixed cost of one graph run in prompt tokens: a call's notes are cut into sub-batches by
+        # length where the padding saved is worth more than the runs added (worker.encoding.length_batches).
+        # None: CALL_TOKENS_CUDA on CUDA, CALL_TOKENS_CPU on the CPU.
+        self._call_tokens = call_tokens
         # Embed-only calls run the package's embed graph when it has one (export/embed_graph.py: fused
         # contrib ops, whole prompts right-padded, no shared prefix); generation always runs the step graph.
         # None: on CUDA (fp16) only; True: on the CPU too (validation); False: never.
@@ -249,6 +261,8 @@ class OnnxNoteEncoder:
         self.dim: int = int(m["dim"])
         if max_batch_notes < 1 or max_batch_tokens < 1 or max_new_tokens < 1:
             raise ValueError("max_batch_notes, max_batch_tokens and max_new_tokens must be >= 1")
+        if call_tokens is not None and call_tokens < 0:
+            raise ValueError("call_tokens must be >= 0")
         self.max_batch_notes = int(max_batch_notes)
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_new_tokens = int(max_new_tokens)
@@ -531,24 +545,26 @@ class OnnxNoteEncoder:
             nxt[rows[live]] = logits.argmax_allowed(rows[live], states[rows[live]], trie)
         return nxt
 
-    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Indices sorted by length, cut so each sub-batch holds at most `max_batch_notes` and
-        `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone)."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        longest = 0
-        for i in order:
-            n = lengths[i]
-            if cur and (len(cur) >= self.max_batch_notes
-                        or padded_size(len(cur) + 1, max(longest, n)) > self.max_batch_tokens):
-                batches.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        if cur:
-            batches.append(cur)
-        return batches
+    @property
+    def call_tokens(self) -> int:
+        """One graph run's fixed cost in prompt tokens (the constructor's, or the device's default)."""
+        if self._call_tokens is not None:
+            return int(self._call_tokens)
+        return CALL_TOKENS_CUDA if self._device == "cuda" else CALL_TOKENS_CPU
+
+    def _batches(self, lengths: Sequence[int], runs: int = 1, *, by_padding: bool = True) -> list[list[int]]:
+        """Indices sorted by length and cut into sub-batches of at most `max_batch_notes` and
+        `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone). ``by_padding``: also
+        where the padding saved outweighs `runs` more graph runs (`worker.encoding.length_batches`);
+        otherwise each sub-batch is as full as the budgets allow (`_full_batches`)."""
+        if by_padding:
+            return length_batches(lengths, self.max_batch_notes, self.max_batch_tokens, self.call_tokens * runs)
+        return self._full_batches(lengths)
+
+    def _full_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """`worker.encoding.full_batches` under this encoder's budgets: the fewest sizes, for the CUDA step
+        graph, whose shared-prefix KV is kept on the device per batch size (`_prefix_past`)."""
+        return full_batches(lengths, self.max_batch_notes, self.max_batch_tokens)
 
     def _texts(self, ids: list[list[int]]) -> list[str]:
         return [cut_output(self.tokenizer.decode(g, skip_special_tokens=False)) if g else "" for g in ids]
@@ -581,8 +597,12 @@ class OnnxNoteEncoder:
             rows = [instruction + list(s) for s in segments]
         cont = self.prompts.continuation_ids(task)
         extra = len(cont) if generate else 0
-        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
-        for idx in self._batches([len(instruction) + len(s) + extra for s in segments]):
+        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not; by padding
+        # too, unless the shared prefix is kept on the device per batch size (a new size is a new copy)
+        by_padding = shared is None or not (self.io_binding and self._device == "cuda")
+        runs = 2 + self.max_new_tokens if generate else 1  # prefill, continuation, decode steps
+        for idx in self._batches([len(instruction) + len(s) + extra for s in segments], runs,
+                                 by_padding=by_padding):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
                                      None if shared is None else self._prefix_past(task, len(idx)),
                                      trie=self._category_tables if task == "category" else None)
