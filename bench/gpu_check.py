@@ -21,9 +21,11 @@ still reports what it measured; a phase that fails is recorded with its error an
 2c. embed graph  each ``--embed-graph-dtypes`` package (fp16 by default) with the hand-built embed-only
                  graph added (``notellm export --embed-graph``, :mod:`export.embed_graph`: GroupQueryAttention,
                  skip RMS norms, SiLU as one kernel; whole prompts right-padded), one package per
-                 ``--embed-graph-rotary`` variant (rotary inside the attention: ``ort-fp16-embedgraph``; as
-                 RotaryEmbedding ops: ``ort-fp16-embedgraph-ropeop``), validated against torch like the
-                 others and measured embed-only.
+                 ``--embed-graph-rotary`` variant (rotary inside GroupQueryAttention: ``ort-fp16-embedgraph``;
+                 no GroupQueryAttention, causal MultiHeadAttention: ``ort-fp16-embedgraph-mha``; ``op``, on
+                 request: ``ort-fp16-embedgraph-ropeop``), each first loaded and run in a child process (a
+                 native crash fails that phase alone), validated against torch like the others and measured
+                 embed-only.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding; the fused package with it; generation also reading the full logits every step,
@@ -72,8 +74,8 @@ EMBED_KIND = "-embedgraph"  # in the kinds of packages with the hand-built embed
 
 
 def embed_kind(kind: str, rotary: str) -> str:
-    """fp16 + "gqa" -> fp16-embedgraph; fp16 + "op" -> fp16-embedgraph-ropeop."""
-    return f"{kind}{EMBED_KIND}" + ("" if rotary == "gqa" else f"-rope{rotary}")
+    """fp16 + "gqa" -> fp16-embedgraph; "op" -> fp16-embedgraph-ropeop; "mha" -> fp16-embedgraph-mha."""
+    return f"{kind}{EMBED_KIND}" + {"gqa": "", "op": "-ropeop"}.get(rotary, f"-{rotary}")
 
 
 def is_embed_kind(kind: str) -> bool:
@@ -269,10 +271,44 @@ def fuse_and_validate(model, kind: str, src: str, work: Path, device: str, fuse_
             "fusions": fused["fusions"], "ops": op_counts(out / "model.onnx"), "validation": report}
 
 
+EMBED_PROBE_CHILD = """
+import sys
+from bench.gpu_check import preload_cuda
+from notellm.prompts import NoteText
+if sys.argv[2] == "cuda":
+    preload_cuda()
+from worker.encoder import OnnxNoteEncoder
+enc = OnnxNoteEncoder(sys.argv[1], device=sys.argv[2], embed_graph=True, max_batch_notes=8)
+assert enc.embed_session is not None, "the embed graph was not loaded"
+notes = [NoteText(title=f"probe {i}", content="word " * (5 * i), topic="news") for i in range(8)]
+print(enc.embed(notes).shape)
+"""
+
+
+def probe_embed_graph(pkg: Path, device: str, timeout_s: float = 180.0) -> list[str]:
+    """Load and run ``pkg``'s embed graph once in a child process first: an ONNX Runtime build can crash
+    the process on a graph it accepts (run 8: the ``op`` variant, RotaryEmbedding + GroupQueryAttention
+    without rotary, died of SIGSEGV on ORT 1.31.1's CUDA provider and took the whole check with it). A crash
+    fails this phase alone, with the signal named. Returns the attention kernels ONNX Runtime reports it
+    chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO``: flash, memory-efficient, unfused; CUDA only)."""
+    import signal
+    import subprocess
+
+    env = dict(os.environ, ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO="1")
+    p = subprocess.run([sys.executable, "-c", EMBED_PROBE_CHILD, str(pkg), device], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout_s)
+    if p.returncode != 0:
+        how = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               else f"exit {p.returncode}")
+        raise RuntimeError(f"the embed graph's probe run on {device} failed ({how}): {p.stderr[-1200:]}")
+    lines = (p.stdout + "\n" + p.stderr).splitlines()
+    return sorted({ln.strip()[:300] for ln in lines if "Operator=" in ln})
+
+
 def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str, rotary: str = "gqa"
                              ) -> dict[str, Any]:
     """A copy of the ``kind`` package with the hand-built embed graph added (export.embed_graph: fused
-    norms, GroupQueryAttention, SiLU as one kernel; rotary inside the attention or as its own op),
+    norms, GroupQueryAttention or MultiHeadAttention, SiLU as one kernel; see ``ROTARY`` for the variants),
     re-hashed and validated against torch on the run's device (both of its vector paths). Its encoder
     embeds through that graph."""
     from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph
@@ -285,9 +321,10 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
     files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind, rotary=rotary)
     build_s = time.perf_counter() - t0
     rehash_package(out, embed_graph=embed_graph_spec(files, rotary))
+    kernels = probe_embed_graph(out, device)
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
-    return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1),
+    return {"package": str(out), "rotary": rotary, "build_s": round(build_s, 1), "attention_kernels": kernels,
             "validate_s": round(time.perf_counter() - t1, 1), "ops": op_counts(out / EMBED_GRAPH_FILE),
             "validation": report}
 
@@ -321,6 +358,15 @@ def chunks(items: list, size: int) -> list[list]:
     return full or [items[:size]]
 
 
+def padding_ratio(calls: list[list[int]], cut: Callable[[list[int]], list[list[int]]]) -> float:
+    """Padded over real prompt tokens of `calls` (each a list of prompt lengths) as `cut` splits them."""
+    real = padded = 0
+    for lengths in calls:
+        real += sum(lengths)
+        padded += sum(len(b) * max(lengths[i] for i in b) for b in cut(lengths))
+    return round(padded / max(real, 1), 3)
+
+
 def ort_engine(pkg: str, device: str, *, io_binding: bool, batch: int, tf32: bool = True,
                device_topk: bool = True):
     from worker.encoder import OnnxNoteEncoder
@@ -350,6 +396,10 @@ def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_bind
         try:
             out[str(b)] = measure(lambda ps: (enc.encode(ps, generate), sum(p.tokens for p in ps))[1],
                                   chunks(prompts, b), len, point_s, lambda: None)
+            out[str(b)]["padded_over_real"] = padding_ratio(
+                [[p.tokens for p in c] for c in chunks(prompts, b)],
+                lambda lengths: enc._batches(lengths, 1 if generate == "none" else 2 + enc.max_new_tokens,
+                                             by_padding=enc.embed_session is not None or device != "cuda"))
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: record, go on
             out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     enc.close()
@@ -364,6 +414,10 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
 
     from bench.encoder import _QuoteStop
 
+    from worker.encoder import CALL_TOKENS_CPU, CALL_TOKENS_CUDA
+    from worker.encoding import full_batches, length_batches
+
+    call_tokens = CALL_TOKENS_CUDA if device == "cuda" else CALL_TOKENS_CPU
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -372,10 +426,29 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
         if time.monotonic() > deadline:
             out[str(b)] = {"skipped": "time budget"}
             continue
-        batches = [m.tokenize_notes(c, "category", padding_side="left", include_continuation=mode != "embed",
-                                    device=device) for c in chunks(notes, b)]
+        # each call's notes cut by length as the ORT encoder cuts its embed-graph calls (same call cost), so
+        # both engines compute the same padded tokens
+        # (on CUDA the ORT step graph, which generates, keeps full batches)
+        runs = 1 if mode == "embed" else 2 + max_new_tokens
 
-        def run(nb) -> int:
+        def cut(lengths: list[int], b: int = b, runs: int = runs) -> list[list[int]]:
+            if mode != "embed" and device == "cuda":
+                return full_batches(lengths, b, 10**9)
+            return length_batches(lengths, b, 10**9, call_tokens * runs)
+
+        batches, lengths_per_call = [], []
+        for c in chunks(notes, b):
+            lengths = [int(n) for n in m.tokenize_notes(c, "category", include_continuation=mode != "embed")
+                       .attention_mask.sum(dim=1).tolist()]
+            lengths_per_call.append(lengths)
+            batches.append([m.tokenize_notes([c[i] for i in idx], "category", padding_side="left",
+                                             include_continuation=mode != "embed", device=device)
+                            for idx in cut(lengths)])
+
+        def run(call) -> int:
+            return sum(run_one(nb) for nb in call)
+
+        def run_one(nb) -> int:
             with torch.no_grad():
                 if mode == "embed":
                     m.embed_batch(nb.input_ids, nb.attention_mask, nb.emb_positions)
@@ -393,7 +466,8 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
         try:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            r = measure(run, batches, lambda nb: int(nb.input_ids.shape[0]), point_s, sync)
+            r = measure(run, batches, lambda call: sum(int(nb.input_ids.shape[0]) for nb in call), point_s, sync)
+            r["padded_over_real"] = padding_ratio(lengths_per_call, cut)
             if device == "cuda":
                 r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             out[str(b)] = r
@@ -949,11 +1023,14 @@ def markdown(doc: dict[str, Any]) -> str:
         v = e["validation"]["metrics"]
         eg, sg = v.get("embed_graph") or v, v.get("step_graph") or v
         lines += ["", f"Embed graph on the {name[12:].rsplit('_', 1)[0]} package, rotary {e.get('rotary', 'gqa')} "
-                  f"({e['ops'].get('GroupQueryAttention', 0)} "
-                  f"GroupQueryAttention, {e['ops'].get('total_nodes')} nodes): parity "
+                  f"({e['ops'].get('GroupQueryAttention', 0)} GroupQueryAttention, "
+                  f"{e['ops'].get('MultiHeadAttention', 0)} MultiHeadAttention, {e['ops'].get('total_nodes')} "
+                  "nodes): parity "
                   f"{'passed' if e['validation']['passed'] else 'FAILED'}: embed graph max |diff| "
                   f"{eg['max_abs_diff']:.2e}, min cosine {eg['min_cosine']:.6f}; step graph min cosine "
                   f"{sg['min_cosine']:.6f}; generation agreement {v['generation_agreement']:.2f}."]
+        if e.get("attention_kernels"):
+            lines += ["", "ONNX Runtime's attention kernel choice: " + "; ".join(e["attention_kernels"][:4])]
     enc = doc.get("encoder")
     if enc:
         for mode in ("embed", "embed+category"):
@@ -961,14 +1038,16 @@ def markdown(doc: dict[str, Any]) -> str:
             if not rows:
                 continue  # a mode this run did not measure (--modes)
             sizes = [str(b) for b in enc["batch_sizes"]]
-            lines += ["", f"**{mode}**: notes/s (prompt tokens/s) by batch size", "",
+            lines += ["", f"**{mode}**: notes/s (prompt tokens/s, x padded over real tokens computed) by batch size",
+                      "",
                       "| engine | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
             for name, pts in rows.items():
                 cells = []
                 for b in sizes:
                     r = pts.get(b) or {}
                     if "notes_per_s" in r:
-                        cells.append(f"{r['notes_per_s']:,.0f} ({r['prompt_tokens_per_s']:,.0f})")
+                        pad = f", x{r['padded_over_real']}" if "padded_over_real" in r else ""
+                        cells.append(f"{r['notes_per_s']:,.0f} ({r['prompt_tokens_per_s']:,.0f}{pad})")
                     else:
                         cells.append("skipped" if "skipped" in r else ("error" if "error" in r else ""))
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -1052,9 +1131,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-graph-dtypes", default="fp16",
                     help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
                          "(default fp16; empty: none)")
-    ap.add_argument("--embed-graph-rotary", default="gqa,op",
-                    help="embed graph variants: gqa (rotary inside GroupQueryAttention: ort-fp16-embedgraph), "
-                         "op (RotaryEmbedding ops: ort-fp16-embedgraph-ropeop); default both")
+    ap.add_argument("--embed-graph-rotary", default="gqa,mha",
+                    help="embed graph variants (export.embed_graph.ROTARY): gqa (rotary inside "
+                         "GroupQueryAttention: ort-fp16-embedgraph), mha (RotaryEmbedding, K/V expanded, causal "
+                         "MultiHeadAttention: ort-fp16-embedgraph-mha), op (RotaryEmbedding + GroupQueryAttention: "
+                         "ort-fp16-embedgraph-ropeop; crashed ORT 1.31.1 on CUDA); default gqa,mha")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"

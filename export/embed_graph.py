@@ -13,9 +13,13 @@ transposes around attention, and a 4-D additive mask built per call. Here each l
     SkipSimplifiedLayerNorm -> MatMul (packed QKV) -> GroupQueryAttention (rotary inside, K/V heads read
     in place) -> MatMul -> SkipSimplifiedLayerNorm -> MatMul x2 -> QuickGelu(alpha=1) = SiLU -> Mul -> MatMul
 
-about 10 nodes a layer. The price: ORT's GroupQueryAttention takes a batch with padding only on the right
-and, for a batch of more than one row, no past (a "first prompt"), so the task's instruction is computed
-for every row instead of once (the step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens.
+about 10 nodes a layer (the "gqa" variant). Two variants measure other attention forms (``rotary``,
+:data:`ROTARY`): "op" (Q/K/V MatMuls, rotary as com.microsoft.RotaryEmbedding, GroupQueryAttention without
+rotary) and "mha" (no GroupQueryAttention: RotaryEmbedding in onnxscript's fused form, K/V expanded to the
+query heads, causal MultiHeadAttention without mask or past; 27 nodes a layer, 825 for SmolLM2). The price:
+ORT's GroupQueryAttention takes a batch with padding only on the right and, for a batch of more than one
+row, no past (a "first prompt"), so the task's instruction is computed for every row instead of once (the
+step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens; "mha" has no past either.
 Causal attention makes right padding exact: no real token sees a pad.
 
 The graph is built from the torch module's own weights (packed QKV and the rotary tables computed by the
@@ -82,7 +86,7 @@ def rotary_tables(model, positions: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-ROTARY = ("gqa", "op")
+ROTARY = ("gqa", "op", "mha")
 
 
 def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "gqa") -> list[str]:
@@ -92,7 +96,24 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     "op" - Q, K and V MatMuls, rotary as com.microsoft.RotaryEmbedding on Q and K, GroupQueryAttention
     with do_rotary=0. On an H200 (run 7) the "gqa" form spends 84 of its 295 GPU ms per 2,048 notes in ORT's
     GQA prologue (UnpackRoPEAppend: unpack, rotate and append every head of every token, one small block
-    each); "op" is the variant to measure against it (the prologue then has no Q to unpack or rotate)."""
+    each); "op" is the variant to measure against it (the prologue then has no Q to unpack or rotate). On ORT
+    1.31.1's CUDA provider "op" crashed the process (SIGSEGV, run 8; RotaryEmbedding with a [1] position or GQA
+    with separate Q/K/V and no past).
+
+    "mha" - no GroupQueryAttention: Q, K and V MatMuls; rotary as com.microsoft.RotaryEmbedding in the form
+    onnxscript's ORT fusion (cos_sin_cache.py) writes: input 4-D [B, heads, S, head_dim] (a Transpose each
+    side), position_ids [B, S] int64 (here Range(0, S) expanded to every row), cos/sin [positions,
+    head_dim / 2], interleaved=0, num_heads (the form run 1's fused fp32 step graph ran, 60 of them, on ORT
+    1.31.1's CUDA provider; the later fp16 fusions matched no cos/sin cache and kept rotary unfused); K and V expanded from the KV heads to the query heads (HF's
+    repeat_kv order: query head j reads KV head j // group) as [B, S, heads * head_dim]; then
+    com.microsoft.MultiHeadAttention(q, k, v) with unidirectional=1 and no mask: causal attention makes the
+    right padding exact, and the pads' rows are never read. ORT's CUDA MultiHeadAttention
+    (contrib_ops/cuda/bert/multihead_attention.cc, main) accepts unidirectional and hands it to flash
+    attention as is_causal: in fp16 with head_dim 64, no mask, attention bias or past, on sm >= 80 (H100/H200)
+    it picks flash attention (checked first; cuDNN SDPA only when enabled by ORT_ENABLE_CUDNN_FLASH_ATTENTION
+    or sdpa_kernel, and the TensorRT fused runner is skipped when unidirectional); fp32 gets no flash: the
+    cutlass memory-efficient kernel from 256 tokens (ORT_MIN_SEQ_LEN_EFFICIENT_ATTENTION_FP32), else unfused.
+    ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 prints the kernel chosen."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -132,16 +153,47 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         return layer.weight.detach().float().cpu().numpy().T
 
     one = const("one_i64", np.array(1, dtype=np.int64))
-    # per-row lengths -> GroupQueryAttention's seqlens_k (total length - 1, int32); S as its total length
     (last,) = node("Sub", ["lengths", one], ["last_index"])
-    (seqlens_k,) = node("Cast", [last], ["seqlens_k"], to=TensorProto.INT32)
-    (seq_len,) = node("Shape", ["input_ids"], ["seq_len"], start=1, end=2)
-    (total,) = node("Cast", [seq_len], ["total_seq_len"], to=TensorProto.INT32)
+    if rotary != "mha":
+        # per-row lengths -> GroupQueryAttention's seqlens_k (total length - 1, int32); S as its total length
+        (seqlens_k,) = node("Cast", [last], ["seqlens_k"], to=TensorProto.INT32)
+        (seq_len,) = node("Shape", ["input_ids"], ["seq_len"], start=1, end=2)
+        (total,) = node("Cast", [seq_len], ["total_seq_len"], to=TensorProto.INT32)
     max_pos = int(getattr(cfg, "max_position_embeddings", 0) or model.max_length)
     cos, sin = rotary_tables(model, max_pos)
     cos_name, sin_name = weight("rotary_cos", cos), weight("rotary_sin", sin)
     if rotary == "op":  # RotaryEmbedding's position_ids as one start position: every row starts at 0
         start_pos = const("rotary_start", np.array([0], dtype=np.int64))
+    if rotary == "mha":
+        # position_ids [B, S] as onnxscript's fused graphs pass them: 0..S-1 in every row (right padding)
+        (ids_shape,) = node("Shape", ["input_ids"], ["ids_shape"])
+        (s_scalar,) = node("Gather", [ids_shape, one], ["seq_len_scalar"], axis=0)
+        (pos_1d,) = node("Range", [const("zero_i64", np.array(0, dtype=np.int64)), s_scalar, one], ["positions"])
+        (pos_row,) = node("Unsqueeze", [pos_1d, const("axis0", np.array([0], dtype=np.int64))], ["positions_row"])
+        (position_ids,) = node("Expand", [pos_row, ids_shape], ["position_ids"])
+        group = heads // kv
+        bsnh_q = const("shape_bsnh_q", np.array([0, 0, heads, head_dim], dtype=np.int64))
+        bsnh_kv = const("shape_bsnh_kv", np.array([0, 0, kv, head_dim], dtype=np.int64))
+        bsn1h_kv = const("shape_bsn1h_kv", np.array([0, 0, kv, 1, head_dim], dtype=np.int64))
+        rep_kv = const("repeat_kv", np.array([1, 1, 1, group, 1], dtype=np.int64))
+        bsd = const("shape_bsd", np.array([0, 0, heads * head_dim], dtype=np.int64))
+
+    def rope_bnsh(x: str, n: int, name: str) -> str:
+        """[B, S, n * head_dim] -> RotaryEmbedding on [B, n, S, head_dim] -> [B, S, n, head_dim]."""
+        (x,) = node("Reshape", [x, bsnh_q if n == heads else bsnh_kv], [f"{name}_bsnh"])
+        (x,) = node("Transpose", [x], [f"{name}_bnsh"], perm=[0, 2, 1, 3])
+        (x,) = node("RotaryEmbedding", [x, position_ids, cos_name, sin_name], [f"{name}_rot"], domain=MS_DOMAIN,
+                    interleaved=0, num_heads=n)
+        (x,) = node("Transpose", [x], [f"{name}_rot_bsnh"], perm=[0, 2, 1, 3])
+        return x
+
+    def repeat_kv(x: str, name: str) -> str:
+        """[B, S, kv, head_dim] (or [B, S, kv * head_dim]) -> [B, S, heads * head_dim], query head j reading KV
+        head j // group (HF's repeat_kv)."""
+        (x,) = node("Reshape", [x, bsn1h_kv], [f"{name}_bsn1h"])
+        (x,) = node("Expand", [x, rep_kv], [f"{name}_bsngh"])
+        (x,) = node("Reshape", [x, bsd], [f"{name}_rep"])
+        return x
 
     (h,) = node("Gather", [weight("embed_tokens", dec.embed_tokens.weight), "input_ids"], ["h0"], axis=0)
     residual = h
@@ -163,15 +215,23 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
             (q,) = node("MatMul", [x, weight(f"l{i}.q", linear_t(attn.q_proj))], [f"l{i}.q_out"])
             (k,) = node("MatMul", [x, weight(f"l{i}.k", linear_t(attn.k_proj))], [f"l{i}.k_out"])
             (v,) = node("MatMul", [x, weight(f"l{i}.v", linear_t(attn.v_proj))], [f"l{i}.v_out"])
-            (q,) = node("RotaryEmbedding", [q, start_pos, cos_name, sin_name], [f"l{i}.q_rot"], domain=MS_DOMAIN,
-                        num_heads=heads, rotary_embedding_dim=head_dim, interleaved=0)
-            (k,) = node("RotaryEmbedding", [k, start_pos, cos_name, sin_name], [f"l{i}.k_rot"], domain=MS_DOMAIN,
-                        num_heads=kv, rotary_embedding_dim=head_dim, interleaved=0)
-            gqa_in = [q, k, v, "", "", seqlens_k, total]
-        a, _, _ = node("GroupQueryAttention", gqa_in,
-                       [f"l{i}.attn", f"l{i}.present_key", f"l{i}.present_value"], domain=MS_DOMAIN,
-                       num_heads=heads, kv_num_heads=kv, do_rotary=int(rotary == "gqa"), rotary_interleaved=0,
-                       scale=scale)
+        if rotary == "mha":
+            (q,) = node("Reshape", [rope_bnsh(q, heads, f"l{i}.q"), bsd], [f"l{i}.q_bsd"])
+            k = repeat_kv(rope_bnsh(k, kv, f"l{i}.k"), f"l{i}.k")
+            v = repeat_kv(v, f"l{i}.v")
+            (a,) = node("MultiHeadAttention", [q, k, v], [f"l{i}.attn"], domain=MS_DOMAIN, num_heads=heads,
+                        unidirectional=1, scale=scale)
+        else:
+            if rotary == "op":
+                (q,) = node("RotaryEmbedding", [q, start_pos, cos_name, sin_name], [f"l{i}.q_rot"],
+                            domain=MS_DOMAIN, num_heads=heads, rotary_embedding_dim=head_dim, interleaved=0)
+                (k,) = node("RotaryEmbedding", [k, start_pos, cos_name, sin_name], [f"l{i}.k_rot"],
+                            domain=MS_DOMAIN, num_heads=kv, rotary_embedding_dim=head_dim, interleaved=0)
+                gqa_in = [q, k, v, "", "", seqlens_k, total]
+            a, _, _ = node("GroupQueryAttention", gqa_in,
+                           [f"l{i}.attn", f"l{i}.present_key", f"l{i}.present_value"], domain=MS_DOMAIN,
+                           num_heads=heads, kv_num_heads=kv, do_rotary=int(rotary == "gqa"), rotary_interleaved=0,
+                           scale=scale)
         (o,) = node("MatMul", [a, weight(f"l{i}.o", linear_t(attn.o_proj))], [f"l{i}.o_out"])
         g2 = weight(f"l{i}.post_norm", layer.post_attention_layernorm.weight)
         x2, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g2],

@@ -16,21 +16,25 @@ from tests.tiny import NOTES, tiny_notellm, tiny_package
 from worker.encoder import EncoderError, OnnxNoteEncoder, right_padded
 
 
-@pytest.fixture(scope="module", params=["fp32", "fp16"])
+@pytest.fixture(scope="module", params=[("fp32", "gqa"), ("fp16", "gqa"), ("fp32", "mha"), ("fp16", "mha")],
+                ids=lambda p: "-".join(p))
 def packages(request, tmp_path_factory):
-    """(plain package, the same model exported with --embed-graph, its manifest, dtype)."""
-    dtype = request.param
+    """(plain package, the same model exported with --embed-graph (the default gqa, or mha: RotaryEmbedding +
+    MultiHeadAttention, no GroupQueryAttention), its manifest, dtype)."""
+    dtype, variant = request.param
     plain_dir, plain = tiny_package(dtype)
-    out = tmp_path_factory.mktemp(f"eg-{dtype}") / "pkg"
-    manifest = export_package(tiny_notellm(), out, dtype=dtype, embed_graph=True)
+    out = tmp_path_factory.mktemp(f"eg-{dtype}-{variant}") / "pkg"
+    manifest = export_package(tiny_notellm(), out, dtype=dtype, embed_graph=True if variant == "gqa" else variant)
     return plain_dir, plain, out, manifest, dtype
 
 
 def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     plain_dir, plain, out, manifest, dtype = packages
     spec = manifest["embed_graph"]
+    variant = spec["rotary"]
     assert spec == {"graph": EMBED_GRAPH_FILE, "files": [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"],
-                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"], "rotary": "gqa"}
+                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"], "rotary": variant}
+    assert variant in ("gqa", "mha")
     assert plain["embed_graph"] is None
     assert all((out / f).exists() for f in spec["files"])
     # the embed graph is part of what model_version hashes: same step graph, another version
@@ -49,8 +53,16 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     assert g.ir_version == 10  # ONNX Runtime 1.31 (the device's) loads IR <= 13
     ops = [n.op_type for n in g.graph.node]
     layers = tiny_notellm().lm.config.num_hidden_layers
-    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
-    assert not {"Expand", "Transpose", "MultiHeadAttention", "Softmax"} & set(ops)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and "Softmax" not in ops
+    if variant == "gqa":
+        assert ops.count("GroupQueryAttention") == layers
+        assert not {"Expand", "Transpose", "MultiHeadAttention", "RotaryEmbedding"} & set(ops)
+    else:  # K/V expanded to the query heads, rotary in onnxscript's form: 4-D [B, N, S, H], position_ids [B, S]
+        assert ops.count("MultiHeadAttention") == layers and "GroupQueryAttention" not in ops
+        assert ops.count("RotaryEmbedding") == 2 * layers and ops.count("Expand") == 2 * layers + 1
+        mha = next(n for n in g.graph.node if n.op_type == "MultiHeadAttention")
+        assert len(mha.input) == 3 and {a.name: a.i for a in mha.attribute if a.name != "scale"} == {
+            "num_heads": tiny_notellm().lm.config.num_attention_heads, "unidirectional": 1}
 
 
 def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
@@ -93,32 +105,44 @@ def test_right_padding_is_exact_whatever_the_batch(packages):
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rotary", ["gqa", "op"])
-def test_smollm2_architecture_matches_torch(rotary, tmp_path):
-    """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
-    random weights: the embed graph (rotary inside GroupQueryAttention, or as RotaryEmbedding ops) against
-    torch's embeddings on real note texts."""
+@pytest.fixture(scope="module")
+def smollm2():
+    """(SmolLM2-135M-shaped NoteLLM with random weights, right-padded validation prompts, lengths, torch's
+    vectors for them), built once for every variant."""
     from notellm.base_models import smollm2_architecture
     from notellm.model import NoteLLM
 
     lm, tok = smollm2_architecture(0)
     model = NoteLLM.from_base(model=lm, tokenizer=tok, base_model_id="smollm2-arch", seed=0).eval()
-    assert unsupported(model) is None
-    path = tmp_path / EMBED_GRAPH_FILE
-    assert build_embed_graph(model, path, dtype="fp32", rotary=rotary) == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
-    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    assert ops.count("RotaryEmbedding") == (0 if rotary == "gqa" else 2 * model.lm.config.num_hidden_layers)
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     notes = list(VALIDATION_NOTES)
     rows = []
     for n in notes:
         e = model.prompts.encode(n, "category")
         rows.append(list(e.input_ids[:e.emb_position]))
     ids, lengths = right_padded(rows, model.pad_token_id)
+    assert len(set(lengths.tolist())) > 1  # right padding in the batch
+    return model, ids, lengths, model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
+
+
+@pytest.mark.parametrize("rotary", ["gqa", "op", "mha"])
+def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
+    """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
+    random weights: the embed graph (rotary inside GroupQueryAttention, as RotaryEmbedding ops before it, or
+    RotaryEmbedding + MultiHeadAttention over K/V expanded to 9 heads) against torch's embeddings on real
+    note texts."""
+    model, ids, lengths, ref = smollm2
+    assert unsupported(model) is None
+    path = tmp_path / EMBED_GRAPH_FILE
+    assert build_embed_graph(model, path, dtype="fp32", rotary=rotary) == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    layers = model.lm.config.num_hidden_layers
+    assert ops.count("RotaryEmbedding") == (0 if rotary == "gqa" else 2 * layers)
+    assert ops.count("GroupQueryAttention") == (0 if rotary == "mha" else layers)
+    assert ops.count("MultiHeadAttention") == (layers if rotary == "mha" else 0)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (vec,) = session.run(None, {"input_ids": ids, "lengths": lengths})
-    ref = model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
     assert np.abs(vec - ref).max() < 1e-4
 
 
@@ -131,6 +155,17 @@ def test_export_cli_writes_the_chosen_variant(tmp_path, capsys):
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert printed["ok"] and printed["embed_graph"] and manifest["embed_graph"]["rotary"] == "op"
     assert manifest["validation"]["passed"] and "embed_graph" in manifest["validation"]["metrics"]
+    # every variant is a choice (exported above: mha by the packages fixture)
+    import argparse
+
+    from export.cli import configure
+    from export.embed_graph import ROTARY
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    base = ["--model", "tiny", "--out", str(out)]
+    assert [parser.parse_args([*base, "--embed-graph", v]).embed_graph for v in ROTARY] == list(ROTARY)
+    assert parser.parse_args([*base, "--embed-graph"]).embed_graph == "gqa"
 
 
 def test_refused_where_it_cannot_apply(tmp_path):
