@@ -7,7 +7,8 @@ Prints one JSON document: notes/s for embed-only and embed + greedy category gen
 size, for torch (NoteLLM, eager) and every package, with the ratio ORT / torch. Both sides do the same
 work: one prefill per note (the torch side reads the note vector from the prefill's hidden states inside
 ``generate``), greedy decoding of up to ``--max-new-tokens`` tokens, stopping a row at EOS or at a token
-holding the closing quote. Torch batches are sorted by prompt length like the encoder's. Measurements are interleaved (torch, then each package, per batch size) and
+holding the closing quote. Torch batches are sorted by prompt length and cut by padding like the
+encoder's (embed-only; ``--full-batches-too`` also measures each package without that cut). Measurements are interleaved (torch, then each package, per batch size) and
 the best of ``--repeats`` runs is kept, because other processes share the CPU.
 """
 from __future__ import annotations
@@ -74,19 +75,26 @@ class _QuoteStop:
         return self.mask[gen].any(dim=1)
 
 
-def sorted_by_length(model, notes):
-    """The encoder's batching policy (sort by prompt length before cutting batches), applied to torch
-    too, so the ratio measures the engines, not the padding."""
+def cut_by_length(model, notes, batch: int, generate: bool = False) -> list[list[int]]:
+    """The encoder's batching policy on the CPU (sorted by prompt length; embed-only calls also cut by
+    padding at its per-run cost, `worker.encoding.length_batches`), applied to torch too, so the ratio
+    measures the engines, not the padding."""
+    from worker.encoder import CALL_TOKENS_CPU
+    from worker.encoding import full_batches, length_batches
+
     lens = [len(model.prompts.encode(n, "category").prefix_ids) for n in notes]
-    order = sorted(range(len(notes)), key=lambda i: lens[i])
-    return [notes[i] for i in order], order
+    if generate:
+        return full_batches(lens, batch, 10**9)
+    return length_batches(lens, batch, 10**9, CALL_TOKENS_CPU)
 
 
 def torch_embed(model, notes, batch):
-    notes, order = sorted_by_length(model, notes)
-    v = model.embed_notes(notes, "category", batch_size=batch)
+    import torch
+
+    groups = cut_by_length(model, notes, batch)
+    v = torch.cat([model.embed_notes([notes[i] for i in g], "category", batch_size=len(g)) for g in groups])
     out = v.clone()
-    out[order] = v
+    out[[i for g in groups for i in g]] = v
     return out
 
 
@@ -95,12 +103,13 @@ def torch_embed_and_generate(model, notes, batch, max_new_tokens):
     import torch
     from transformers import StoppingCriteriaList
 
-    notes, order = sorted_by_length(model, notes)
+    groups = cut_by_length(model, notes, batch, generate=True)
+    order = [i for g in groups for i in g]
     gen_tokens = 0
     vecs = []
     with torch.no_grad():
-        for s in range(0, len(notes), batch):
-            b = model.tokenize_notes(notes[s:s + batch], "category", padding_side="left")
+        for g in groups:
+            b = model.tokenize_notes([notes[i] for i in g], "category", padding_side="left")
             T = b.input_ids.shape[1]
             out = model.lm.generate(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
@@ -135,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--modes", default="embed,embed+generate")
+    ap.add_argument("--full-batches-too", action="store_true",
+                    help="also measure each package without the cut by padding (every call one padded batch)")
     ap.add_argument("--no-share-too", action="store_true",
                     help="also measure each package with share_prefix=False (instruction KV not shared)")
     args = ap.parse_args(argv)
@@ -164,9 +175,11 @@ def main(argv=None) -> int:
     for p in packages:
         m = json.loads((p / "notellm.json").read_text())
         label = "int8" if m.get("quantization") == "int8" else m.get("dtype", "fp32")
-        encoders[label] = (p, m, True)
+        encoders[label] = (p, m, True, None)
         if args.no_share_too:
-            encoders[label + "-noshare"] = (p, m, False)
+            encoders[label + "-noshare"] = (p, m, False, None)
+        if args.full_batches_too:
+            encoders[label + "-fullbatch"] = (p, m, True, 10**9)
     prompt_lens = [len(model.prompts.encode(n, "category").prefix_ids) for n in notes]
 
     results = []
@@ -183,10 +196,10 @@ def main(argv=None) -> int:
                                                                                       args.max_new_tokens))
                     row["torch_generated_tokens"] = gen_tok
                 row["torch_notes_s"] = max(row["torch_notes_s"], len(notes) / dt)
-                for label, (p, m, share) in encoders.items():
+                for label, (p, m, share, call_tokens) in encoders.items():
                     enc = OnnxNoteEncoder(p, device="cpu", intra_op_threads=args.threads, max_batch_notes=b,
                                           max_batch_tokens=10 ** 9, max_new_tokens=args.max_new_tokens,
-                                          share_prefix=share)
+                                          share_prefix=share, call_tokens=call_tokens)
                     enc.embed(notes[:b])  # warm the shapes of this batch size
                     if mode == "embed":
                         dt, v = timed(lambda: enc.embed(notes))
@@ -222,7 +235,7 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "packages": {k: {"dir": str(p), "model_version": m["model_version"],
                          "validation": (m.get("validation") or {}).get("metrics")}
-                     for k, (p, m, _) in encoders.items()},
+                     for k, (p, m, _, _) in encoders.items()},
         "accuracy_vs_torch": accuracy,
         "results": results,
     }

@@ -398,8 +398,8 @@ def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_bind
                                   chunks(prompts, b), len, point_s, lambda: None)
             out[str(b)]["padded_over_real"] = padding_ratio(
                 [[p.tokens for p in c] for c in chunks(prompts, b)],
-                lambda lengths: enc._batches(lengths, 1 if generate == "none" else 2 + enc.max_new_tokens,
-                                             by_padding=enc.embed_session is not None or device != "cuda"))
+                lambda lengths: enc._batches(lengths, by_padding=generate == "none" and (
+                    enc.embed_session is not None or device != "cuda")))
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: record, go on
             out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     enc.close()
@@ -426,15 +426,12 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
         if time.monotonic() > deadline:
             out[str(b)] = {"skipped": "time budget"}
             continue
-        # each call's notes cut by length as the ORT encoder cuts its embed-graph calls (same call cost), so
-        # both engines compute the same padded tokens
-        # (on CUDA the ORT step graph, which generates, keeps full batches)
-        runs = 1 if mode == "embed" else 2 + max_new_tokens
-
-        def cut(lengths: list[int], b: int = b, runs: int = runs) -> list[list[int]]:
-            if mode != "embed" and device == "cuda":
+        # each call's notes cut by length as the ORT encoder cuts them (embed-only: by padding, at the same
+        # per-run cost; generating: full batches), so both engines compute the same padded tokens
+        def cut(lengths: list[int], b: int = b) -> list[list[int]]:
+            if mode != "embed":
                 return full_batches(lengths, b, 10**9)
-            return length_batches(lengths, b, 10**9, call_tokens * runs)
+            return length_batches(lengths, b, 10**9, call_tokens)
 
         batches, lengths_per_call = [], []
         for c in chunks(notes, b):

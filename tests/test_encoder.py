@@ -151,11 +151,18 @@ def test_the_encoder_cuts_by_padding_on_the_cpu_and_keeps_outputs(pkg, enc):
     split = OnnxNoteEncoder(pkg, device="cpu", max_batch_notes=64, max_batch_tokens=10**6, max_new_tokens=6,
                             call_tokens=0)
     assert len(whole._batches(lengths)) == 1 and len(split._batches(lengths)) > 1
+    runs: list[int] = []
+    inner = split._run_batch
+    split._run_batch = lambda prefixes, *a, **kw: (runs.append(len(prefixes)), inner(prefixes, *a, **kw))[1]
     for generate in (False, True):
+        runs.clear()
         va, ia = whole._run_task_ids(long, "category", generate=generate)
         vb, ib = split._run_task_ids(long, "category", generate=generate)
         np.testing.assert_allclose(va, vb, atol=1e-5)
         assert ia == ib
+        # embed-only calls are cut by padding; generating calls keep full batches (a decode step costs
+        # about the same at any batch size)
+        assert len(runs) == (len(split._batches(lengths)) if not generate else 1), (generate, runs)
     with pytest.raises(ValueError):
         OnnxNoteEncoder(pkg, device="cpu", call_tokens=-1)
 

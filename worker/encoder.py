@@ -8,8 +8,9 @@ How a batch runs (one ONNX session, one copy of the weights):
 1. ``tokenize`` turns a note into its prompt ids once (:class:`worker.prompt_tokens.PromptTokenizer`:
    ``tokenizers`` through :mod:`notellm.prompts`, the same ids the torch model sees); ``encode`` takes
    those ids, sorts them by prompt length and cuts them into batches by ``max_batch_notes`` and
-   ``max_batch_tokens`` (:func:`worker.encoding.padded_tokens`), and by padding where it saves more
-   than the runs it adds (:func:`worker.encoding.length_batches`); results come back in input order;
+   ``max_batch_tokens`` (:func:`worker.encoding.padded_tokens`), and, embedding only, by padding where it
+   saves more than the runs it adds (:func:`worker.encoding.length_batches`); results come back in input
+   order;
 2. prefill: the left-padded prefix (ending in ``The compression word is:"``) with an empty past; the
    graph returns the note vector at the last position plus the KV cache;
    With ``share_prefix`` (default) the instruction — identical for every note of a task — is prefilled
@@ -552,13 +553,13 @@ class OnnxNoteEncoder:
             return int(self._call_tokens)
         return CALL_TOKENS_CUDA if self._device == "cuda" else CALL_TOKENS_CPU
 
-    def _batches(self, lengths: Sequence[int], runs: int = 1, *, by_padding: bool = True) -> list[list[int]]:
+    def _batches(self, lengths: Sequence[int], *, by_padding: bool = True) -> list[list[int]]:
         """Indices sorted by length and cut into sub-batches of at most `max_batch_notes` and
         `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone). ``by_padding``: also
-        where the padding saved outweighs `runs` more graph runs (`worker.encoding.length_batches`);
+        where the padding saved outweighs the graph runs added (`worker.encoding.length_batches`);
         otherwise each sub-batch is as full as the budgets allow (`_full_batches`)."""
         if by_padding:
-            return length_batches(lengths, self.max_batch_notes, self.max_batch_tokens, self.call_tokens * runs)
+            return length_batches(lengths, self.max_batch_notes, self.max_batch_tokens, self.call_tokens)
         return self._full_batches(lengths)
 
     def _full_batches(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -597,12 +598,12 @@ class OnnxNoteEncoder:
             rows = [instruction + list(s) for s in segments]
         cont = self.prompts.continuation_ids(task)
         extra = len(cont) if generate else 0
-        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not; by padding
-        # too, unless the shared prefix is kept on the device per batch size (a new size is a new copy)
-        by_padding = shared is None or not (self.io_binding and self._device == "cuda")
-        runs = 2 + self.max_new_tokens if generate else 1  # prefill, continuation, decode steps
-        for idx in self._batches([len(instruction) + len(s) + extra for s in segments], runs,
-                                 by_padding=by_padding):
+        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not. By padding
+        # too when embedding only, unless the shared prefix is kept on the device per batch size (a new size
+        # is a new copy); never when generating: its time is mostly decode steps, which cost about the same
+        # at any batch size, so more sub-batches are more steps (no gain measured on the CPU)
+        by_padding = not generate and (shared is None or not (self.io_binding and self._device == "cuda"))
+        for idx in self._batches([len(instruction) + len(s) + extra for s in segments], by_padding=by_padding):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
                                      None if shared is None else self._prefix_past(task, len(idx)),
                                      trie=self._category_tables if task == "category" else None)
