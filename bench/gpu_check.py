@@ -29,8 +29,10 @@ still reports what it measured; a phase that fails is recorded with its error an
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding; the fused package with it; generation also reading the full logits every step,
-                 ``-hostlogits``, beside the default top-k), on real note texts. Prompts are tokenised
-                 before timing on both sides (the worker tokenises on its polling thread).
+                 ``-hostlogits``, beside the default top-k; the embed graphs also without the cut by
+                 padding, ``-fullbatch``), on real note texts. Prompts are tokenised before timing on both
+                 sides (the worker tokenises on its polling thread); torch's calls are cut like the
+                 encoder's, and each row reports its padded-over-real token factor.
 4. worker        the worker's own path (decode -> prepare_many, one batched tokenizer pass per poll ->
                  Batcher -> Pipeline(EncodeStage -> Milvus sink) on milvus-lite; no Kafka on that
                  machine) with the fastest fp16 package: pipeline notes/s against the same encoder alone on
@@ -368,21 +370,22 @@ def padding_ratio(calls: list[list[int]], cut: Callable[[list[int]], list[list[i
 
 
 def ort_engine(pkg: str, device: str, *, io_binding: bool, batch: int, tf32: bool = True,
-               device_topk: bool = True):
+               device_topk: bool = True, call_tokens: int | None = None):
     from worker.encoder import OnnxNoteEncoder
 
     opts = None if device != "cuda" else {"use_tf32": int(tf32)}
     # embed_graph=True: a package that has one embeds through it on the CPU rehearsal too
     return OnnxNoteEncoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9,
                            io_binding=io_binding, provider_options=opts, device_topk=device_topk,
-                           embed_graph=True)
+                           embed_graph=True, call_tokens=call_tokens)
 
 
 def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_binding: bool, point_s: float,
-              deadline: float, tf32: bool = True, device_topk: bool = True) -> dict[str, Any]:
+              deadline: float, tf32: bool = True, device_topk: bool = True,
+              call_tokens: int | None = None) -> dict[str, Any]:
     generate = "category" if mode == "embed+category" else "none"
     enc = ort_engine(pkg, device, io_binding=io_binding, batch=max(batches_sizes), tf32=tf32,
-                     device_topk=device_topk)
+                     device_topk=device_topk, call_tokens=call_tokens)
     prompts = [enc.tokenize(n, "category") for n in notes]
     out: dict[str, Any] = {"providers": enc.providers}
     for b in batches_sizes:
@@ -519,6 +522,13 @@ def encoder_phase(model, packages: dict[str, str], device: str, notes, batch_siz
                 progress(f"  {mode}: {name}")
                 rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
                                        deadline=deadline, tf32=False, device_topk=False)
+            # embed-only without the cut by padding (every call one batch padded to its longest prompt), beside
+            # the default: by default for the embed graphs, whose calls the cut applies to on CUDA
+            name = f"ort-{kind}-fullbatch"
+            if mode == "embed" and (name in engines if engines else is_embed_kind(kind)):
+                progress(f"  {mode}: {name}")
+                rows[name] = bench_ort(pkg, device, notes, batch_sizes, mode, io_binding=True, point_s=point_s,
+                                       deadline=deadline, tf32=False, call_tokens=10**12)
         for dt in torch_dtypes:
             if engines and f"torch-{dt}" not in engines:
                 continue

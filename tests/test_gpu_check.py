@@ -52,13 +52,18 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     for mode in ("embed", "embed+category"):
         extra = ({"ort-fp32-hostlogits", "ort-fp16-hostlogits", "ort-fp32-expanded-hostlogits"}
                  if mode == "embed+category"
-                 else {"ort-fp16-embedgraph", "ort-fp16-embedgraph-mha"})  # embed graphs: embed-only
+                 else {"ort-fp16-embedgraph", "ort-fp16-embedgraph-mha",  # embed graphs: embed-only
+                       "ort-fp16-embedgraph-fullbatch", "ort-fp16-embedgraph-mha-fullbatch"})  # and uncut
         assert set(enc[mode]) == engines | extra
         for name in engines | extra:
             for b in ("1", "4"):
                 r = enc[mode][name][b]
                 assert r["notes_per_s"] > 0 and r["prompt_tokens_per_s"] > r["notes_per_s"], (mode, name, b, r)
                 assert 1.0 <= r["padded_over_real"] < 2.0, (mode, name, b, r)  # as the engine cut each call
+    for name in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-mha"):  # the cut computes fewer padded tokens
+        for b in ("1", "4"):
+            cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
+            assert 1.0 <= cut <= full, (name, b, cut, full)
     w = doc["worker"]
     # the 16 notes cycled (each record its own id) to at least six batches of the batch the phase ran
     assert w["milvus_rows"] == w["notes"] == max(16, 6 * w["max_batch_notes"]) and w["batches"] >= 6
