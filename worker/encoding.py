@@ -110,7 +110,7 @@ def padded_size(count: int, longest: int) -> int:
 def full_batches(lengths: Sequence[int], max_notes: int, max_tokens: int) -> list[list[int]]:
     """Indices of ``lengths`` sorted by length, each sub-batch closed only when the next prompt would
     break a budget (at most ``max_notes`` prompts and ``max_tokens`` padded tokens; a longer prompt goes
-    alone): the fewest sub-batches, of the fewest distinct sizes."""
+    alone): each sub-batch as full as the budgets allow, so a stream of calls repeats few sizes."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
