@@ -362,10 +362,10 @@ def chunks(items: list, size: int) -> list[list]:
 
 def padding_ratio(calls: list[list[int]], cut: Callable[[list[int]], list[list[int]]]) -> float:
     """Padded over real prompt tokens of `calls` (each a list of prompt lengths) as `cut` splits them."""
-    real = padded = 0
-    for lengths in calls:
-        real += sum(lengths)
-        padded += sum(len(b) * max(lengths[i] for i in b) for b in cut(lengths))
+    from worker.encoding import batches_cost
+
+    real = sum(sum(lengths) for lengths in calls)
+    padded = sum(batches_cost(cut(lengths), lengths, 0) for lengths in calls)
     return round(padded / max(real, 1), 3)
 
 
@@ -401,8 +401,7 @@ def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_bind
                                   chunks(prompts, b), len, point_s, lambda: None)
             out[str(b)]["padded_over_real"] = padding_ratio(
                 [[p.tokens for p in c] for c in chunks(prompts, b)],
-                lambda lengths: enc._batches(lengths, by_padding=generate == "none" and (
-                    enc.embed_session is not None or device != "cuda")))
+                lambda lengths: enc.sub_batches(lengths, generate=generate != "none"))
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: record, go on
             out[str(b)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     enc.close()

@@ -427,7 +427,8 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
     replaces ``out_dir``; on a failed validation it stays for inspection and ValidationFailed is raised.
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and
     validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`; True or
-    "gqa": rotary inside GroupQueryAttention, "op": as RotaryEmbedding ops), which the encoder's embed-only
+    "gqa": rotary inside GroupQueryAttention, "op": as RotaryEmbedding ops, "mha": causal MultiHeadAttention
+    over K/V expanded to the query heads; export.embed_graph.ROTARY), which the encoder's embed-only
     path runs on CUDA (and validation checks). ``grouped``: see :func:`export_step_graph`. Returns the
     manifest."""
     if dtype not in ("fp32", "fp16"):

@@ -553,6 +553,15 @@ class OnnxNoteEncoder:
             return int(self._call_tokens)
         return CALL_TOKENS_CUDA if self._device == "cuda" else CALL_TOKENS_CPU
 
+    def sub_batches(self, lengths: Sequence[int], *, generate: bool) -> list[list[int]]:
+        """How a call's prompts (full prompt lengths) are cut into graph runs. By padding too when embedding
+        only, unless the step graph runs it with its shared prefix kept on the device per batch size (a new
+        size is a new copy); never when generating: its time is mostly decode steps, which cost about the
+        same at any batch size, so more sub-batches are more steps (no gain measured on the CPU)."""
+        prefix_per_size = (self.embed_session is None and self.share_prefix and self.io_binding
+                           and self._device == "cuda")
+        return self._batches(lengths, by_padding=not generate and not prefix_per_size)
+
     def _batches(self, lengths: Sequence[int], *, by_padding: bool = True) -> list[list[int]]:
         """Indices sorted by length and cut into sub-batches of at most `max_batch_notes` and
         `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone). ``by_padding``: also
@@ -588,7 +597,7 @@ class OnnxNoteEncoder:
             raise EngineError("the encoder is closed")
         instruction = self.prompts.instruction_ids(task)
         if not generate and self.embed_session is not None:
-            for idx in self._batches([len(instruction) + len(s) for s in segments]):
+            for idx in self.sub_batches([len(instruction) + len(s) for s in segments], generate=False):
                 vecs[idx] = self._embed_rows(instruction, [segments[i] for i in idx])
             return vecs, out_ids
         shared = self._shared_prefix(task) if self.share_prefix else None
@@ -598,12 +607,8 @@ class OnnxNoteEncoder:
             rows = [instruction + list(s) for s in segments]
         cont = self.prompts.continuation_ids(task)
         extra = len(cont) if generate else 0
-        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not. By padding
-        # too when embedding only, unless the shared prefix is kept on the device per batch size (a new size
-        # is a new copy); never when generating: its time is mostly decode steps, which cost about the same
-        # at any batch size, so more sub-batches are more steps (no gain measured on the CPU)
-        by_padding = not generate and (shared is None or not (self.io_binding and self._device == "cuda"))
-        for idx in self._batches([len(instruction) + len(s) + extra for s in segments], by_padding=by_padding):
+        # batches are cut by full prompt lengths (the token budget's unit), shared prefix or not
+        for idx in self.sub_batches([len(instruction) + len(s) + extra for s in segments], generate=generate):
             v, gen = self._run_batch([rows[i] for i in idx], cont if generate else None,
                                      None if shared is None else self._prefix_past(task, len(idx)),
                                      trie=self._category_tables if task == "category" else None)
