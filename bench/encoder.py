@@ -148,6 +148,9 @@ def main(argv=None) -> int:
                     help="also measure each package without the cut by padding (every call one padded batch)")
     ap.add_argument("--no-share-too", action="store_true",
                     help="also measure each package with share_prefix=False (instruction KV not shared)")
+    ap.add_argument("--embed-graph-too", action="store_true",
+                    help="also measure each package that has an embed graph through it (the encoder's CPU default "
+                         "is the step graph)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -175,11 +178,13 @@ def main(argv=None) -> int:
     for p in packages:
         m = json.loads((p / "notellm.json").read_text())
         label = "int8" if m.get("quantization") == "int8" else m.get("dtype", "fp32")
-        encoders[label] = (p, m, True, None)
+        encoders[label] = (p, m, True, None, None)
         if args.no_share_too:
-            encoders[label + "-noshare"] = (p, m, False, None)
+            encoders[label + "-noshare"] = (p, m, False, None, None)
         if args.full_batches_too:
-            encoders[label + "-fullbatch"] = (p, m, True, 10**9)
+            encoders[label + "-fullbatch"] = (p, m, True, 10**9, None)
+        if args.embed_graph_too and m.get("embed_graph"):
+            encoders[f"{label}-embedgraph-{m['embed_graph'].get('rotary', 'gqa')}"] = (p, m, True, None, True)
     prompt_lens = [len(model.prompts.encode(n, "category").prefix_ids) for n in notes]
 
     results = []
@@ -196,10 +201,10 @@ def main(argv=None) -> int:
                                                                                       args.max_new_tokens))
                     row["torch_generated_tokens"] = gen_tok
                 row["torch_notes_s"] = max(row["torch_notes_s"], len(notes) / dt)
-                for label, (p, m, share, call_tokens) in encoders.items():
+                for label, (p, m, share, call_tokens, embed_graph) in encoders.items():
                     enc = OnnxNoteEncoder(p, device="cpu", intra_op_threads=args.threads, max_batch_notes=b,
                                           max_batch_tokens=10 ** 9, max_new_tokens=args.max_new_tokens,
-                                          share_prefix=share, call_tokens=call_tokens)
+                                          share_prefix=share, call_tokens=call_tokens, embed_graph=embed_graph)
                     enc.embed(notes[:b])  # warm the shapes of this batch size
                     if mode == "embed":
                         dt, v = timed(lambda: enc.embed(notes))
@@ -235,7 +240,7 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "packages": {k: {"dir": str(p), "model_version": m["model_version"],
                          "validation": (m.get("validation") or {}).get("metrics")}
-                     for k, (p, m, _, _) in encoders.items()},
+                     for k, (p, m, _, _, _) in encoders.items()},
         "accuracy_vs_torch": accuracy,
         "results": results,
     }

@@ -22,8 +22,9 @@ still reports what it measured; a phase that fails is recorded with its error an
                  graph added (``notellm export --embed-graph``, :mod:`export.embed_graph`: GroupQueryAttention,
                  skip RMS norms, SiLU as one kernel; whole prompts right-padded), one package per
                  ``--embed-graph-rotary`` variant (rotary inside GroupQueryAttention: ``ort-fp16-embedgraph``;
-                 no GroupQueryAttention, causal MultiHeadAttention: ``ort-fp16-embedgraph-mha``; ``op``, on
-                 request: ``ort-fp16-embedgraph-ropeop``), each first loaded and run in a child process (a
+                 no GroupQueryAttention, causal MultiHeadAttention: ``ort-fp16-embedgraph-mha``; that with the
+                 instruction's KV as a past, only the note segments computed: ``ort-fp16-embedgraph-mha-prefix``;
+                 ``op``, on request: ``ort-fp16-embedgraph-ropeop``), each first loaded and run in a child process (a
                  native crash fails that phase alone), validated against torch like the others and measured
                  embed-only.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
@@ -76,7 +77,8 @@ EMBED_KIND = "-embedgraph"  # in the kinds of packages with the hand-built embed
 
 
 def embed_kind(kind: str, rotary: str) -> str:
-    """fp16 + "gqa" -> fp16-embedgraph; "op" -> fp16-embedgraph-ropeop; "mha" -> fp16-embedgraph-mha."""
+    """fp16 + "gqa" -> fp16-embedgraph; "op" -> fp16-embedgraph-ropeop; "mha" -> fp16-embedgraph-mha;
+    "mha-prefix" -> fp16-embedgraph-mha-prefix."""
     return f"{kind}{EMBED_KIND}" + {"gqa": "", "op": "-ropeop"}.get(rotary, f"-{rotary}")
 
 
@@ -322,7 +324,7 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
     t0 = time.perf_counter()
     files = build_embed_graph(model, out / EMBED_GRAPH_FILE, dtype=kind, rotary=rotary)
     build_s = time.perf_counter() - t0
-    rehash_package(out, embed_graph=embed_graph_spec(files, rotary))
+    rehash_package(out, embed_graph=embed_graph_spec(files, rotary, model.lm.config.num_hidden_layers))
     kernels = probe_embed_graph(out, device)
     t1 = time.perf_counter()
     report = validate_on_device(model, out, device)
@@ -1137,11 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-graph-dtypes", default="fp16",
                     help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
                          "(default fp16; empty: none)")
-    ap.add_argument("--embed-graph-rotary", default="gqa,mha",
+    ap.add_argument("--embed-graph-rotary", default="gqa,mha,mha-prefix",
                     help="embed graph variants (export.embed_graph.ROTARY): gqa (rotary inside "
                          "GroupQueryAttention: ort-fp16-embedgraph), mha (RotaryEmbedding, K/V expanded, causal "
-                         "MultiHeadAttention: ort-fp16-embedgraph-mha), op (RotaryEmbedding + GroupQueryAttention: "
-                         "ort-fp16-embedgraph-ropeop; crashed ORT 1.31.1 on CUDA); default gqa,mha")
+                         "MultiHeadAttention: ort-fp16-embedgraph-mha), mha-prefix (that with the instruction's KV "
+                         "as a past: ort-fp16-embedgraph-mha-prefix), op (RotaryEmbedding + GroupQueryAttention: "
+                         "ort-fp16-embedgraph-ropeop; crashed ORT 1.31.1 on CUDA); default gqa,mha,mha-prefix")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"

@@ -3,6 +3,8 @@ ONNX Runtime's fused contrib ops, written beside the step graph when a package a
 
     inputs   input_ids [B, S] int64: whole prompts (instruction + note segment), RIGHT-padded
              lengths   [B] int64: each row's real tokens (1..S)
+             ("mha-prefix" only: input_ids/lengths are the note segments alone, and
+             prefix.{i}.key / prefix.{i}.value [1, kv_heads, P, head_dim] are the instruction's KV per layer)
     outputs  note_vector [B, d] float32: L2-normalised projection of the hidden state at lengths - 1
 
 Why it exists (docs/results/gpu/README.md, run 4): the exported step graph, even after onnxscript's
@@ -19,7 +21,8 @@ rotary) and "mha" (no GroupQueryAttention: RotaryEmbedding in onnxscript's fused
 query heads, causal MultiHeadAttention without mask or past; 27 nodes a layer, 825 for SmolLM2). The price:
 ORT's GroupQueryAttention takes a batch with padding only on the right and, for a batch of more than one
 row, no past (a "first prompt"), so the task's instruction is computed for every row instead of once (the
-step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens; "mha" has no past either.
+step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens; "mha" has no past either. "mha-prefix"
+takes the instruction's KV as inputs (MultiHeadAttention's past) and computes only the note segments.
 Causal attention makes right padding exact: no real token sees a pad.
 
 The graph is built from the torch module's own weights (packed QKV and the rotary tables computed by the
@@ -86,7 +89,21 @@ def rotary_tables(model, positions: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-ROTARY = ("gqa", "op", "mha")
+ROTARY = ("gqa", "op", "mha", "mha-prefix")
+# Variants that take the task instruction's KV cache as inputs (``prefix.{i}.key`` / ``.value``) instead of
+# computing the instruction for every row: input_ids then hold only the note segments.
+PREFIX_VARIANTS = ("mha-prefix",)
+
+
+def embed_inputs(rotary: str, layers: int) -> list[str]:
+    """The embed graph's input names: ``EMBED_INPUTS``, then for a prefix variant the instruction's KV per
+    layer, [1, kv_heads, P, head_dim] in the package's KV dtype (the step graph's present for the instruction
+    alone, as the encoder's shared prefix keeps it)."""
+    names = list(EMBED_INPUTS)
+    if rotary in PREFIX_VARIANTS:
+        for i in range(layers):
+            names += [f"prefix.{i}.key", f"prefix.{i}.value"]
+    return names
 
 
 def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "gqa") -> list[str]:
@@ -113,7 +130,17 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     it picks flash attention (checked first; cuDNN SDPA only when enabled by ORT_ENABLE_CUDNN_FLASH_ATTENTION
     or sdpa_kernel, and the TensorRT fused runner is skipped when unidirectional); fp32 gets no flash: the
     cutlass memory-efficient kernel from 256 tokens (ORT_MIN_SEQ_LEN_EFFICIENT_ATTENTION_FP32), else unfused.
-    ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 prints the kernel chosen."""
+    ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 prints the kernel chosen.
+
+    "mha-prefix" - "mha" without the instruction: the task's instruction (~24 of SmolLM2's ~110 prompt tokens,
+    the same for every note) comes in as its KV cache (``prefix.{i}.key`` / ``.value`` [1, kv, P, head_dim],
+    :func:`embed_inputs`), broadcast to the batch and the query heads in the graph and given to
+    MultiHeadAttention as past_key / past_value (with present_key / present_value outputs, which ORT's CUDA
+    kernel requires beside a past); input_ids and lengths are the note segments alone, at positions P... Causal
+    attention with a past is aligned to the end (query i sees keys 0..P+i), which keeps right padding exact.
+    ORT's CUDA MultiHeadAttention still picks flash attention with a past (only past_sequence_length, cache
+    indirection, a mask or attention bias rule it out); the concatenation of past and new K/V is one copy per
+    layer, against ~20 % fewer tokens through every MatMul, norm and activation."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -152,9 +179,11 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     def linear_t(layer) -> np.ndarray:  # [out, in] -> [in, out] for MatMul(x, W)
         return layer.weight.detach().float().cpu().numpy().T
 
+    prefix = rotary in PREFIX_VARIANTS
+    mha = rotary in ("mha", "mha-prefix")
     one = const("one_i64", np.array(1, dtype=np.int64))
     (last,) = node("Sub", ["lengths", one], ["last_index"])
-    if rotary != "mha":
+    if not mha:
         # per-row lengths -> GroupQueryAttention's seqlens_k (total length - 1, int32); S as its total length
         (seqlens_k,) = node("Cast", [last], ["seqlens_k"], to=TensorProto.INT32)
         (seq_len,) = node("Shape", ["input_ids"], ["seq_len"], start=1, end=2)
@@ -164,11 +193,24 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     cos_name, sin_name = weight("rotary_cos", cos), weight("rotary_sin", sin)
     if rotary == "op":  # RotaryEmbedding's position_ids as one start position: every row starts at 0
         start_pos = const("rotary_start", np.array([0], dtype=np.int64))
-    if rotary == "mha":
-        # position_ids [B, S] as onnxscript's fused graphs pass them: 0..S-1 in every row (right padding)
+    if mha:
+        # position_ids [B, S] as onnxscript's fused graphs pass them: 0..S-1 in every row (right padding), or
+        # P..P+S-1 after a prefix of P tokens
         (ids_shape,) = node("Shape", ["input_ids"], ["ids_shape"])
         (s_scalar,) = node("Gather", [ids_shape, one], ["seq_len_scalar"], axis=0)
-        (pos_1d,) = node("Range", [const("zero_i64", np.array(0, dtype=np.int64)), s_scalar, one], ["positions"])
+        start = const("zero_i64", np.array(0, dtype=np.int64))
+        if prefix:
+            (p_1d,) = node("Shape", ["prefix.0.key"], ["prefix_len_1d"], start=2, end=3)
+            (start,) = node("Squeeze", [p_1d, const("axis0_sq", np.array([0], dtype=np.int64))], ["prefix_len"])
+            (s_scalar,) = node("Add", [start, s_scalar], ["positions_end"])
+            (batch_1d,) = node("Shape", ["input_ids"], ["batch_1d"], start=0, end=1)
+            # [1, kv, P, H] -> [1, kv, 1, P, H] -> [B, kv, group, P, H] -> [B, heads, P, H] (HF's repeat_kv order)
+            prefix_shape = const("shape_1n1ph", np.array([1, kv, 1, -1, head_dim], dtype=np.int64))
+            (prefix_rep,) = node("Concat", [batch_1d, const("prefix_rep_tail", np.array(
+                [kv, heads // kv, 1, 1], dtype=np.int64))], ["prefix_rep"], axis=0)
+            (prefix_bnph,) = node("Concat", [batch_1d, const("prefix_bnph_tail", np.array(
+                [heads, -1, head_dim], dtype=np.int64))], ["prefix_bnph"], axis=0)
+        (pos_1d,) = node("Range", [start, s_scalar, one], ["positions"])
         (pos_row,) = node("Unsqueeze", [pos_1d, const("axis0", np.array([0], dtype=np.int64))], ["positions_row"])
         (position_ids,) = node("Expand", [pos_row, ids_shape], ["position_ids"])
         group = heads // kv
@@ -195,6 +237,13 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         (x,) = node("Reshape", [x, bsd], [f"{name}_rep"])
         return x
 
+    def prefix_past(x: str) -> str:
+        """prefix.{i}.key / .value [1, kv, P, head_dim] -> [B, heads, P, head_dim] (a past for every row)."""
+        (y,) = node("Reshape", [x, prefix_shape], [f"{x}_1n1ph"])
+        (y,) = node("Expand", [y, prefix_rep], [f"{x}_bngph"])
+        (y,) = node("Reshape", [y, prefix_bnph], [f"{x}_past"])
+        return y
+
     (h,) = node("Gather", [weight("embed_tokens", dec.embed_tokens.weight), "input_ids"], ["h0"], axis=0)
     residual = h
     delta: str | None = None
@@ -215,12 +264,18 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
             (q,) = node("MatMul", [x, weight(f"l{i}.q", linear_t(attn.q_proj))], [f"l{i}.q_out"])
             (k,) = node("MatMul", [x, weight(f"l{i}.k", linear_t(attn.k_proj))], [f"l{i}.k_out"])
             (v,) = node("MatMul", [x, weight(f"l{i}.v", linear_t(attn.v_proj))], [f"l{i}.v_out"])
-        if rotary == "mha":
+        if mha:
             (q,) = node("Reshape", [rope_bnsh(q, heads, f"l{i}.q"), bsd], [f"l{i}.q_bsd"])
             k = repeat_kv(rope_bnsh(k, kv, f"l{i}.k"), f"l{i}.k")
             v = repeat_kv(v, f"l{i}.v")
-            (a,) = node("MultiHeadAttention", [q, k, v], [f"l{i}.attn"], domain=MS_DOMAIN, num_heads=heads,
-                        unidirectional=1, scale=scale)
+            if prefix:
+                a, _, _ = node("MultiHeadAttention", [q, k, v, "", "", "", prefix_past(f"prefix.{i}.key"),
+                                                      prefix_past(f"prefix.{i}.value")],
+                               [f"l{i}.attn", f"l{i}.present_key", f"l{i}.present_value"], domain=MS_DOMAIN,
+                               num_heads=heads, unidirectional=1, scale=scale)
+            else:
+                (a,) = node("MultiHeadAttention", [q, k, v], [f"l{i}.attn"], domain=MS_DOMAIN, num_heads=heads,
+                            unidirectional=1, scale=scale)
         else:
             if rotary == "op":
                 (q,) = node("RotaryEmbedding", [q, start_pos, cos_name, sin_name], [f"l{i}.q_rot"],
@@ -251,10 +306,13 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     (norm_c,) = node("Max", [norm, const("norm_eps", np.array(1e-12, dtype=np.float32))], ["norm_clamped"])
     node("Div", [zf, norm_c], ["note_vector"])
 
+    kv_type = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    prefix_inputs = [helper.make_tensor_value_info(name, kv_type, [1, kv, "prefix", head_dim])
+                     for name in embed_inputs(rotary, len(dec.layers))[len(EMBED_INPUTS):]]
     graph = helper.make_graph(
         nodes, "notellm_embed",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])],
+         helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]), *prefix_inputs],
         [helper.make_tensor_value_info("note_vector", TensorProto.FLOAT, ["batch", int(model.dim)])],
         initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from export.embed_graph import EMBED_GRAPH_FILE, EMBED_INPUTS, EMBED_OUTPUTS, build_embed_graph
+from export.embed_graph import EMBED_GRAPH_FILE, EMBED_OUTPUTS, build_embed_graph, embed_inputs
 from notellm.model import NoteLLM
 from notellm.prompts import EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION
 
@@ -301,12 +301,14 @@ def hashed_files(graph_files: list[str], *, categories: bool, embed_files: Seque
     return [*graph_files, *embed_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
 
 
-def embed_graph_spec(embed_files: Sequence[str], rotary: str = "gqa") -> dict[str, Any] | None:
-    """The manifest's ``embed_graph`` entry for the embed-only graph's files (export.embed_graph), or None."""
+def embed_graph_spec(embed_files: Sequence[str], rotary: str = "gqa", layers: int = 0) -> dict[str, Any] | None:
+    """The manifest's ``embed_graph`` entry for the embed-only graph's files (export.embed_graph), or None.
+    ``layers``: the model's, for a variant that takes the instruction's KV per layer (export.embed_graph.
+    embed_inputs)."""
     if not embed_files:
         return None
-    return {"graph": embed_files[0], "files": list(embed_files), "inputs": EMBED_INPUTS, "outputs": EMBED_OUTPUTS,
-            "rotary": rotary}
+    return {"graph": embed_files[0], "files": list(embed_files), "inputs": embed_inputs(rotary, layers),
+            "outputs": EMBED_OUTPUTS, "rotary": rotary}
 
 
 def manifest_hashed_files(manifest: dict[str, Any]) -> list[str]:
@@ -368,7 +370,7 @@ def build_manifest(model: NoteLLM, *, dtype: str, quantization: str | None, grap
         "graph": graph_files[0],
         "graph_files": graph_files,
         "step_attention": "grouped_sdpa" if grouped else "sdpa",  # K/V heads read in place, or expanded
-        "embed_graph": embed_graph_spec(embed_files, embed_rotary),
+        "embed_graph": embed_graph_spec(embed_files, embed_rotary, layers),
         "tokenizer": TOKENIZER_FILE,
         "categories": CATEGORIES_FILE if model.categories else None,
         "dtype": dtype,
@@ -428,7 +430,8 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
     ``fuse``: apply ONNX Runtime's fusions to the graph (:func:`fuse_for_ort`) before it is hashed and
     validated. ``embed_graph``: add the hand-built embed-only graph (:mod:`export.embed_graph`; True or
     "gqa": rotary inside GroupQueryAttention, "op": as RotaryEmbedding ops, "mha": causal MultiHeadAttention
-    over K/V expanded to the query heads; export.embed_graph.ROTARY), which the encoder's embed-only
+    over K/V expanded to the query heads, "mha-prefix": that with the instruction's KV as inputs;
+    export.embed_graph.ROTARY), which the encoder's embed-only
     path runs on CUDA (and validation checks). ``grouped``: see :func:`export_step_graph`. Returns the
     manifest."""
     if dtype not in ("fp32", "fp16"):

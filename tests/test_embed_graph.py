@@ -16,11 +16,13 @@ from tests.tiny import NOTES, tiny_notellm, tiny_package
 from worker.encoder import EncoderError, OnnxNoteEncoder, right_padded
 
 
-@pytest.fixture(scope="module", params=[("fp32", "gqa"), ("fp16", "gqa"), ("fp32", "mha"), ("fp16", "mha")],
+@pytest.fixture(scope="module", params=[("fp32", "gqa"), ("fp16", "gqa"), ("fp32", "mha"), ("fp16", "mha"),
+                                        ("fp32", "mha-prefix"), ("fp16", "mha-prefix")],
                 ids=lambda p: "-".join(p))
 def packages(request, tmp_path_factory):
     """(plain package, the same model exported with --embed-graph (the default gqa, or mha: RotaryEmbedding +
-    MultiHeadAttention, no GroupQueryAttention), its manifest, dtype)."""
+    MultiHeadAttention, no GroupQueryAttention, or mha-prefix: that with the instruction's KV as inputs), its
+    manifest, dtype)."""
     dtype, variant = request.param
     plain_dir, plain = tiny_package(dtype)
     out = tmp_path_factory.mktemp(f"eg-{dtype}-{variant}") / "pkg"
@@ -32,9 +34,12 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     plain_dir, plain, out, manifest, dtype = packages
     spec = manifest["embed_graph"]
     variant = spec["rotary"]
+    layers = tiny_notellm().lm.config.num_hidden_layers
+    prefix_inputs = [f"prefix.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     assert spec == {"graph": EMBED_GRAPH_FILE, "files": [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"],
-                    "inputs": ["input_ids", "lengths"], "outputs": ["note_vector"], "rotary": variant}
-    assert variant in ("gqa", "mha")
+                    "inputs": ["input_ids", "lengths"] + (prefix_inputs if variant == "mha-prefix" else []),
+                    "outputs": ["note_vector"], "rotary": variant}
+    assert variant in ("gqa", "mha", "mha-prefix")
     assert plain["embed_graph"] is None
     assert all((out / f).exists() for f in spec["files"])
     # the embed graph is part of what model_version hashes: same step graph, another version
@@ -52,17 +57,23 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     g = onnx.load(str(out / EMBED_GRAPH_FILE), load_external_data=False)
     assert g.ir_version == 10  # ONNX Runtime 1.31 (the device's) loads IR <= 13
     ops = [n.op_type for n in g.graph.node]
-    layers = tiny_notellm().lm.config.num_hidden_layers
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers and "Softmax" not in ops
     if variant == "gqa":
         assert ops.count("GroupQueryAttention") == layers
         assert not {"Expand", "Transpose", "MultiHeadAttention", "RotaryEmbedding"} & set(ops)
     else:  # K/V expanded to the query heads, rotary in onnxscript's form: 4-D [B, N, S, H], position_ids [B, S]
         assert ops.count("MultiHeadAttention") == layers and "GroupQueryAttention" not in ops
-        assert ops.count("RotaryEmbedding") == 2 * layers and ops.count("Expand") == 2 * layers + 1
+        prefixed = variant == "mha-prefix"  # the instruction's K and V broadcast to the batch in every layer too
+        assert ops.count("RotaryEmbedding") == 2 * layers and ops.count("Expand") == (4 if prefixed else 2) * layers + 1
         mha = next(n for n in g.graph.node if n.op_type == "MultiHeadAttention")
-        assert len(mha.input) == 3 and {a.name: a.i for a in mha.attribute if a.name != "scale"} == {
+        assert {a.name: a.i for a in mha.attribute if a.name != "scale"} == {
             "num_heads": tiny_notellm().lm.config.num_attention_heads, "unidirectional": 1}
+        if prefixed:  # past_key / past_value given, and the presents ORT's CUDA kernel requires beside them
+            assert len(mha.input) == 8 and mha.input[6] and mha.input[7] and len(mha.output) == 3
+            kv_type = onnx.TensorProto.FLOAT16 if dtype == "fp16" else onnx.TensorProto.FLOAT
+            assert [i.type.tensor_type.elem_type for i in g.graph.input[2:]] == [kv_type] * 2 * layers
+        else:
+            assert len(mha.input) == 3
 
 
 def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
@@ -76,7 +87,7 @@ def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
     assert without.embed_session is None and auto.embed_session is None and plain.embed_session is None
     calls = []
     run = with_graph._embed_rows
-    with_graph._embed_rows = lambda prefix, segments: calls.append(len(segments)) or run(prefix, segments)
+    with_graph._embed_rows = lambda task, segments: calls.append(len(segments)) or run(task, segments)
     notes = list(VALIDATION_NOTES)
     v = with_graph.embed(notes)
     assert sum(calls) == len(notes) and max(calls) <= 3  # every note, in the encoder's sub-batches
@@ -105,10 +116,33 @@ def test_right_padding_is_exact_whatever_the_batch(packages):
     assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
+def test_the_prefix_variant_computes_the_notes_alone(packages):
+    """The instruction is in every row of the other variants; mha-prefix gets it once, as the task's shared
+    KV (the step graph's, [1, kv_heads, P, head_dim] per layer), and computes only the note segments."""
+    _, _, out, manifest, _ = packages
+    prefixed = manifest["embed_graph"]["rotary"] == "mha-prefix"
+    enc = OnnxNoteEncoder(out, device="cpu", max_batch_notes=16, embed_graph=True)
+    fed = []
+    run = enc.embed_session.run
+    enc.embed_session.run = lambda names, feeds: fed.append(feeds) or run(names, feeds)
+    notes = list(VALIDATION_NOTES)[:4]
+    enc.embed(notes)
+    instruction = enc.prompts.instruction_ids("category")
+    segments = [enc.prompts.note_ids(n, "category") for n in notes]
+    assert sum(len(f["input_ids"]) for f in fed) == len(notes)
+    assert max(f["input_ids"].shape[1] for f in fed) == max(map(len, segments)) + (0 if prefixed else len(instruction))
+    assert sorted(int(x) for f in fed for x in f["lengths"]) == sorted(
+        len(s) + (0 if prefixed else len(instruction)) for s in segments)
+    kv = {k: v for k, v in fed[0].items() if k.startswith("prefix.")}
+    assert len(kv) == (2 * enc.num_layers if prefixed else 0)
+    assert all(v.shape == (1, enc.num_kv_heads, len(instruction), enc.head_dim) and v.dtype == enc.kv_dtype
+               for v in kv.values())
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    """(SmolLM2-135M-shaped NoteLLM with random weights, right-padded validation prompts, lengths, torch's
-    vectors for them), built once for every variant."""
+    """(SmolLM2-135M-shaped NoteLLM with random weights, the validation prompts' rows (whole prompts), their
+    instruction's length, torch's vectors for them), built once for every variant."""
     from notellm.base_models import smollm2_architecture
     from notellm.model import NoteLLM
 
@@ -119,30 +153,50 @@ def smollm2():
     for n in notes:
         e = model.prompts.encode(n, "category")
         rows.append(list(e.input_ids[:e.emb_position]))
-    ids, lengths = right_padded(rows, model.pad_token_id)
-    assert len(set(lengths.tolist())) > 1  # right padding in the batch
-    return model, ids, lengths, model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
+    instruction = model.prompts.instruction_ids("category")
+    assert all(r[:len(instruction)] == instruction for r in rows)
+    return model, rows, len(instruction), model.embed_notes(notes, "category", batch_size=len(notes)).numpy()
 
 
-@pytest.mark.parametrize("rotary", ["gqa", "op", "mha"])
+def instruction_kv(model, ids: list[int]) -> list[np.ndarray]:
+    """torch's KV cache of ``ids`` alone ([1, kv_heads, P, head_dim] per layer: key, value, ...)."""
+    import torch
+
+    with torch.no_grad():
+        cache = model.lm(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    return [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("rotary", ["gqa", "op", "mha", "mha-prefix"])
 def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
     random weights: the embed graph (rotary inside GroupQueryAttention, as RotaryEmbedding ops before it, or
-    RotaryEmbedding + MultiHeadAttention over K/V expanded to 9 heads) against torch's embeddings on real
-    note texts."""
-    model, ids, lengths, ref = smollm2
+    RotaryEmbedding + MultiHeadAttention over K/V expanded to 9 heads, with or without the instruction as a
+    past) against torch's embeddings on real note texts."""
+    from export.embed_graph import embed_inputs
+
+    model, rows, p, ref = smollm2
     assert unsupported(model) is None
     path = tmp_path / EMBED_GRAPH_FILE
     assert build_embed_graph(model, path, dtype="fp32", rotary=rotary) == [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"]
-    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    g = onnx.load(str(path), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
     layers = model.lm.config.num_hidden_layers
     assert ops.count("RotaryEmbedding") == (0 if rotary == "gqa" else 2 * layers)
-    assert ops.count("GroupQueryAttention") == (0 if rotary == "mha" else layers)
-    assert ops.count("MultiHeadAttention") == (layers if rotary == "mha" else 0)
+    assert ops.count("GroupQueryAttention") == (0 if rotary.startswith("mha") else layers)
+    assert ops.count("MultiHeadAttention") == (layers if rotary.startswith("mha") else 0)
+    assert [i.name for i in g.input] == embed_inputs(rotary, layers)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (vec,) = session.run(None, {"input_ids": ids, "lengths": lengths})
+    if rotary == "mha-prefix":  # the note segments alone at positions P.., after the instruction's KV
+        ids, lengths = right_padded([r[p:] for r in rows], model.pad_token_id)
+        feeds = dict(zip(embed_inputs(rotary, layers)[2:], instruction_kv(model, rows[0][:p])))
+    else:
+        ids, lengths = right_padded(rows, model.pad_token_id)
+        feeds = {}
+    assert len(set(lengths.tolist())) > 1  # right padding in the batch
+    (vec,) = session.run(None, {"input_ids": ids, "lengths": lengths, **feeds})
     assert np.abs(vec - ref).max() < 1e-4
 
 

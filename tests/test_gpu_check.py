@@ -28,7 +28,8 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
-                          "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "encoder", "worker",
+                          "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
+                          "encoder", "worker",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -38,8 +39,8 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     fz = doc["fuse_fp16"]
     assert fz["validation"]["passed"] and fz["fused_with"]["site"] == str(fuse_site)
     assert fz["ops"]["MultiHeadAttention"] == 2 and fz["fusions"]["sdpa"] == 2  # what `notellm export --fuse` writes
-    # the hand-built embed graph, both default variants (Q and K rotated in each of the 2 layers by "mha")
-    for rotary, gqa, mha, rotary_ops in (("gqa", 2, 0, 0), ("mha", 0, 2, 4)):
+    # the hand-built embed graph, the default variants (Q and K rotated in each of the 2 layers by "mha")
+    for rotary, gqa, mha, rotary_ops in (("gqa", 2, 0, 0), ("mha", 0, 2, 4), ("mha-prefix", 0, 2, 4)):
         eg = doc[f"embed_graph_fp16_{rotary}"]
         assert eg["validation"]["passed"] and eg["rotary"] == rotary
         assert eg["ops"]["GroupQueryAttention"] == gqa and eg["ops"]["MultiHeadAttention"] == mha
@@ -52,15 +53,16 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     for mode in ("embed", "embed+category"):
         extra = ({"ort-fp32-hostlogits", "ort-fp16-hostlogits", "ort-fp32-expanded-hostlogits"}
                  if mode == "embed+category"
-                 else {"ort-fp16-embedgraph", "ort-fp16-embedgraph-mha",  # embed graphs: embed-only
-                       "ort-fp16-embedgraph-fullbatch", "ort-fp16-embedgraph-mha-fullbatch"})  # and uncut
+                 else {f"ort-fp16-embedgraph{v}{cut}" for v in ("", "-mha", "-mha-prefix")  # embed graphs:
+                       for cut in ("", "-fullbatch")})  # embed-only, cut by padding and not
         assert set(enc[mode]) == engines | extra
         for name in engines | extra:
             for b in ("1", "4"):
                 r = enc[mode][name][b]
                 assert r["notes_per_s"] > 0 and r["prompt_tokens_per_s"] > r["notes_per_s"], (mode, name, b, r)
                 assert 1.0 <= r["padded_over_real"] < 2.0, (mode, name, b, r)  # as the engine cut each call
-    for name in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-mha"):  # the cut computes fewer padded tokens
+    for name in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-mha", "ort-fp16-embedgraph-mha-prefix"):  # the cut
+        # computes fewer padded tokens
         for b in ("1", "4"):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 1.0 <= cut <= full, (name, b, cut, full)
@@ -80,7 +82,8 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert f["fp32/onnxscript_ort_fusions"]["ops"]["MultiHeadAttention"] == 2
     pr = doc["profile"]
     ort_rows = {f"ort-{k}{m}" for k in ("fp32", "fp16", "fp16-fused", "fp32-expanded") for m in ("", "/embed+category")}
-    assert set(pr) == {"batch", "torch-fp32", "ort-fp16-embedgraph", "ort-fp16-embedgraph-mha"} | ort_rows
+    assert set(pr) == {"batch", "torch-fp32", "ort-fp16-embedgraph", "ort-fp16-embedgraph-mha",
+                       "ort-fp16-embedgraph-mha-prefix"} | ort_rows
     t = pr["torch-fp32"]  # on the CPU the profiler sees torch's operators (ORT's only as wall time)
     assert t["events"] > 0 and 0 < t["busy_ms"] <= t["wall_ms"] and t["by_class_ms"]["matmul"] > 0
     assert all(pr[k]["wall_ms"] > 0 and pr[k]["prompt_tokens"] > 0 for k in pr if k != "batch")
@@ -96,7 +99,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert doc["export_fp32_expanded"]["validation"]["passed"]
     # the fused graph runs fewer nodes per call than the plain one, the embed graph fewer still
     assert op["ort-fp16-fused/embed"]["node_calls_per_run"] < op["ort-fp16/embed"]["node_calls_per_run"]
-    for k in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-mha"):
+    for k in ("ort-fp16-embedgraph", "ort-fp16-embedgraph-mha", "ort-fp16-embedgraph-mha-prefix"):
         e = op[f"{k}/embed"]
         assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] >= 1  # one per sub-batch
         assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]

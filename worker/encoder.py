@@ -235,6 +235,7 @@ class OnnxNoteEncoder:
         # None: on CUDA (fp16) only; True: on the CPU too (validation); False: never.
         self._want_embed_graph = embed_graph
         self.embed_session: ort.InferenceSession | None = None
+        self._embed_prefix_names: list[str] = []
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
         # without it every step round-trips the cache through host memory (kept for measurement).
@@ -333,6 +334,7 @@ class OnnxNoteEncoder:
         t0 = time.perf_counter()
         self.session = None
         self.embed_session = None
+        self._embed_prefix_names = []
         self._prefix_kv = {}
         providers: list[Any] = list(wanted)
         if wanted[0] == "CUDAExecutionProvider" and self._provider_options:
@@ -382,6 +384,11 @@ class OnnxNoteEncoder:
         ins, outs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
         if ins != spec.get("inputs") or outs != spec.get("outputs"):
             raise EncoderError(f"{name}: inputs/outputs {ins}/{outs} differ from the manifest's embed_graph")
+        if ins[:2] != ["input_ids", "lengths"] or len(ins) not in (2, 2 + 2 * self.num_layers):
+            raise EncoderError(f"{name}: inputs {ins} are neither (input_ids, lengths) nor those and the "
+                               f"instruction's KV of {self.num_layers} layers")
+        # an embed graph with the instruction's KV as inputs ("mha-prefix"): rows hold the note segments only
+        self._embed_prefix_names = ins[2:]
         return session
 
     # ------------------------------------------------------------------------------------------ public
@@ -403,7 +410,7 @@ class OnnxNoteEncoder:
         mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
         self._step(nxt, mask, past)
         if self.embed_session is not None:
-            self._embed_rows((), [[self.pad_id] * seq] * n)
+            self._embed_rows("category", [[self.pad_id] * seq] * n)
         log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
 
     def tokenize(self, note: NoteLike, generate: GenerateTask) -> Prompt:
@@ -456,6 +463,7 @@ class OnnxNoteEncoder:
     def close(self) -> None:
         self.session = None
         self.embed_session = None
+        self._embed_prefix_names = []
         self._prefix_kv = {}
         self._prefix_batch = {}
 
@@ -598,7 +606,7 @@ class OnnxNoteEncoder:
         instruction = self.prompts.instruction_ids(task)
         if not generate and self.embed_session is not None:
             for idx in self.sub_batches([len(instruction) + len(s) for s in segments], generate=False):
-                vecs[idx] = self._embed_rows(instruction, [segments[i] for i in idx])
+                vecs[idx] = self._embed_rows(task, [segments[i] for i in idx])
             return vecs, out_ids
         shared = self._shared_prefix(task) if self.share_prefix else None
         if shared is not None:  # the instruction's KV is computed once; only the note part is prefilled
@@ -642,11 +650,18 @@ class OnnxNoteEncoder:
         self._prefix_batch[key] = past  # most recently used last
         return past
 
-    def _embed_rows(self, prefix: Sequence[int], segments: Sequence[Sequence[int]]) -> np.ndarray:
-        """Note vectors of whole prompts (``prefix`` + each segment) through the embed graph: right-padded,
-        each row's vector read at its last real token (``lengths`` - 1)."""
-        ids, lengths = right_padded(segments, self.pad_id, prefix)
-        (vec,) = self.embed_session.run(["note_vector"], {"input_ids": ids, "lengths": lengths})
+    def _embed_rows(self, task: str, segments: Sequence[Sequence[int]]) -> np.ndarray:
+        """Note vectors of `task`'s prompts (its instruction + each segment) through the embed graph:
+        right-padded, each row's vector read at its last real token (``lengths`` - 1). A graph that takes the
+        instruction's KV (``prefix.*`` inputs) gets the shared prefix and the segments alone."""
+        if self._embed_prefix_names:
+            ids, lengths = right_padded(segments, self.pad_id)
+            feeds = dict(zip(self._embed_prefix_names, self._shared_prefix(task)))
+        else:
+            ids, lengths = right_padded(segments, self.pad_id, self.prompts.instruction_ids(task))
+            feeds = {}
+        feeds.update(input_ids=ids, lengths=lengths)
+        (vec,) = self.embed_session.run(["note_vector"], feeds)
         return vec.astype(np.float32, copy=False)
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
