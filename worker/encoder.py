@@ -236,6 +236,7 @@ class OnnxNoteEncoder:
         self._want_embed_graph = embed_graph
         self.embed_session: ort.InferenceSession | None = None
         self._embed_prefix_names: list[str] = []
+        self._embed_prefix_kv: dict[str, list[Any]] = {}  # the instruction's KV where the embed graph reads it
         self.share_prefix = bool(share_prefix)
         # I/O binding keeps the KV cache on the device between steps and copies only what is read back;
         # without it every step round-trips the cache through host memory (kept for measurement).
@@ -335,6 +336,7 @@ class OnnxNoteEncoder:
         self.session = None
         self.embed_session = None
         self._embed_prefix_names = []
+        self._embed_prefix_kv = {}
         self._prefix_kv = {}
         providers: list[Any] = list(wanted)
         if wanted[0] == "CUDAExecutionProvider" and self._provider_options:
@@ -464,6 +466,7 @@ class OnnxNoteEncoder:
         self.session = None
         self.embed_session = None
         self._embed_prefix_names = []
+        self._embed_prefix_kv = {}
         self._prefix_kv = {}
         self._prefix_batch = {}
 
@@ -654,15 +657,35 @@ class OnnxNoteEncoder:
         """Note vectors of `task`'s prompts (its instruction + each segment) through the embed graph:
         right-padded, each row's vector read at its last real token (``lengths`` - 1). A graph that takes the
         instruction's KV (``prefix.*`` inputs) gets the shared prefix and the segments alone."""
-        if self._embed_prefix_names:
-            ids, lengths = right_padded(segments, self.pad_id)
-            feeds = dict(zip(self._embed_prefix_names, self._shared_prefix(task)))
-        else:
+        if not self._embed_prefix_names:
             ids, lengths = right_padded(segments, self.pad_id, self.prompts.instruction_ids(task))
-            feeds = {}
-        feeds.update(input_ids=ids, lengths=lengths)
-        (vec,) = self.embed_session.run(["note_vector"], feeds)
-        return vec.astype(np.float32, copy=False)
+            (vec,) = self.embed_session.run(["note_vector"], {"input_ids": ids, "lengths": lengths})
+            return vec.astype(np.float32, copy=False)
+        ids, lengths = right_padded(segments, self.pad_id)
+        prefix = self._embed_prefix(task)
+        if not self.io_binding:
+            feeds = dict(zip(self._embed_prefix_names, prefix), input_ids=ids, lengths=lengths)
+            (vec,) = self.embed_session.run(["note_vector"], feeds)
+            return vec.astype(np.float32, copy=False)
+        b = self.embed_session.io_binding()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("lengths", lengths)
+        for name, value in zip(self._embed_prefix_names, prefix):
+            b.bind_ortvalue_input(name, value)
+        b.bind_output("note_vector", "cpu")
+        self.embed_session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _embed_prefix(self, task: str) -> list[Any]:
+        """The task's instruction KV for an embed graph that takes it ([1, kv, P, head_dim] per layer): with
+        I/O binding OrtValues kept where the session runs (one copy per task, not one per call), else the
+        host arrays."""
+        if not self.io_binding:
+            return self._shared_prefix(task)
+        if task not in self._embed_prefix_kv:
+            self._embed_prefix_kv[task] = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv), self._device, 0)
+                                           for kv in self._shared_prefix(task)]
+        return self._embed_prefix_kv[task]
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
                    shared: list[Any] | None = None, *, trie: TrieTables | None = None
