@@ -32,7 +32,8 @@ fp16/bf16 and on the CPU in fp32/fp16.
 
 Measured (H200, fp16, run 7): 6,358 notes/s at batch 2048 against 6,304 for the fused step graph and 4,372
 for torch eager, with 313 nodes against 1,502; on 2 CPU cores it is 0.85x the step graph, whose shared
-prefix saves more there, so the encoder uses it on CUDA only.
+prefix saves more there, so the encoder uses it on CUDA only. "mha-prefix" on 2 CPU cores (SmolLM2 fp32):
+1.26-1.27x "mha", 0.99-1.11x the step graph; not yet measured on a GPU.
 """
 from __future__ import annotations
 

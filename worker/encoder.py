@@ -23,7 +23,9 @@ How a batch runs (one ONNX session, one copy of the weights):
 
 Embed-only calls on CUDA run the package's embed graph instead when it has one (``notellm export
 --embed-graph``, a second session): whole prompts, right-padded, no past, each vector read at its row's
-last real token; on the CPU only when asked (``embed_graph=True``), because there the shared prefix wins.
+last real token (the ``mha-prefix`` variant takes the shared prefix's KV as inputs instead and gets the
+note segments alone); on the CPU only when asked (``embed_graph=True``), because there the shared prefix
+of the step graph is as fast or faster.
 
 Task ``"both"``: the vector and the category come from the category prompt (it includes the topic); the
 hashtags come from a second prefill + decode of the hashtag prompt, because the model was trained to
@@ -231,7 +233,8 @@ class OnnxNoteEncoder:
         # None: CALL_TOKENS_CUDA on CUDA, CALL_TOKENS_CPU on the CPU.
         self._call_tokens = call_tokens
         # Embed-only calls run the package's embed graph when it has one (export/embed_graph.py: fused
-        # contrib ops, whole prompts right-padded, no shared prefix); generation always runs the step graph.
+        # contrib ops, prompts right-padded, the instruction per row or, "mha-prefix", as its KV inputs);
+        # generation always runs the step graph.
         # None: on CUDA (fp16) only; True: on the CPU too (validation); False: never.
         self._want_embed_graph = embed_graph
         self.embed_session: ort.InferenceSession | None = None
@@ -369,7 +372,8 @@ class OnnxNoteEncoder:
         package, turned off, an fp32 package on CUDA (ONNX Runtime's GroupQueryAttention runs fp16/bf16
         there; fp32 would fall back to the CPU node by node), or the CPU unless asked for: there the step
         graph's shared instruction prefix wins (SmolLM2 fp32 on 2 cores: 8.5 vs 9.9 notes/s at batch 8,
-        7.1 vs 8.5 at 32), on an H200 the embed graph does (docs/results/gpu/README.md, run 7)."""
+        7.1 vs 8.5 at 32), on an H200 the embed graph does (docs/results/gpu/README.md, run 7). The
+        ``mha-prefix`` graph, which shares the prefix too, is level with the step graph there (0.99-1.11x)."""
         spec = self.manifest.get("embed_graph")
         if not spec or self._want_embed_graph is False:
             return None
@@ -683,8 +687,9 @@ class OnnxNoteEncoder:
         if not self.io_binding:
             return self._shared_prefix(task)
         if task not in self._embed_prefix_kv:
-            self._embed_prefix_kv[task] = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv), self._device, 0)
-                                           for kv in self._shared_prefix(task)]
+            self._embed_prefix_kv[task] = [
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv), self._device, 0)
+                for kv in self._shared_prefix(task)]
         return self._embed_prefix_kv[task]
 
     def _run_batch(self, prefixes: list[list[int]], continuation: list[int] | None,
