@@ -13,7 +13,7 @@ import pytest
 
 from notellm.prompts import NoteText
 from tests.tiny import NOTES, tiny_package
-from worker.encoder import EncoderError, OnnxNoteEncoder
+from worker.encoder import EncoderError, OnnxNoteEncoder, package_advice
 from worker.encoding import (Encoder, EngineError, NoteError, batches_cost, full_batches, length_batches,
                              padded_tokens)
 
@@ -455,3 +455,16 @@ def test_vectorised_trie_choice_matches_the_per_row_rule():
                     for r, s in zip(rows, row_states)]
             got = StepLogits(*top, lambda: logits).argmax_allowed(rows, row_states, tables)
             assert got.tolist() == want, (trial, k, top[0] is None)
+
+
+def test_a_package_that_leaves_the_gpus_fast_paths_unused_is_named():
+    """On CUDA an fp32 package runs the fp32 step graph and a package without an embed graph embeds with the
+    step graph: the encoder says what to export instead (structlog event encoder.package_for_device). On the
+    CPU every package is as exported."""
+    fp16_full = {"dtype": "fp16", "embed_graph": {"graph": "embed.onnx"}}
+    assert package_advice("cuda", fp16_full) is None
+    assert "--dtype fp16 --embed-graph" in package_advice("cuda", {"dtype": "fp32", "embed_graph": None})
+    assert "--dtype fp16" in package_advice("cuda", {"dtype": "fp32", "quantization": "int8"})
+    assert "--embed-graph" in package_advice("cuda", {"dtype": "fp16", "embed_graph": None})
+    for m in (fp16_full, {"dtype": "fp32", "embed_graph": None}, {"dtype": "fp16"}):
+        assert package_advice("cpu", m) is None

@@ -366,6 +366,10 @@ class OnnxNoteEncoder:
                  dim=self.dim, providers=self.providers, dtype=m.get("dtype"),
                  quantization=m.get("quantization"), embed_graph=self.embed_session is not None,
                  load_s=round(time.perf_counter() - t0, 2))
+        advice = package_advice(self._device, m)
+        if advice:
+            log.warning("encoder.package_for_device", device=self._device, dtype=m.get("dtype"),
+                        model_dir=str(self.model_dir), advice=advice)
 
     def _open_embed_session(self, so: "ort.SessionOptions", providers: list[Any]) -> "ort.InferenceSession | None":
         """The package's embed graph in a second session on the same providers, or None: not in the
@@ -741,6 +745,21 @@ class OnnxNoteEncoder:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
             _, logits, past = self._step(nxt[:, None], mask, past)
         return vec, generated
+
+
+def package_advice(device: str, manifest: dict[str, Any]) -> str | None:
+    """What to export instead when a package leaves its device's fast paths unused, or None. On CUDA the
+    fast paths are the fp16 step graph and, for calls that generate nothing, the embed graph (an H200 in
+    docs/results/gpu/README.md, run 8: 2,159 notes/s with category generation, 6,721 embed-only)."""
+    if device != "cuda":
+        return None
+    if manifest.get("dtype") != "fp16":
+        return ("an fp32 package on CUDA runs the fp32 step graph for everything: export the GPU's package with "
+                "`notellm export --dtype fp16 --embed-graph` (docs/operations.md, Deploy)")
+    if not manifest.get("embed_graph"):
+        return ("no embed graph: calls that generate nothing run the step graph; export with `--embed-graph` "
+                "(docs/operations.md, Deploy)")
+    return None
 
 
 def right_padded(segments: Sequence[Sequence[int]], pad_id: int, prefix: Sequence[int] = ()
