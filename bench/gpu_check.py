@@ -405,7 +405,7 @@ def bench_ort(pkg: str, device: str, notes, batches_sizes, mode: str, *, io_bind
                                   chunks(prompts, b), len, point_s, lambda: None)
             # an embed graph that takes the instruction as a past computes it once, not per row
             shared = (len(enc.prompts.instruction_ids("category"))
-                      if generate == "none" and enc._embed_prefix_names else 0)
+                      if generate == "none" and enc.embed_graph_takes_prefix else 0)
             out[str(b)]["padded_over_real"] = padding_ratio(
                 [[p.tokens for p in c] for c in chunks(prompts, b)],
                 lambda lengths: enc.sub_batches(lengths, generate=generate != "none"), shared)

@@ -131,7 +131,7 @@ def test_the_prefix_variant_computes_the_notes_alone(packages):
     v = enc.embed(notes)
     # with I/O binding (the default) the instruction's KV is bound once per task where the session runs
     assert np.array_equal(bound.embed(notes), v) and np.array_equal(bound.embed(notes), v)
-    assert len(bound._embed_prefix_kv) == int(prefixed)
+    assert len(bound._embed_prefix_kv) == int(prefixed) and bound.embed_graph_takes_prefix == prefixed
     instruction = enc.prompts.instruction_ids("category")
     segments = [enc.prompts.note_ids(n, "category") for n in notes]
     assert sum(len(f["input_ids"]) for f in fed) == len(notes)

@@ -566,6 +566,12 @@ class OnnxNoteEncoder:
         return nxt
 
     @property
+    def embed_graph_takes_prefix(self) -> bool:
+        """Whether embed-only calls run an embed graph that takes the task instruction's KV (computed once per
+        task, "mha-prefix") rather than the instruction in every row."""
+        return self.embed_session is not None and bool(self._embed_prefix_names)
+
+    @property
     def call_tokens(self) -> int:
         """One graph run's fixed cost in prompt tokens (the constructor's, or the device's default)."""
         if self._call_tokens is not None:
