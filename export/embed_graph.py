@@ -199,8 +199,9 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         # P..P+S-1 after a prefix of P tokens
         (ids_shape,) = node("Shape", ["input_ids"], ["ids_shape"])
         (s_scalar,) = node("Gather", [ids_shape, one], ["seq_len_scalar"], axis=0)
-        start = const("zero_i64", np.array(0, dtype=np.int64))
-        if prefix:
+        if not prefix:
+            start = const("zero_i64", np.array(0, dtype=np.int64))
+        else:
             (p_1d,) = node("Shape", ["prefix.0.key"], ["prefix_len_1d"], start=2, end=3)
             (start,) = node("Squeeze", [p_1d, const("axis0_sq", np.array([0], dtype=np.int64))], ["prefix_len"])
             (s_scalar,) = node("Add", [start, s_scalar], ["positions_end"])

@@ -191,6 +191,7 @@ def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     assert ops.count("GroupQueryAttention") == (0 if rotary.startswith("mha") else layers)
     assert ops.count("MultiHeadAttention") == (layers if rotary.startswith("mha") else 0)
     assert [i.name for i in g.input] == embed_inputs(rotary, layers)
+    assert {t.name for t in g.initializer} <= {i for n in g.node for i in n.input}  # none left unused
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
