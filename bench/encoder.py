@@ -80,12 +80,10 @@ def cut_by_length(model, notes, batch: int, generate: bool = False) -> list[list
     padding at its per-run cost, `worker.encoding.length_batches`), applied to torch too, so the ratio
     measures the engines, not the padding."""
     from worker.encoder import CALL_TOKENS_CPU
-    from worker.encoding import full_batches, length_batches
+    from worker.encoding import call_batches
 
     lens = [len(model.prompts.encode(n, "category").prefix_ids) for n in notes]
-    if generate:
-        return full_batches(lens, batch, 10**9)
-    return length_batches(lens, batch, 10**9, CALL_TOKENS_CPU)
+    return call_batches(lens, batch, 10**9, CALL_TOKENS_CPU, by_padding=not generate)
 
 
 def torch_embed(model, notes, batch):

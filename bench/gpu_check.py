@@ -424,7 +424,7 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
     from bench.encoder import _QuoteStop
 
     from worker.encoder import CALL_TOKENS_CPU, CALL_TOKENS_CUDA
-    from worker.encoding import full_batches, length_batches
+    from worker.encoding import call_batches
 
     call_tokens = CALL_TOKENS_CUDA if device == "cuda" else CALL_TOKENS_CPU
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -438,9 +438,7 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
         # each call's notes cut by length as the ORT encoder cuts them (embed-only: by padding, at the same
         # per-run cost; generating: full batches), so both engines compute the same padded tokens
         def cut(lengths: list[int], b: int = b) -> list[list[int]]:
-            if mode != "embed":
-                return full_batches(lengths, b, 10**9)
-            return length_batches(lengths, b, 10**9, call_tokens)
+            return call_batches(lengths, b, 10**9, call_tokens, by_padding=mode == "embed")
 
         batches, lengths_per_call = [], []
         for c in chunks(notes, b):

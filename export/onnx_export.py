@@ -301,7 +301,7 @@ def hashed_files(graph_files: list[str], *, categories: bool, embed_files: Seque
     return [*graph_files, *embed_files, TOKENIZER_FILE] + ([CATEGORIES_FILE] if categories else [])
 
 
-def embed_graph_spec(embed_files: Sequence[str], rotary: str = "gqa", layers: int = 0) -> dict[str, Any] | None:
+def embed_graph_spec(embed_files: Sequence[str], rotary: str, layers: int) -> dict[str, Any] | None:
     """The manifest's ``embed_graph`` entry for the embed-only graph's files (export.embed_graph), or None.
     ``layers``: the model's, for a variant that takes the instruction's KV per layer (export.embed_graph.
     embed_inputs)."""

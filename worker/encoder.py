@@ -52,8 +52,8 @@ import onnxruntime as ort
 
 from notellm.prompts import (EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION, LabelTrie, NoteLike, NoteText, cut_output,
                              parse_category, parse_hashtags)
-from worker.encoding import (GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, full_batches,
-                             length_batches)
+from worker.encoding import (GENERATE_TASKS, EncoderHealth, EngineError, GenerateTask, NoteError, call_batches,
+                             full_batches)
 from worker.logs import get_logger
 from worker.prompt_tokens import PromptTokenizer
 from worker.records import Prompt
@@ -591,10 +591,9 @@ class OnnxNoteEncoder:
         """Indices sorted by length and cut into sub-batches of at most `max_batch_notes` and
         `padded_tokens` of at most `max_batch_tokens` (a longer prompt goes alone). ``by_padding``: also
         where the padding saved outweighs the graph runs added (`worker.encoding.length_batches`);
-        otherwise each sub-batch is as full as the budgets allow (`_full_batches`)."""
-        if by_padding:
-            return length_batches(lengths, self.max_batch_notes, self.max_batch_tokens, self.call_tokens)
-        return self._full_batches(lengths)
+        otherwise each sub-batch is as full as the budgets allow (`worker.encoding.call_batches`)."""
+        return call_batches(lengths, self.max_batch_notes, self.max_batch_tokens, self.call_tokens,
+                            by_padding=by_padding)
 
     def _full_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """`worker.encoding.full_batches` under this encoder's budgets: the fewest sizes, for the CUDA step
@@ -671,13 +670,10 @@ class OnnxNoteEncoder:
         """Note vectors of `task`'s prompts (its instruction + each segment) through the embed graph:
         right-padded, each row's vector read at its last real token (``lengths`` - 1). A graph that takes the
         instruction's KV (``prefix.*`` inputs) gets the shared prefix and the segments alone."""
-        if not self._embed_prefix_names:
-            ids, lengths = right_padded(segments, self.pad_id, self.prompts.instruction_ids(task))
-            (vec,) = self.embed_session.run(["note_vector"], {"input_ids": ids, "lengths": lengths})
-            return vec.astype(np.float32, copy=False)
-        ids, lengths = right_padded(segments, self.pad_id)
-        prefix = self._embed_prefix(task)
-        if not self.io_binding:
+        takes_prefix = bool(self._embed_prefix_names)
+        ids, lengths = right_padded(segments, self.pad_id, () if takes_prefix else self.prompts.instruction_ids(task))
+        prefix = self._embed_prefix(task) if takes_prefix else []
+        if not prefix or not self.io_binding:
             feeds = dict(zip(self._embed_prefix_names, prefix), input_ids=ids, lengths=lengths)
             (vec,) = self.embed_session.run(["note_vector"], feeds)
             return vec.astype(np.float32, copy=False)

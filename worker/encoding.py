@@ -175,6 +175,16 @@ def length_batches(lengths: Sequence[int], max_notes: int, max_tokens: int, call
     return groups
 
 
+def call_batches(lengths: Sequence[int], max_notes: int, max_tokens: int, call_tokens: float, *,
+                 by_padding: bool) -> list[list[int]]:
+    """How one call's prompts are cut into engine runs: by padding (`length_batches`, at ``call_tokens``
+    per run) or each sub-batch as full as the budgets allow (`full_batches`). The encoder's rule, and the
+    benchmarks' torch side, which must cut the same way."""
+    if by_padding:
+        return length_batches(lengths, max_notes, max_tokens, call_tokens)
+    return full_batches(lengths, max_notes, max_tokens)
+
+
 def _reason(e: BaseException) -> str:
     """An error message fit for a dead letter: always valid UTF-8 (a lone surrogate in the text is escaped)."""
     msg = str(e) if isinstance(e, NoteError) else f"{type(e).__name__}: {e}"
