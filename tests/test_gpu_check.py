@@ -29,7 +29,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
                           "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
-                          "encoder", "worker",
+                          "encoder", "worker/embed", "worker/embed+category",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -70,11 +70,17 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         for b in ("1", "4"):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 0 < cut <= full and (cut >= 1.0 or name.endswith("-mha-prefix")), (name, b, cut, full)
-    w = doc["worker"]
-    # the 16 notes cycled (each record its own id) to at least six batches of the batch the phase ran
-    assert w["milvus_rows"] == w["notes"] == max(16, 6 * w["max_batch_notes"]) and w["batches"] >= 6
-    assert w["pipeline_notes_per_s"] > 0 and w["encoder_alone_notes_per_s"] > 0
-    assert w["package"] == "fp32"  # on the CPU the worker phase keeps the first package
+    for mode, generate in (("embed", "none"), ("embed+category", "category")):  # the worker, once per mode
+        w = doc[f"worker/{mode}"]
+        assert w["generate"] == generate
+        # the 16 notes cycled (each record its own id) to at least six batches of the batch the phase ran
+        assert w["milvus_rows"] == w["notes"] == max(16, 6 * w["max_batch_notes"]) and w["batches"] >= 6
+        assert w["pipeline_notes_per_s"] > 0 and w["encoder_alone_notes_per_s"] > 0 and w["milvus_rows_per_s"] > 0
+        assert w["package"] == "fp32"  # on the CPU the worker phase keeps the first package
+        # the worker process's CPU (the encoder runs in its own process): polling and sink threads within it
+        c = w["cpu_s"]
+        assert 0 < c["polling_thread"] < c["worker_process"] and 0 < c["sink_thread"] < c["worker_process"]
+        assert w["cpus"] >= 1
     f = doc["fusions"]
     assert not any(k.startswith("fp16-fused") for k in f)  # a fused package is not fused again
     for kind in ("fp32", "fp16"):
@@ -108,9 +114,11 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] >= 1  # one per sub-batch
         assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s",
-                                 "pipeline_vs_encoder_alone"}
+                                 "pipeline_vs_encoder_alone/embed", "pipeline_vs_encoder_alone/embed+category"}
+    assert all(doc["goals"][f"pipeline_vs_encoder_alone/{m}"]["value"] == doc[f"worker/{m}"]["ratio"]
+               for m in ("embed", "embed+category"))
     md = (out / "gpu-check.md").read_text()
-    assert "**embed**" in md and "Worker path" in md and "| goal |" in md and "Kernel profile" in md
+    assert "**embed**" in md and "Worker path, embed (" in md and "Worker path, embed+category (" in md and "| goal |" in md and "Kernel profile" in md
     assert "Fused fp16 package" in md and "Embed graph on the fp16 package" in md and "ONNX Runtime's profiler" in md
     assert (out / "gpu-check.log").stat().st_size > 0
 
@@ -140,3 +148,24 @@ def test_a_crashing_embed_graph_fails_its_phase_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "EMBED_PROBE_CHILD", "import sys; sys.exit(3)")
     with pytest.raises(RuntimeError, match="exit 3"):
         gpu_check.probe_embed_graph(tmp_path, "cpu")
+
+
+def test_the_worker_phase_runs_the_fastest_package_of_its_mode():
+    """Embed-only, the worker runs the fastest fp16 package with an embed graph when that is fastest (the
+    encoder serves embed-only calls with it); generating, the fastest package that generates."""
+    from bench.gpu_check import worker_package
+
+    packages = {k: f"/p/{k}" for k in ("fp32", "fp16", "fp16-fused", "fp16-embedgraph", "fp16-embedgraph-mha-prefix")}
+    enc = {"best_embed": {"ort-fp16": {"batch": 1024, "notes_per_s": 3000.0},
+                          "ort-fp16-fused": {"batch": 2048, "notes_per_s": 5000.0},
+                          "ort-fp16-embedgraph": {"batch": 2048, "notes_per_s": 6700.0},
+                          "ort-fp16-embedgraph-mha-prefix": {"batch": 1024, "notes_per_s": 9000.0},
+                          "ort-fp16-embedgraph-mha-prefix-fullbatch": {"batch": 2048, "notes_per_s": 9500.0},
+                          "torch-fp16": {"batch": 2048, "notes_per_s": 9900.0}},
+           "best_embed+category": {"ort-fp16": {"batch": 2048, "notes_per_s": 2100.0},
+                                   "ort-fp16-fused": {"batch": 1024, "notes_per_s": 1900.0}}}
+    # an engine that is no package (-fullbatch: the same package, uncut) or not ORT is never chosen
+    assert worker_package(enc, packages, "cuda", "embed") == ("fp16-embedgraph-mha-prefix", 1024)
+    assert worker_package(enc, packages, "cuda", "embed+category") == ("fp16", 2048)
+    assert worker_package(enc, packages, "cpu", "embed") == ("fp32", None)
+    assert worker_package({}, packages, "cuda", "embed") == ("fp16", None)  # nothing measured: the first fp16
