@@ -576,6 +576,34 @@ class _Msg:
 WORKER_MIN_BATCHES = 6  # the worker phase feeds at least this many full batches
 
 
+def thread_cpu() -> dict[str, tuple[str, float]]:
+    """CPU seconds of every live thread of this process (Linux: /proc/self/task), keyed by native id, each
+    with its Python thread's name, or "native" for a thread Python did not start (the tokenizer's, gRPC's
+    and ONNX Runtime's pools). The name's trailing counters are dropped so that pools group."""
+    import re
+    import threading
+
+    names = {t.native_id: re.sub(r"(?:[-_]\d+)+$", "", t.name) for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[tid] = (names.get(int(tid), "native"), (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def thread_cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per thread group between two `thread_cpu()` snapshots, largest first."""
+    sums: dict[str, float] = {}
+    for tid, (name, t) in after.items():
+        sums[name] = sums.get(name, 0.0) + t - before.get(tid, (name, 0.0))[1]
+    return {k: round(v, 3) for k, v in sorted(sums.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path,
                  isolation: str) -> dict[str, Any]:
     """The worker's polling-thread work (decode, prepare) and its two stage threads on real notes, against
@@ -619,6 +647,7 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         pipe = Pipeline(lambda b, idle=False, early=None: stage(b, generate), flush)
         poll_s = 0.0
         t0, cpu0, poll_cpu0 = time.perf_counter(), time.process_time(), time.thread_time()
+        threads0 = thread_cpu()
         for i in range(0, len(msgs), batch):  # one poll = up to `batch` messages, as the worker polls
             tp = time.perf_counter()
             recs = [decode(m, 1 << 20) for m in msgs[i:i + batch]]
@@ -642,8 +671,10 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         if not pipe.drain(600):
             raise RuntimeError(f"pipeline failed: {pipe.error}")
         dt = time.perf_counter() - t0
-        # the polling loop ran on this thread (its waits on the pipeline take no CPU)
-        cpu = {"process": time.process_time() - cpu0, "polling_thread": time.thread_time() - poll_cpu0}
+        # the polling loop ran on this thread (its waits on the pipeline take no CPU); the stage threads are
+        # read before close() ends them
+        cpu = {"process": time.process_time() - cpu0, "polling_thread": time.thread_time() - poll_cpu0,
+               "threads": thread_cpu_delta(threads0, thread_cpu())}
         busy = dict(pipe.busy_s)
         pipe.close()
         return dt, poll_s, busy, cpu
@@ -671,10 +702,12 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
                    "encode_stage_busy": round(busy["encode"], 3), "sink_stage_busy": round(busy["sink"], 3),
                    "milvus_flush": round(sink_s[0], 3)},
         # CPU seconds of this process (the encoder's own process excluded with isolation="process"): the
-        # polling thread, the sink thread's client work, milvus-lite's in-process server threads. Python
-        # work in them shares one GIL: process CPU near the wall time means the worker process is the limit.
+        # polling thread, the sink thread's client work, milvus-lite's in-process server threads; by_thread
+        # per thread group (MainThread = polling, notellm-encode / notellm-sink = the stages, native = the
+        # tokenizer's and gRPC's pools). Python work in them shares one GIL: process CPU near the wall time
+        # means the worker process is the limit.
         "cpu_s": {"worker_process": round(cpu["process"], 3), "polling_thread": round(cpu["polling_thread"], 3),
-                  "sink_thread": round(sink_s[2], 3)},
+                  "sink_thread": round(sink_s[2], 3), "by_thread": cpu["threads"]},
         "cpus": len(os.sched_getaffinity(0)),
         "milvus_rows_per_s": round(n / sink_s[0], 1) if sink_s[0] else None,
         "milvus_rows": count,

@@ -80,6 +80,8 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         # the worker process's CPU (the encoder runs in its own process): polling and sink threads within it
         c = w["cpu_s"]
         assert 0 < c["polling_thread"] < c["worker_process"] and 0 < c["sink_thread"] < c["worker_process"]
+        # per thread group, at the clock tick's resolution: never more than the process used
+        assert all(v > 0 for v in c["by_thread"].values()) and sum(c["by_thread"].values()) <= c["worker_process"] + 0.05
         assert w["cpus"] >= 1
     f = doc["fusions"]
     assert not any(k.startswith("fp16-fused") for k in f)  # a fused package is not fused again
@@ -169,3 +171,37 @@ def test_the_worker_phase_runs_the_fastest_package_of_its_mode():
     assert worker_package(enc, packages, "cuda", "embed+category") == ("fp16", 2048)
     assert worker_package(enc, packages, "cpu", "embed") == ("fp32", None)
     assert worker_package({}, packages, "cuda", "embed") == ("fp16", None)  # nothing measured: the first fp16
+
+
+def test_thread_cpu_groups_a_threads_cpu_by_its_name():
+    """The worker phase's CPU per thread group: a named pool's threads sum under the name without its counter."""
+    import threading
+    import time
+
+    from bench.gpu_check import thread_cpu, thread_cpu_delta
+
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.15:
+            pass
+
+    before = thread_cpu()
+    ready = threading.Barrier(3)
+    done = threading.Event()
+
+    def work():
+        spin()
+        ready.wait()  # stay alive until the second snapshot
+        done.wait(10)
+
+    threads = [threading.Thread(target=work, name=f"pool-{i}_{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    after = thread_cpu()
+    done.set()
+    for t in threads:
+        t.join()
+    cpu = thread_cpu_delta(before, after)
+    assert 0.25 <= cpu["pool"] < 0.6, cpu  # both threads' 0.15 s, under one name
+    assert list(cpu) == sorted(cpu, key=lambda k: -cpu[k])
