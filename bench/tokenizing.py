@@ -5,7 +5,10 @@
                                [--polls 64,512] [--repeats 3]
 
 Prints one JSON document: ms per note and notes/s for each mode and generate task ("category": the
-embedding prompt only; "both": the hashtag prompt too), and the ratio per-note / batched. The best of
+embedding prompt only; "both": the hashtag prompt too), and the ratio per-note / batched. Where the
+tokenizers library has ``encode_batch_fast`` (no offsets; what the adapter uses), the batched pass is also
+timed through ``encode_batch`` (offsets computed and dropped), interleaved with it, wall and CPU time:
+``offsets_cost`` = with offsets / without. The best of
 ``--repeats`` is kept for each (other processes share the CPU). Every batched result is checked equal to
 the per-note one before it is timed. The tokenizers library runs a batch on all cores, so the ratio grows
 with the core count (`cpus` is in the output). This bounds how many notes/s one worker's polling thread
@@ -48,6 +51,17 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+def best_pair(fns, repeats: int) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds for each of `fns`, run interleaved `repeats` times, best of each."""
+    best = [(float("inf"), float("inf"))] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            best[i] = (min(best[i][0], time.perf_counter() - t), min(best[i][1], time.process_time() - c))
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", default=str(REPO / ".local/models/notellm-default-onnx"),
@@ -77,11 +91,29 @@ def main() -> int:
                 raise SystemExit(f"batched prompts differ from the per-note ones ({gen}, poll {size})")
             one = best_of(lambda: [pt.tokenize(n, gen) for n in notes], args.repeats)
             many = best_of(lambda: [pt.tokenize_many(c, gen) for c in chunks], args.repeats)
-            rows.append({"generate": gen, "poll_notes": size,
-                         "per_note_ms": round(1000 * one / len(notes), 4),
-                         "batched_ms": round(1000 * many / len(notes), 4),
-                         "per_note_notes_s": round(len(notes) / one), "batched_notes_s": round(len(notes) / many),
-                         "ratio": round(one / many, 2)})
+            row = {"generate": gen, "poll_notes": size,
+                   "per_note_ms": round(1000 * one / len(notes), 4),
+                   "batched_ms": round(1000 * many / len(notes), 4),
+                   "per_note_notes_s": round(len(notes) / one), "batched_notes_s": round(len(notes) / many),
+                   "ratio": round(one / many, 2)}
+            t = pt.prompts.tok
+            if t.fast_batches:  # the same pass with the offsets computed (and dropped), interleaved
+                def run(fast: bool):
+                    t.fast_batches = fast
+                    try:
+                        return [p for c in chunks for p in pt.tokenize_many(c, gen)]
+                    finally:
+                        t.fast_batches = True
+
+                if run(False) != ref:
+                    raise SystemExit(f"prompts through encode_batch differ ({gen}, poll {size})")
+                (fw, fc), (sw, sc) = best_pair([lambda: run(True), lambda: run(False)], args.repeats)
+                row["offsets_cost"] = {"without_ms": round(1000 * fw / len(notes), 4),
+                                       "with_ms": round(1000 * sw / len(notes), 4),
+                                       "without_cpu_ms": round(1000 * fc / len(notes), 4),
+                                       "with_cpu_ms": round(1000 * sc / len(notes), 4),
+                                       "wall": round(sw / fw, 2), "cpu": round(sc / fc, 2)}
+            rows.append(row)
     print(json.dumps({"bench": "tokenize", "package": str(pkg), "data": args.data, "notes": len(notes),
                       "cpus": os.cpu_count(), "python": platform.python_version(),
                       "mean_prompt_tokens": round(sum(p.tokens for p in ref) / len(ref), 1),

@@ -23,6 +23,8 @@ def test_bench_tokenizing_prints_both_modes_for_each_task_and_poll():
     assert [(r["generate"], r["poll_notes"]) for r in doc["rows"]] == [
         ("category", 16), ("category", 64), ("both", 16), ("both", 64)]
     assert all(r["per_note_notes_s"] > 0 and r["batched_notes_s"] > 0 and r["ratio"] > 0 for r in doc["rows"])
+    # this venv's tokenizers has encode_batch_fast: each row also times the pass with offsets beside it
+    assert all(r["offsets_cost"]["with_ms"] > 0 and r["offsets_cost"]["without_ms"] > 0 for r in doc["rows"])
 
 
 def test_bench_tokenizing_refuses_a_folder_without_a_package(tmp_path):
