@@ -22,14 +22,15 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable)
     p = subprocess.run([str(REPO / "scripts" / "gpu-check"), "--cpu", "--out", str(out), "--work", str(tmp_path / "w"),
                         "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site),
-                        "--expanded-dtypes", "fp32"],
+                        "--expanded-dtypes", "fp32", "--worker-lite", "thread,process"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads((out / "gpu-check.json").read_text())
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
                           "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
-                          "encoder", "worker/embed", "worker/embed+category",
+                          "encoder", "worker/embed", "worker/embed+category", "worker/embed/lite-process",
+                          "worker/embed+category/lite-process",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -70,9 +71,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         for b in ("1", "4"):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 0 < cut <= full and (cut >= 1.0 or name.endswith("-mha-prefix")), (name, b, cut, full)
-    for mode, generate in (("embed", "none"), ("embed+category", "category")):  # the worker, once per mode
-        w = doc[f"worker/{mode}"]
-        assert w["generate"] == generate
+    for mode, generate, lite in [(m, g, lite) for m, g in (("embed", "none"), ("embed+category", "category"))
+                                 for lite in ("", "/lite-process")]:  # the worker per mode, milvus-lite in or out
+        w = doc[f"worker/{mode}{lite}"]
+        assert w["generate"] == generate and w["lite_process"] == bool(lite)
         # the 16 notes cycled (each record its own id) to at least six batches of the batch the phase ran
         assert w["milvus_rows"] == w["notes"] == max(16, 6 * w["max_batch_notes"]) and w["batches"] >= 6
         assert w["pipeline_notes_per_s"] > 0 and w["encoder_alone_notes_per_s"] > 0 and w["milvus_rows_per_s"] > 0
@@ -115,12 +117,12 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         e = op[f"{k}/embed"]
         assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] >= 1  # one per sub-batch
         assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
-    assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s",
-                                 "pipeline_vs_encoder_alone/embed", "pipeline_vs_encoder_alone/embed+category"}
-    assert all(doc["goals"][f"pipeline_vs_encoder_alone/{m}"]["value"] == doc[f"worker/{m}"]["ratio"]
-               for m in ("embed", "embed+category"))
+    workers = [f"{m}{lite}" for m in ("embed", "embed+category") for lite in ("", "/lite-process")]
+    assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s"} | {
+        f"pipeline_vs_encoder_alone/{w}" for w in workers}
+    assert all(doc["goals"][f"pipeline_vs_encoder_alone/{w}"]["value"] == doc[f"worker/{w}"]["ratio"] for w in workers)
     md = (out / "gpu-check.md").read_text()
-    assert "**embed**" in md and "Worker path, embed (" in md and "Worker path, embed+category (" in md and "| goal |" in md and "Kernel profile" in md
+    assert "**embed**" in md and "Worker path, embed (" in md and "Worker path, embed+category/lite-process (" in md and "| goal |" in md and "Kernel profile" in md
     assert "Fused fp16 package" in md and "Embed graph on the fp16 package" in md and "ONNX Runtime's profiler" in md
     assert (out / "gpu-check.log").stat().st_size > 0
 

@@ -4,6 +4,7 @@ test runs on a Milvus 2.3 server too (a restarted worker finds its collection th
 was not committed)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,10 +119,34 @@ def _worker_cmd(s, tiny, port=0):
             "--device", "cpu", "--threads", "1", "--linger-ms", "20", "--http-port", str(port), "--log-format", "json"]
 
 
-def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, milvus_backend, tiny_dir, tmp_path):
-    s = settings_on(kafka_bootstrap, topics, milvus_backend)
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is `pid` (Linux /proc)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.add(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _sigkill_mid_run_then_restart(kafka_bootstrap, topics, backend, tiny_dir, tmp_path, env_extra=None) -> set[int]:
+    """Kill -9 a worker once part of the topic is committed, restart it, and check the invariant; returns
+    the pids of the killed worker's children (all already gone)."""
+    s = settings_on(kafka_bootstrap, topics, backend)
     ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(3000)])
-    env = {**os.environ, "NOTELLM_KAFKA__SESSION_TIMEOUT_MS": "6000"}
+    env = {**os.environ, "NOTELLM_KAFKA__SESSION_TIMEOUT_MS": "6000", **(env_extra or {})}
     log1 = open(tmp_path / "w1.log", "wb")
     p = subprocess.Popen(_worker_cmd(s, tiny_dir), cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
     # Kill once part of the topic is committed (so the restart resumes mid-way, not from zero).
@@ -134,9 +159,14 @@ def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, mil
             break
         time.sleep(0.1)
     assert p.poll() is None, (tmp_path / "w1.log").read_text()[-3000:]
+    children = _children(p.pid)
     os.kill(p.pid, signal.SIGKILL)
     p.wait(10)
     assert done < 3000, "the worker finished before it could be killed"
+    deadline = time.monotonic() + 10  # every child dies with the worker (PR_SET_PDEATHSIG)
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(c) for c in children), children
     log2 = open(tmp_path / "w2.log", "wb")
     p2 = subprocess.Popen(_worker_cmd(s, tiny_dir), cwd=REPO, env=env, stdout=log2, stderr=subprocess.STDOUT)
     try:
@@ -146,10 +176,31 @@ def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, mil
         p2.send_signal(signal.SIGTERM)
         rc = p2.wait(60)
     assert rc == 0, (tmp_path / "w2.log").read_text()[-3000:]
-    store = milvus_backend.store()
+    store = backend.store()
     got = store.all_ids()
     assert len(got) == len(set(got)) and set(got) == set(ids) and store.count() == len(ids)
     store.close()
+    return children
+
+
+def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, milvus_backend, tiny_dir, tmp_path):
+    _sigkill_mid_run_then_restart(kafka_bootstrap, topics, milvus_backend, tiny_dir, tmp_path)
+
+
+def test_sigkill_with_the_db_in_its_own_process_loses_nothing(kafka_bootstrap, topics, tiny_dir, tmp_path):
+    """The same with milvus-lite served by a child process (NOTELLM_MILVUS__LITE_PROCESS): the kill takes
+    the db's server with it, and the restarted worker's new server opens the db once the LOCK is free."""
+    from tests.conftest import MilvusBackend
+
+    backend = MilvusBackend("lite", str(tmp_path / "milvus" / "notes.db"), "notes")
+    children = _sigkill_mid_run_then_restart(kafka_bootstrap, topics, backend, tiny_dir, tmp_path,
+                                             {"NOTELLM_MILVUS__LITE_PROCESS": "true"})
+    for log in ("w1.log", "w2.log"):  # each worker served its db from a child of its own
+        started = [json.loads(x) for x in (tmp_path / log).read_text().splitlines() if '"milvus_lite_server_started"' in x]
+        assert len(started) == 1, log
+    assert started[0]["pid"] not in children
+    first = [json.loads(x) for x in (tmp_path / "w1.log").read_text().splitlines() if '"milvus_lite_server_started"' in x]
+    assert first[0]["pid"] in children  # the killed worker's db server died with it
 
 
 def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, milvus_uri, encoder):

@@ -129,8 +129,12 @@ class WorkerApp:
         self._check_stop()
         if self._store is None:
             self._store = MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
-                                      db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s)
+                                      db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s,
+                                      lite_process=s.milvus.lite_process)
             self._opened.append(self._store.close)
+            if self._store.lite_server is not None:
+                ls = self._store.lite_server
+                self.log.info("milvus_lite_server_started", pid=ls.pid, uri=ls.uri, db=ls.data_dir)
         self.store = self._store
         # A dimension / model_version mismatch raises CollectionMismatch here: a clear startup error.
         self.collection = self.store.ensure(enc.dim, enc.model_version, collection=self._collection,
@@ -168,7 +172,7 @@ class WorkerApp:
         self.probe = None
         if s.milvus.visibility_probe:
             mv = s.milvus
-            self.probe = VisibilityProbe(self.store.uri, self.collection,
+            self.probe = VisibilityProbe(self.store.client_uri, self.collection,
                                          token=mv.token.get_secret_value() if mv.token else None, db_name=mv.db_name,
                                          consistency_level=mv.read_consistency, metrics=self.metrics, log=self.log)
             self._opened.append(self.probe.close)

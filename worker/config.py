@@ -127,6 +127,9 @@ class MilvusSettings(BaseModel):
         "Bounded", description="the level the readers search with; the freshness probe reads new notes at it "
                                "(notellm_visible_seconds)")
     visibility_probe: bool = Field(True, description="sample publish -> visible to a reader (one read a second)")
+    lite_process: bool = Field(False, description="milvus-lite only: serve the db from a child process "
+                               "(worker/lite_server.py) instead of inside the worker, whose GIL its pure-Python "
+                               "writes would share: for an encoder as fast as a GPU's")
 
     @property
     def is_lite(self) -> bool:

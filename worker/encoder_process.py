@@ -26,16 +26,15 @@ import importlib
 import multiprocessing as mp
 import multiprocessing.util  # noqa: F401 - registers its exit hook now, so _close_all (registered later) runs first
 import os
-import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from worker.children import Spawner, die_with_parent
 from worker.encoding import EncoderHealth, EngineError, GenerateTask, NoteError
 from worker.prompt_tokens import PromptTokenizer
 from worker.records import Prompt
@@ -51,21 +50,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the closed pipe still ends the child
-        pass
-
-
 def _serve(conn, model_dir: str, factory: str, kwargs: dict, log_cfg: tuple[str, str]) -> None:
     """The child: build the engine, answer ("ok", value) | ("note", (message, index)) | ("err", text)."""
     import signal
 
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from worker.logs import configure_logging
@@ -108,35 +97,6 @@ def _serve(conn, model_dir: str, factory: str, kwargs: dict, log_cfg: tuple[str,
             return
         except Exception as e:  # noqa: BLE001 - an unpicklable reply is the engine's bug
             conn.send(("err", f"unsendable reply: {type(e).__name__}: {e}"))
-
-
-class _Spawner:
-    """Starts encoder children from one daemon thread that lives as long as the process: a child started
-    from a short-lived thread (a restart on a pipeline thread) would get PR_SET_PDEATHSIG when it ends."""
-
-    _lock = threading.Lock()
-    _q: "queue.SimpleQueue[tuple[Any, Future]] | None" = None
-
-    @classmethod
-    def start(cls, proc) -> None:
-        with cls._lock:
-            if cls._q is None:
-                cls._q = queue.SimpleQueue()
-                threading.Thread(target=cls._run, args=(cls._q,), name="notellm-encoder-spawner", daemon=True).start()
-        done: Future = Future()
-        cls._q.put((proc, done))
-        done.result()
-
-    @staticmethod
-    def _run(q) -> None:
-        while True:
-            proc, done = q.get()
-            try:
-                proc.start()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                done.set_exception(e)
-            else:
-                done.set_result(None)
 
 
 _LIVE: "weakref.WeakSet[ProcessEncoder]" = weakref.WeakSet()
@@ -282,7 +242,7 @@ class ProcessEncoder:
                            daemon=True, name="notellm-encoder")
         self._proc, self._conn, self._killed = proc, conn, None
         try:
-            _Spawner.start(proc)
+            Spawner.start(proc)
         finally:
             child.close()
         status, val = self._receive(self._start_timeout_s)

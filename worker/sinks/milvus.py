@@ -238,10 +238,15 @@ class MilvusStore:
     finds the note. The trade-off: a Strong read waits for the server's time tick (typically up to
     ~0.2 s more latency per read, more under write load); "Bounded" reads answer at once from
     slightly stale data; "Session" sees this client's own writes only. milvus-lite applies every write
-    before it acknowledges it, so the level makes no difference there."""
+    before it acknowledges it, so the level makes no difference there.
+
+    `lite_process` (milvus-lite only): serve the db from a child process (`worker.lite_server`) instead of
+    pymilvus's server in this process, whose Python work would share this process's GIL. A call that
+    fails because that child has died raises `LiteServerGone` (fatal)."""
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
-                 alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong") -> None:
+                 alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong",
+                 lite_process: bool = False) -> None:
         from pymilvus import MilvusClient
 
         if consistency_level not in CONSISTENCY_LEVELS:
@@ -252,18 +257,36 @@ class MilvusStore:
         self.timeout_s = timeout_s
         self.consistency_level = consistency_level
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        self.lite_server = None
+        kw: dict[str, Any] = {"uri": uri}
         if self.is_lite:
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-        kw: dict[str, Any] = {"uri": uri}
+            if lite_process:
+                from worker.lite_server import LiteServer
+
+                self.lite_server = LiteServer(uri)
+                kw["uri"] = self.lite_server.uri
         if token:
             kw["token"] = token
         if db_name:
             kw["db_name"] = db_name
-        self.client = MilvusClient(**kw)
+        try:
+            self.client = MilvusClient(**kw)
+        except BaseException:
+            if self.lite_server is not None:
+                self.lite_server.close()
+            raise
         self.lock = threading.RLock()
         self._depth = 0                          # nesting of locked() in the thread holding the lock
         self._held_since: float | None = None    # when the outermost locked() began
         self._last_ok = True                     # outcome of the last store call (for reachable())
+
+    @property
+    def client_uri(self) -> str:
+        """What another client in this process connects to: the child's gRPC address when a child process
+        serves the milvus-lite db (opening the db path again would fight it for the db's LOCK), else `uri`
+        (a second client of an embedded db reuses pymilvus's in-process server)."""
+        return self.lite_server.uri if self.lite_server is not None else self.uri
 
     @contextmanager
     def locked(self, wait_s: float | None = None) -> Iterator[Any]:
@@ -280,6 +303,12 @@ class MilvusStore:
         except BaseException as e:
             if not isinstance(e, (SinkError, StoreBusy, KeyError)):
                 self._last_ok = classify(e) != TRANSIENT
+                if self.lite_server is not None and not self.lite_server.alive():
+                    from worker.lite_server import LiteServerGone
+
+                    self._last_ok = False
+                    raise LiteServerGone(f"the milvus-lite server process for {self.lite_server.data_dir} "
+                                         f"({self.lite_server.exit_status()}) is gone: {_message(e)}") from e
             raise
         finally:
             self._depth -= 1
@@ -469,8 +498,12 @@ class MilvusStore:
                 out.extend(r["note_id"] for r in page)
 
     def close(self) -> None:
-        with self.locked() as c:
-            c.close()
+        try:
+            with self.locked() as c:
+                c.close()
+        finally:
+            if self.lite_server is not None:
+                self.lite_server.close()
 
 
 class MilvusSink:
