@@ -41,7 +41,8 @@ still reports what it measured; a phase that fails is recorded with its error an
                  fastest at generating): pipeline notes/s against the same encoder alone on the batches the
                  batcher formed, the busy time of each stage, and the worker process's CPU time (with
                  the encoder in its own process, the polling thread, the sink and milvus-lite's
-                 in-process server share this process and its GIL).
+                 in-process server share this process and its GIL). ``--worker-lite thread,process``
+                 runs each also with milvus-lite served from a child process (``.../lite-process``).
 5. fusions       the two fusion recipes side by side on each plain package (``--skip fusions`` once the
                  fused engine answers the question): onnxruntime.transformers.optimizer's decoder fusions
                  (ORT's Llama recipe, model_type gpt2) and onnxscript's; fused-op counts, parity with the

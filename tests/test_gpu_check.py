@@ -207,3 +207,16 @@ def test_thread_cpu_groups_a_threads_cpu_by_its_name():
     cpu = thread_cpu_delta(before, after)
     assert 0.25 <= cpu["pool"] < 0.6, cpu  # both threads' 0.15 s, under one name
     assert list(cpu) == sorted(cpu, key=lambda k: -cpu[k])
+
+
+def test_worker_lite_takes_thread_process_or_both_once():
+    import argparse
+
+    from bench.gpu_check import _lite_modes, worker_phase_name
+
+    assert [_lite_modes(x) for x in ("thread", "process", "thread,process")] == ["thread", "process", "thread,process"]
+    for bad in ("", "proc", "thread,thread", "thread,process,thread"):  # a repeat would overwrite its phase
+        with pytest.raises(argparse.ArgumentTypeError):
+            _lite_modes(bad)
+    assert worker_phase_name("embed", "thread") == "worker/embed"
+    assert worker_phase_name("embed+category", "process") == "worker/embed+category/lite-process"
