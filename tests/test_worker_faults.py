@@ -195,12 +195,13 @@ def test_sigkill_with_the_db_in_its_own_process_loses_nothing(kafka_bootstrap, t
     backend = MilvusBackend("lite", str(tmp_path / "milvus" / "notes.db"), "notes")
     children = _sigkill_mid_run_then_restart(kafka_bootstrap, topics, backend, tiny_dir, tmp_path,
                                              {"NOTELLM_MILVUS__LITE_PROCESS": "true"})
-    for log in ("w1.log", "w2.log"):  # each worker served its db from a child of its own
-        started = [json.loads(x) for x in (tmp_path / log).read_text().splitlines() if '"milvus_lite_server_started"' in x]
-        assert len(started) == 1, log
-    assert started[0]["pid"] not in children
-    first = [json.loads(x) for x in (tmp_path / "w1.log").read_text().splitlines() if '"milvus_lite_server_started"' in x]
-    assert first[0]["pid"] in children  # the killed worker's db server died with it
+    def started(log: str) -> list[dict]:
+        lines = (tmp_path / log).read_text().splitlines()
+        return [json.loads(x) for x in lines if '"milvus_lite_server_started"' in x]
+
+    first, second = started("w1.log"), started("w2.log")  # each worker served its db from a child of its own
+    assert len(first) == len(second) == 1
+    assert first[0]["pid"] in children and second[0]["pid"] not in children  # the first died with its worker
 
 
 def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, milvus_uri, encoder):
