@@ -11,14 +11,12 @@ import time
 
 import pytest
 
-from tests.test_milvus_sink import DIM, MV, _enc, _note
+from tests.test_milvus_sink import DIM, HOSTILE, MV, _enc, _note
 from worker.lite_server import LiteServer, LiteServerError, LiteServerGone
 from worker.sinks import GiveUp
 from worker.sinks.milvus import MilvusSink, MilvusStore
 
 pytestmark = pytest.mark.timeout(180)
-
-HOSTILE = ['a" || note_id != "', "back\\slash", "new\nline", "日本語", 'x") or ("1"=="1']
 
 
 def test_a_store_served_by_a_child_behaves_like_the_embedded_one(tmp_path):
