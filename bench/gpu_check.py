@@ -491,9 +491,21 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
 WORKER_GENERATE = {"embed": "none", "embed+category": "category"}  # encoder mode -> the worker's generation
 
 
-def worker_phase_name(mode: str, lite: str) -> str:
-    """worker/embed, worker/embed+category; with milvus-lite in a child process: worker/embed/lite-process."""
-    return f"worker/{mode}" + ("/lite-process" if lite == "process" else "")
+def worker_phase_name(mode: str, lite: str, replicas: int = 1) -> str:
+    """worker/embed, worker/embed+category; with milvus-lite in a child process: worker/embed/lite-process;
+    with several worker processes sharing the device: worker/embed/x2, worker/embed/x2/lite-process."""
+    return (f"worker/{mode}" + (f"/x{replicas}" if replicas > 1 else "")
+            + ("/lite-process" if lite == "process" else ""))
+
+
+def _replica_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct counts >= 1 such as 1,2,3; got {text!r}")
+    return counts
 
 
 def _lite_modes(text: str) -> str:
@@ -618,11 +630,17 @@ def thread_cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tupl
 
 
 def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path,
-                 isolation: str, lite_process: bool = False) -> dict[str, Any]:
+                 isolation: str, lite_process: bool = False, barrier: Any = None,
+                 measure_alone: bool = True) -> dict[str, Any]:
     """The worker's polling-thread work (decode, prepare) and its two stage threads on real notes, against
     the same encoder alone on the very batches the batcher closed. The note texts are cycled (each record
     its own note id) to at least ``WORKER_MIN_BATCHES`` batches: with one batch (run 6: batch 2048 on
-    2,048 notes) nothing overlaps and the ratio only says the stages ran in series."""
+    2,048 notes) nothing overlaps and the ratio only says the stages ran in series.
+
+    One of several replicas (:func:`replicas_phase`): ``barrier`` (a multiprocessing Barrier) lines up the
+    replicas' measured passes and then their encoder-alone passes, which only the replica with
+    ``measure_alone`` makes, alone on the device; the result has the measured pass's ``span`` (monotonic
+    clock, the same for every process of the machine)."""
     from worker.batcher import Batcher
     from worker.decode import decode
     from worker.encoders import load_encoder
@@ -698,12 +716,22 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
     run_pipeline(None)  # warm-up pass (shapes, Milvus segments); every note is written once here
     formed: list = []
     sink_s[:] = [0.0, 0, 0.0]
+    if barrier is not None:
+        barrier.wait(600)
+    begin = time.monotonic()
     dt, poll_s, busy, cpu = run_pipeline(formed)  # the same ids again: idempotent upserts
+    span = (begin, begin + dt)
+    if barrier is not None:
+        barrier.wait(600)  # every replica's measured pass has ended: the encoder alone has the device
     sizes = [len(b.notes) for b in formed]
-    t0 = time.perf_counter()
-    for b in formed:
-        enc.encode([n.prompt for n in b.notes], generate)
-    alone = time.perf_counter() - t0
+    alone = None
+    if measure_alone:
+        t0 = time.perf_counter()
+        for b in formed:
+            enc.encode([n.prompt for n in b.notes], generate)
+        alone = time.perf_counter() - t0
+    if barrier is not None:
+        barrier.wait(600)
     count = store.count(coll)
     enc.close()
     store.close()
@@ -712,9 +740,10 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         "isolation": isolation, "lite_process": lite_process, "generate": generate, "max_batch_notes": batch,
         "notes": n,
         "batches": len(formed), "mean_batch": round(sum(sizes) / max(len(sizes), 1), 1),
-        "pipeline_notes_per_s": round(n / dt, 1), "encoder_alone_notes_per_s": round(n / alone, 1),
-        "ratio": round(alone / dt, 3),
-        "time_s": {"pipeline_wall": round(dt, 3), "encoder_alone": round(alone, 3),
+        "pipeline_notes_per_s": round(n / dt, 1),
+        "encoder_alone_notes_per_s": round(n / alone, 1) if alone else None,
+        "ratio": round(alone / dt, 3) if alone else None, **({"span": span} if barrier is not None else {}),
+        "time_s": {"pipeline_wall": round(dt, 3), "encoder_alone": round(alone, 3) if alone else None,
                    "polling_thread_decode_prepare_batch": round(poll_s, 3),
                    "encode_stage_busy": round(busy["encode"], 3), "sink_stage_busy": round(busy["sink"], 3),
                    "milvus_flush": round(sink_s[0], 3)},
@@ -728,6 +757,86 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         "cpus": len(os.sched_getaffinity(0)),
         "milvus_rows_per_s": round(n / sink_s[0], 1) if sink_s[0] else None,
         "milvus_rows": count,
+    }
+
+
+def _replica_main(results: Any, index: int, barrier: Any, device: str, kwargs: dict[str, Any]) -> None:
+    """One replica of :func:`replicas_phase`, in its own process: the worker phase, its result (or its
+    error) put on ``results``. A failure breaks the barrier, so that no other replica waits for it."""
+    try:
+        if device == "cuda":
+            preload_cuda()
+        r = worker_phase(device=device, barrier=barrier, measure_alone=index == 0, **kwargs)
+        results.put((index, r))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, whatever it was
+        barrier.abort()
+        results.put((index, {"error": f"{type(e).__name__}: {str(e)[:500]}"}))
+
+
+def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path, isolation: str,
+                   lite_process: bool, replicas: int, timeout_s: float = 600.0) -> dict[str, Any]:
+    """``replicas`` worker processes sharing the device, as several worker replicas on one GPU would: each
+    runs :func:`worker_phase` (its own encoder child, tokenizer, pipeline and milvus-lite db: milvus-lite
+    serves one process, so each replica writes a db of its own where production replicas share a Milvus
+    server), their measured passes started together. The aggregate notes/s (every replica's notes over the
+    time from the first start to the last end) is compared with one encoder alone on the whole device
+    (replica 0's, measured after every replica's pass)."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(replicas)
+    results = ctx.Queue()
+    procs = []
+    for i in range(replicas):
+        kwargs = {"pkg": pkg, "notes": notes, "batch": batch, "generate": generate,
+                  "work": work / f"replica-{i}", "isolation": isolation, "lite_process": lite_process}
+        (work / f"replica-{i}").mkdir(parents=True, exist_ok=True)
+        procs.append(ctx.Process(target=_replica_main, args=(results, i, barrier, device, kwargs),
+                                 name=f"gpu-check-replica-{i}"))
+    for p in procs:
+        p.start()
+    got: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < replicas:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{replicas - len(got)} of {replicas} replicas did not report in {timeout_s:.0f} s")
+            try:
+                i, r = results.get(timeout=min(left, 5.0))
+            except queue.Empty:  # check that every replica still lives
+                dead = [p.name for k, p in enumerate(procs) if k not in got and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"replica process(es) died without a result: {dead}") from None
+                continue
+            got[i] = r
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = {i: r["error"] for i, r in got.items() if "error" in r}
+    if errors:
+        raise RuntimeError(f"replica errors: {errors}")
+    rows = [got[i] for i in range(replicas)]
+    begin = min(r["span"][0] for r in rows)
+    end = max(r["span"][1] for r in rows)
+    total = sum(r["notes"] for r in rows)
+    alone = rows[0]["encoder_alone_notes_per_s"]
+    agg = total / (end - begin)
+    keep = ("pipeline_notes_per_s", "milvus_rows_per_s", "time_s", "cpu_s", "batches", "mean_batch", "milvus_rows")
+    return {
+        "replicas": replicas, "isolation": isolation, "lite_process": lite_process, "generate": generate,
+        "max_batch_notes": batch, "notes": total, "pipeline_notes_per_s": round(agg, 1),
+        "encoder_alone_notes_per_s": alone, "ratio": round(agg / alone, 3),
+        # how far apart the measured passes started and ended (s): overlap, not a staggered run
+        "start_spread_s": round(max(r["span"][0] for r in rows) - begin, 3),
+        "end_spread_s": round(end - min(r["span"][1] for r in rows), 3),
+        "milvus_rows_per_s": round(sum(r["milvus_rows_per_s"] or 0.0 for r in rows), 1),
+        "cpus": rows[0]["cpus"],
+        "per_replica": [{k: r[k] for k in keep} for r in rows],
     }
 
 
@@ -1068,9 +1177,9 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
     for mode in WORKER_GENERATE:  # the worker at embed-only speed and with category generation
         out[f"pipeline_vs_encoder_alone/{mode}"] = {"value": (doc.get(f"worker/{mode}") or {}).get("ratio"),
                                                     "goal": ">= 0.9"}
-        lp = doc.get(worker_phase_name(mode, "process"))
-        if lp:  # the same with milvus-lite in a child process, when measured
-            out[f"pipeline_vs_encoder_alone/{mode}/lite-process"] = {"value": lp.get("ratio"), "goal": ">= 0.9"}
+    for name, w in doc.items():  # the same with milvus-lite in a child process, or several replicas, if measured
+        if name.startswith("worker/") and isinstance(w, dict) and "ratio" in w:
+            out[f"pipeline_vs_encoder_alone/{name[len('worker/'):]}"] = {"value": w["ratio"], "goal": ">= 0.9"}
     for g in out.values():
         v = g["value"]
         g["met"] = None if v is None else bool(v >= float(g["goal"].split()[1]))
@@ -1138,10 +1247,19 @@ def markdown(doc: dict[str, Any]) -> str:
                     else:
                         cells.append("skipped" if "skipped" in r else ("error" if "error" in r else ""))
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name in [worker_phase_name(m, lite) for m in WORKER_GENERATE for lite in ("thread", "process")]:
-        w = doc.get(name)
-        if w:
-            where = "a child process" if w.get("lite_process") else "the worker's process"
+    for name in [k for k in doc if k.startswith("worker/") and isinstance(doc[k], dict) and "ratio" in doc[k]]:
+        w = doc[name]
+        where = "a child process" if w.get("lite_process") else "the worker's process"
+        if w.get("replicas"):
+            per = "; ".join(f"{r['pipeline_notes_per_s']:,.0f} notes/s, milvus-lite {r['milvus_rows_per_s'] or 0:,.0f} "
+                            f"rows/s, process CPU {r['cpu_s']['worker_process']} s" for r in w["per_replica"])
+            lines += ["", f"Worker path, {name[len('worker/'):]} ({w['replicas']} worker processes sharing the device, "
+                      f"{w['package']} package, each with its encoder in a process of its own and its own milvus-lite "
+                      f"db served from {where}, generate={w['generate']}, batch {w['max_batch_notes']}): "
+                      f"{w['pipeline_notes_per_s']:,.0f} notes/s together vs one encoder alone "
+                      f"{w['encoder_alone_notes_per_s']:,.0f} (ratio {w['ratio']}); passes started within "
+                      f"{w['start_spread_s']} s and ended within {w['end_spread_s']} s; per replica: {per}."]
+        else:
             lines += ["", f"Worker path, {name[len('worker/'):]} ({w['package']} package, {w['isolation']} encoder, "
                       f"milvus-lite served from {where}, generate="
                       f"{w['generate']}, batch {w['max_batch_notes']}): {w['pipeline_notes_per_s']:,.0f} notes/s vs "
@@ -1219,6 +1337,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the worker phase's milvus-lite serves its db: thread (pymilvus's server in the "
                          "worker's process, the default), process (NOTELLM_MILVUS__LITE_PROCESS: a child), or "
                          "thread,process (both, side by side)")
+    ap.add_argument("--worker-replicas", default=(1,), type=_replica_counts,
+                    help="worker processes sharing the device in the worker phase, e.g. 1,2,3: each count > 1 "
+                         "is its own phase (worker/<mode>/x<count>), its replicas' passes started together "
+                         "and their notes/s summed (default 1)")
     ap.add_argument("--fuse-dtypes", default="fp16",
                     help="packages also measured fused (`notellm export --fuse`), as engine ort-<dtype>-fused; '' for none")
     ap.add_argument("--expanded-dtypes", default="",
@@ -1292,12 +1414,20 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     for mode in [m for m in a.modes.split(",") if m in WORKER_GENERATE] if "worker" not in skip else []:
         wkind, best_batch = worker_package(enc, packages, device, mode)
-        for lite in a.worker_lite.split(","):
-            rep.phase(worker_phase_name(mode, lite), lambda wkind=wkind, mode=mode, lite=lite,
-                      batch=int(best_batch or max(sizes)): {
-                          "package": wkind, **worker_phase(packages[wkind], device, notes, batch, WORKER_GENERATE[mode],
-                                                           work, "process", lite_process=lite == "process")},
-                      need_s=20)
+        for replicas in a.worker_replicas:
+            for lite in a.worker_lite.split(","):
+                if replicas == 1:
+                    run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind:
+                           worker_phase(packages[wkind], device, notes, batch, WORKER_GENERATE[mode], work,
+                                        "process", lite_process=lite == "process"))
+                else:
+                    run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind,
+                           replicas=replicas: replicas_phase(packages[wkind], device, notes, batch,
+                                                             WORKER_GENERATE[mode],
+                                                             work / worker_phase_name(mode, lite, replicas),
+                                                             "process", lite == "process", replicas))
+                rep.phase(worker_phase_name(mode, lite, replicas),
+                          lambda run=run, wkind=wkind: {"package": wkind, **run()}, need_s=20 * replicas)
     kind, best_batch = worker_package(enc, packages, device)
     batch = int(best_batch or max(sizes))
     if "fusions" not in skip:

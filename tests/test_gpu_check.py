@@ -22,7 +22,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable)
     p = subprocess.run([str(REPO / "scripts" / "gpu-check"), "--cpu", "--out", str(out), "--work", str(tmp_path / "w"),
                         "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site),
-                        "--expanded-dtypes", "fp32", "--worker-lite", "thread,process"],
+                        "--expanded-dtypes", "fp32", "--worker-lite", "thread,process", "--worker-replicas", "1,2"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads((out / "gpu-check.json").read_text())
@@ -30,7 +30,8 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
                           "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
                           "encoder", "worker/embed", "worker/embed+category", "worker/embed/lite-process",
-                          "worker/embed+category/lite-process",
+                          "worker/embed+category/lite-process", "worker/embed/x2", "worker/embed+category/x2",
+                          "worker/embed/x2/lite-process", "worker/embed+category/x2/lite-process",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -86,6 +87,18 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         assert all(v > 0 for v in c["by_thread"].values())
         assert sum(c["by_thread"].values()) <= c["worker_process"] + 0.05
         assert w["cpus"] >= 1
+    for mode, generate, lite in [(m, g, lite) for m, g in (("embed", "none"), ("embed+category", "category"))
+                                 for lite in ("", "/lite-process")]:  # two worker processes sharing the device
+        w = doc[f"worker/{mode}/x2{lite}"]
+        assert w["replicas"] == 2 and w["generate"] == generate and w["lite_process"] == bool(lite)
+        assert len(w["per_replica"]) == 2 and w["notes"] == sum(r["milvus_rows"] for r in w["per_replica"])
+        # every replica wrote its notes; the passes overlapped (started together: the barrier)
+        assert all(r["milvus_rows"] == max(16, 6 * w["max_batch_notes"]) for r in w["per_replica"])
+        assert w["start_spread_s"] < min(r["time_s"]["pipeline_wall"] for r in w["per_replica"])
+        # together: every note over the span of both passes, so never more than their sum
+        assert 0 < w["pipeline_notes_per_s"] <= 1.01 * sum(r["pipeline_notes_per_s"] for r in w["per_replica"])
+        assert w["ratio"] == round(w["pipeline_notes_per_s"] / w["encoder_alone_notes_per_s"], 3)
+        assert w["per_replica"][1]["time_s"]["encoder_alone"] is None  # only replica 0 measures it, alone
     f = doc["fusions"]
     assert not any(k.startswith("fp16-fused") for k in f)  # a fused package is not fused again
     for kind in ("fp32", "fp16"):
@@ -118,12 +131,13 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         e = op[f"{k}/embed"]
         assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] >= 1  # one per sub-batch
         assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
-    workers = [f"{m}{lite}" for m in ("embed", "embed+category") for lite in ("", "/lite-process")]
+    workers = [f"{m}{x}{lite}" for m in ("embed", "embed+category") for x in ("", "/x2") for lite in ("", "/lite-process")]
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s"} | {
         f"pipeline_vs_encoder_alone/{w}" for w in workers}
     assert all(doc["goals"][f"pipeline_vs_encoder_alone/{w}"]["value"] == doc[f"worker/{w}"]["ratio"] for w in workers)
     md = (out / "gpu-check.md").read_text()
     assert "Worker path, embed (" in md and "Worker path, embed+category/lite-process (" in md
+    assert "Worker path, embed/x2 (2 worker processes sharing the device" in md
     assert "**embed**" in md and "| goal |" in md and "Kernel profile" in md
     assert "Fused fp16 package" in md and "Embed graph on the fp16 package" in md and "ONNX Runtime's profiler" in md
     assert (out / "gpu-check.log").stat().st_size > 0
@@ -222,3 +236,16 @@ def test_worker_lite_takes_thread_process_or_both_once():
             _lite_modes(bad)
     assert worker_phase_name("embed", "thread") == "worker/embed"
     assert worker_phase_name("embed+category", "process") == "worker/embed+category/lite-process"
+
+
+def test_worker_replicas_takes_distinct_counts_and_names_their_phases():
+    import argparse
+
+    from bench.gpu_check import _replica_counts, worker_phase_name
+
+    assert _replica_counts("1") == (1,) and _replica_counts("1,2,3") == (1, 2, 3)
+    for bad in ("", "0", "1,1", "two", "2,-1"):  # a repeat would overwrite its phase
+        with pytest.raises(argparse.ArgumentTypeError):
+            _replica_counts(bad)
+    assert worker_phase_name("embed", "thread", 1) == "worker/embed"
+    assert worker_phase_name("embed", "process", 3) == "worker/embed/x3/lite-process"
