@@ -631,7 +631,7 @@ def thread_cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tupl
 
 def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path,
                  isolation: str, lite_process: bool = False, barrier: Any = None,
-                 measure_alone: bool = True) -> dict[str, Any]:
+                 measure_alone: bool = True, gpu_mem_limit_mib: int | None = None) -> dict[str, Any]:
     """The worker's polling-thread work (decode, prepare) and its two stage threads on real notes, against
     the same encoder alone on the very batches the batcher closed. The note texts are cycled (each record
     its own note id) to at least ``WORKER_MIN_BATCHES`` batches: with one batch (run 6: batch 2048 on
@@ -649,7 +649,8 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
     from worker.records import Note
     from worker.sinks.milvus import MilvusSink, MilvusStore
 
-    enc = load_encoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9, isolation=isolation)
+    enc = load_encoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9, isolation=isolation,
+                       gpu_mem_limit_mib=gpu_mem_limit_mib)
     enc.warmup()
     # one collection per phase; a db of its own for the child (pymilvus's in-process server keeps its db's
     # LOCK until this process exits)
@@ -743,6 +744,7 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         "pipeline_notes_per_s": round(n / dt, 1),
         "encoder_alone_notes_per_s": round(n / alone, 1) if alone else None,
         "ratio": round(alone / dt, 3) if alone else None, **({"span": span} if barrier is not None else {}),
+        "gpu_mem_limit_mib": gpu_mem_limit_mib,
         "time_s": {"pipeline_wall": round(dt, 3), "encoder_alone": round(alone, 3) if alone else None,
                    "polling_thread_decode_prepare_batch": round(poll_s, 3),
                    "encode_stage_busy": round(busy["encode"], 3), "sink_stage_busy": round(busy["sink"], 3),
@@ -780,17 +782,25 @@ def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work
     serves one process, so each replica writes a db of its own where production replicas share a Milvus
     server), their measured passes started together. The aggregate notes/s (every replica's notes over the
     time from the first start to the last end) is compared with one encoder alone on the whole device
-    (replica 0's, measured after every replica's pass)."""
+    (replica 0's, measured after every replica's pass). On CUDA each replica's encoder sessions are bounded
+    to a share of the device's memory (``NOTELLM_MODEL__GPU_MEM_LIMIT_MIB``): unbounded, ONNX Runtime's arena
+    doubles and keeps what it took, and in run 10 the second replica could not allocate 1.3 GB."""
     import multiprocessing as mp
     import queue
 
+    limit = None
+    if device == "cuda":  # 80 % of the device, shared by the replicas' two sessions (step and embed graph)
+        import torch
+
+        limit = int(0.8 * torch.cuda.get_device_properties(0).total_memory / 2**20 / (2 * replicas))
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(replicas)
     results = ctx.Queue()
     procs = []
     for i in range(replicas):
         kwargs = {"pkg": pkg, "notes": notes, "batch": batch, "generate": generate,
-                  "work": work / f"replica-{i}", "isolation": isolation, "lite_process": lite_process}
+                  "work": work / f"replica-{i}", "isolation": isolation, "lite_process": lite_process,
+                  "gpu_mem_limit_mib": limit}
         (work / f"replica-{i}").mkdir(parents=True, exist_ok=True)
         procs.append(ctx.Process(target=_replica_main, args=(results, i, barrier, device, kwargs),
                                  name=f"gpu-check-replica-{i}"))
@@ -829,7 +839,7 @@ def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work
     keep = ("pipeline_notes_per_s", "milvus_rows_per_s", "time_s", "cpu_s", "batches", "mean_batch", "milvus_rows")
     return {
         "replicas": replicas, "isolation": isolation, "lite_process": lite_process, "generate": generate,
-        "max_batch_notes": batch, "notes": total, "pipeline_notes_per_s": round(agg, 1),
+        "max_batch_notes": batch, "gpu_mem_limit_mib": limit, "notes": total, "pipeline_notes_per_s": round(agg, 1),
         "encoder_alone_notes_per_s": alone, "ratio": round(agg / alone, 3),
         # how far apart the measured passes started and ended (s): overlap, not a staggered run
         "start_spread_s": round(max(r["span"][0] for r in rows) - begin, 3),

@@ -128,6 +128,11 @@ def _sample(path, info) -> tuple[str, Any]:
     t = args[0]
     if t is bool:
         return ref.value_text(not default), not default
+    if t in (int, float) and default is None:  # unset by default: twice its lower bound
+        lo = next((b for m in info.metadata for b in (getattr(m, "ge", None), getattr(m, "gt", None))
+                   if b is not None), 0)
+        v = t(lo * 2 or 64)
+        return ref.value_text(v), v
     if t in (int, float):
         for v in (default * 2, default + 1, default / 2, default - 1):
             v = t(v)

@@ -45,3 +45,68 @@ def test_this_machine_has_no_driver_or_says_so():
     """The real probe: on a machine without an NVIDIA driver it names the missing library."""
     why = enc._no_cuda_driver()
     assert why is None or "libcuda" in why
+
+
+class _Opened(Exception):
+    """Raised by the recording InferenceSession: what the encoder asked ONNX Runtime for is all we need."""
+
+
+def _record_session(monkeypatch) -> list:
+    seen: list = []
+
+    def session(path, sess_options=None, providers=None):
+        seen.append(providers)
+        raise _Opened
+
+    monkeypatch.setattr(enc.ort, "InferenceSession", session)
+    return seen
+
+
+def test_a_gpu_memory_limit_bounds_the_cuda_sessions_arena(gpu_runtime, monkeypatch):
+    """NOTELLM_MODEL__GPU_MEM_LIMIT_MIB reaches ONNX Runtime's CUDA provider as gpu_mem_limit (bytes) with the
+    arena grown by what is asked: unbounded, the arena doubles and keeps what it took, so a second worker on
+    the same GPU could not allocate (run 10). Unset, the provider keeps ONNX Runtime's defaults."""
+    from tests.tiny import tiny_package
+    from worker.encoders import cuda_arena_options, load_encoder
+
+    pkg = tiny_package("fp32")[0]  # built (and validated) before ONNX Runtime's session is replaced
+    monkeypatch.setattr(enc, "_no_cuda_driver", lambda: None)
+    seen = _record_session(monkeypatch)
+    with pytest.raises(_Opened):
+        load_encoder(pkg, device="cuda", isolation="thread", gpu_mem_limit_mib=3072)
+    assert seen[-1] == [("CUDAExecutionProvider", {"gpu_mem_limit": str(3072 * 2**20),
+                                                   "arena_extend_strategy": "kSameAsRequested"}),
+                        "CPUExecutionProvider"]
+    with pytest.raises(_Opened):
+        load_encoder(pkg, device="cuda", isolation="thread")
+    assert seen[-1] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ValueError):
+        cuda_arena_options(0)
+
+
+def test_the_worker_and_backfill_pass_the_gpu_memory_limit_from_settings(monkeypatch):
+    import worker.encoders
+    from worker import app as app_mod
+    from worker.backfill import backfill
+    from worker.config import load_settings
+
+    monkeypatch.setenv("NOTELLM_MODEL__GPU_MEM_LIMIT_MIB", "2048")
+    s = load_settings()
+    assert s.model.gpu_mem_limit_mib == 2048
+    seen: list = []
+
+    def fake(model_dir, **kw):
+        seen.append(kw.get("gpu_mem_limit_mib"))
+        raise _Opened
+
+    monkeypatch.setattr(app_mod, "load_encoder", fake)
+    monkeypatch.setattr(worker.encoders, "load_encoder", fake)  # backfill imports it when it runs
+    with pytest.raises(_Opened):
+        app_mod.WorkerApp(s).start()
+    with pytest.raises(_Opened):
+        backfill(s)
+    assert seen == [2048, 2048]
+    monkeypatch.delenv("NOTELLM_MODEL__GPU_MEM_LIMIT_MIB")
+    assert load_settings().model.gpu_mem_limit_mib is None
+    with pytest.raises(ValueError):  # below 256 MiB no session fits
+        load_settings({"model": {"gpu_mem_limit_mib": 16}})

@@ -122,7 +122,7 @@ class WorkerApp:
                                          max_batch_notes=s.batch.max_batch_notes,
                                          max_batch_tokens=s.batch.max_batch_tokens, max_new_tokens=m.max_new_tokens,
                                          isolation=m.isolation, categories=m.categories,
-                                         log=(s.log.format, s.log.level))
+                                         gpu_mem_limit_mib=m.gpu_mem_limit_mib, log=(s.log.format, s.log.level))
             self._own_encoder = True
             self._opened.append(self._encoder.close)
         enc = self.encoder = self._encoder

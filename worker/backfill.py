@@ -45,7 +45,7 @@ def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_
     enc = encoder or load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
                                   max_batch_notes=s.batch.max_batch_notes, max_batch_tokens=s.batch.max_batch_tokens,
                                   max_new_tokens=m.max_new_tokens, isolation=m.isolation,
-                                  categories=m.categories)
+                                  categories=m.categories, gpu_mem_limit_mib=m.gpu_mem_limit_mib)
     own_store = store is None
     store = store or MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
                                  db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s,

@@ -151,6 +151,12 @@ class ModelSettings(BaseModel):
         "auto", description="auto: CUDA when onnxruntime-gpu and an NVIDIA driver are present, else CPU; cuda "
                             "without them is a start-up error")
     intra_op_threads: int = Field(0, ge=0, description="0 = ONNX Runtime default")
+    gpu_mem_limit_mib: int | None = Field(
+        None, ge=256, description="on CUDA: the most GPU memory each of the encoder's ONNX Runtime sessions may "
+                                  "hold (MiB; the step graph's and, when the package has one, the embed graph's), "
+                                  "its arena grown by what is asked, not by powers of two. Set it when several "
+                                  "workers share one GPU: unset, ONNX Runtime's arena grows by powers of two and "
+                                  "keeps what it took, and a second worker on the GPU ran out of memory")
     isolation: Literal["process", "thread"] = Field(
         "process", description="process: the encoder runs in a child process (never waits for the worker's GIL; "
                                "a crash or hang is restartable); thread: in the worker process")
