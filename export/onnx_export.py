@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from export.embed_graph import EMBED_GRAPH_FILE, EMBED_OUTPUTS, build_embed_graph, embed_inputs
+from export.embed_graph import DEFAULT_ROTARY, EMBED_GRAPH_FILE, EMBED_OUTPUTS, build_embed_graph, embed_inputs
 from notellm.model import NoteLLM
 from notellm.prompts import EMB_TOKEN, OUTPUT_QUOTE, PROMPT_VERSION
 
@@ -463,7 +463,7 @@ def export_package(model: NoteLLM, out_dir: str | os.PathLike, *, dtype: str = "
         files = export_step_graph(model, stage / GRAPH_FILE, dtype=dtype, grouped=grouped)
     log.info("graph written in %.1fs: %s", time.perf_counter() - t0, files)
     fusions = fuse_for_ort(stage / GRAPH_FILE) if fuse else None
-    rotary = embed_graph if isinstance(embed_graph, str) else "gqa"
+    rotary = embed_graph if isinstance(embed_graph, str) else DEFAULT_ROTARY
     embed_files = build_embed_graph(model, stage / EMBED_GRAPH_FILE, dtype=dtype, rotary=rotary) if embed_graph else []
     model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
     if model.categories:

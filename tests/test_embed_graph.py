@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.embed_graph import EMBED_GRAPH_FILE, build_embed_graph, unsupported
+from export.embed_graph import DEFAULT_ROTARY, EMBED_GRAPH_FILE, build_embed_graph, unsupported
 from export.onnx_export import MANIFEST_FILE, content_hash, export_package, manifest_hashed_files
 from export.validate import VALIDATION_NOTES
 from tests.tiny import NOTES, tiny_notellm, tiny_package
@@ -20,13 +20,14 @@ from worker.encoder import EncoderError, OnnxNoteEncoder, right_padded
                                         ("fp32", "mha-prefix"), ("fp16", "mha-prefix")],
                 ids=lambda p: "-".join(p))
 def packages(request, tmp_path_factory):
-    """(plain package, the same model exported with --embed-graph (the default gqa, or mha: RotaryEmbedding +
-    MultiHeadAttention, no GroupQueryAttention, or mha-prefix: that with the instruction's KV as inputs), its
-    manifest, dtype)."""
+    """(plain package, the same model exported with --embed-graph (gqa, or mha: RotaryEmbedding +
+    MultiHeadAttention, no GroupQueryAttention, or the default mha-prefix: that with the instruction's KV as
+    inputs), its manifest, dtype)."""
     dtype, variant = request.param
     plain_dir, plain = tiny_package(dtype)
     out = tmp_path_factory.mktemp(f"eg-{dtype}-{variant}") / "pkg"
-    manifest = export_package(tiny_notellm(), out, dtype=dtype, embed_graph=True if variant == "gqa" else variant)
+    manifest = export_package(tiny_notellm(), out, dtype=dtype,
+                              embed_graph=True if variant == DEFAULT_ROTARY else variant)
     return plain_dir, plain, out, manifest, dtype
 
 
@@ -225,7 +226,7 @@ def test_export_cli_writes_the_chosen_variant(tmp_path, capsys):
     configure(parser)
     base = ["--model", "tiny", "--out", str(out)]
     assert [parser.parse_args([*base, "--embed-graph", v]).embed_graph for v in ROTARY] == list(ROTARY)
-    assert parser.parse_args([*base, "--embed-graph"]).embed_graph == "gqa"
+    assert parser.parse_args([*base, "--embed-graph"]).embed_graph == DEFAULT_ROTARY == "mha-prefix"
 
 
 def test_refused_where_it_cannot_apply(tmp_path):
