@@ -651,7 +651,7 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
 
     enc = load_encoder(pkg, device=device, max_batch_notes=batch, max_batch_tokens=10**9, isolation=isolation,
                        gpu_mem_limit_mib=gpu_mem_limit_mib)
-    enc.warmup()
+    enc.warmup(generate)
     # one collection per phase; a db of its own for the child (pymilvus's in-process server keeps its db's
     # LOCK until this process exits)
     db = work / "milvus" / ("gpu-check-lp.db" if lite_process else "gpu-check.db")

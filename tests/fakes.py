@@ -44,7 +44,7 @@ class FakeEncoder:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ protocol
-    def warmup(self) -> None:
+    def warmup(self, generate="both") -> None:
         self.warmed = True
 
     def tokenize(self, note, generate) -> Prompt:

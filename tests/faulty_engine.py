@@ -24,8 +24,8 @@ class FaultyEngine:
         self.manifest, self.model_version = self.inner.manifest, self.inner.model_version
         self.dim, self.providers = self.inner.dim, self.inner.providers
 
-    def warmup(self) -> None:
-        self.inner.warmup()
+    def warmup(self, generate="both") -> None:
+        self.inner.warmup(generate)
 
     def _armed(self) -> bool:
         if self.once is None:

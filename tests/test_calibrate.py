@@ -43,7 +43,7 @@ class CurveEncoder:
     def clock(self) -> float:
         return self.now
 
-    def warmup(self) -> None:
+    def warmup(self, generate="both") -> None:
         pass
 
     def tokenize(self, note, generate) -> Prompt:
@@ -237,7 +237,7 @@ class LimitsEcho:
         self.manifest = json.loads((Path(model_dir) / "notellm.json").read_text())
         self.model_version, self.dim, self.providers = str(self.manifest["model_version"]), 4, ["EchoProvider"]
 
-    def warmup(self) -> None:
+    def warmup(self, generate="both") -> None:
         pass
 
     def encode(self, prompts, generate, *, timeout_s=None):

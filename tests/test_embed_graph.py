@@ -104,6 +104,37 @@ def test_encoder_embeds_through_it_with_the_step_graphs_vectors(packages):
     assert with_graph.embed_session is None
 
 
+def test_an_embed_only_warmup_runs_only_what_embed_only_calls_run(packages):
+    """warmup("none") with an embed graph runs it at the largest batch and the step graph only for the
+    instruction's prefix (batch 1): on CUDA a generation warm-up at batch 2048 grew the step session's
+    arena past 28 GB for a worker that never generates (run 11). Without an embed graph it runs the step
+    graph's prefill alone; a generating warm-up runs prefill, continuation and a decode step."""
+    plain_dir, _, out, _, _ = packages
+
+    def traced(enc):
+        steps, embeds = [], []
+        step, rows = enc._step, enc._embed_rows
+        enc._step = lambda ids, *a, **k: steps.append((ids.shape[0], k.get("want_logits", True))) or step(ids, *a, **k)
+        enc._embed_rows = lambda task, segments: embeds.append(len(segments)) or rows(task, segments)
+        return steps, embeds
+
+    with_graph = OnnxNoteEncoder(out, device="cpu", max_batch_notes=3, embed_graph=True)
+    steps, embeds = traced(with_graph)
+    with_graph.warmup("none")
+    assert all(b == 1 for b, _ in steps) and embeds == [3]
+    steps.clear(), embeds.clear()
+    with_graph.warmup("category")
+    assert [b for b, _ in steps if b > 1] == [3, 3, 3] and embeds == [3]  # prefill, continuation, a step
+    with_graph.close()
+    plain = OnnxNoteEncoder(plain_dir, device="cpu", max_batch_notes=3)
+    steps, embeds = traced(plain)
+    plain.warmup("none")
+    assert [s for s in steps if s[0] == 3] == [(3, False)] and not embeds  # the prefill, no logits
+    with pytest.raises(ValueError):
+        plain.warmup("all")
+    plain.close()
+
+
 def test_right_padding_is_exact_whatever_the_batch(packages):
     """A note's vector does not depend on the notes batched with it (causal attention never reaches the
     pads on the right) nor on how long the longest of them is."""

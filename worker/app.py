@@ -146,7 +146,7 @@ class WorkerApp:
         self._check_stop()
         self._choose_batch_limits(enc)
         self._check_stop()
-        enc.warmup()  # at the chosen limits (the largest batch shape the worker will send)
+        enc.warmup(s.model.generate)  # at the chosen limits (the largest batch shape the worker will send)
         self.warmed = True
         self._check_stop()
         self.stage = EncodeStage(enc, topic=k.topic_notes, restarts=s.model.engine_restarts,

@@ -402,26 +402,36 @@ class OnnxNoteEncoder:
         return session
 
     # ------------------------------------------------------------------------------------------ public
-    def warmup(self) -> None:
-        """Run the largest batch shape once (prefill, continuation, one decode step)."""
+    def warmup(self, generate: GenerateTask = "both") -> None:
+        """Run the largest batch shape once on the paths calls with `generate` take: generating, the step
+        graph's prefill, continuation and one decode step (and the embed graph); embed-only, the embed graph
+        when the package has one (the step graph then only computes the instruction's prefix), else the
+        step graph's prefill. An embed-only worker never sends generation through the step graph at its
+        largest batch, which on CUDA would grow the session's memory arena for nothing (run 11: over 28 GB
+        at batch 2048)."""
+        if generate not in GENERATE_TASKS:
+            raise ValueError(f"generate must be one of {GENERATE_TASKS}, got {generate!r}")
+        embed_only = generate == "none"
         if self.share_prefix:
-            for task in ("category", "hashtags"):
+            for task in ("category",) if embed_only else ("category", "hashtags"):
                 self._shared_prefix(task)
         n = self.max_batch_notes
         seq = max(8, min(self.max_prompt_tokens, self.max_batch_tokens // n))
-        ids = np.full((n, seq), self.pad_id, dtype=np.int64)
-        mask = np.ones((n, seq), dtype=np.int64)
         t0 = time.perf_counter()
-        _, _, past = self._step(ids, mask, self._empty_past(n), want_vec=True, want_logits=False)
-        cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
-        mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
-        _, logits, past = self._step(cont, mask, past)
-        nxt = self._choose(logits, np.zeros(n, dtype=bool))[:, None]
-        mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
-        self._step(nxt, mask, past)
+        if not (embed_only and self.embed_session is not None):
+            ids = np.full((n, seq), self.pad_id, dtype=np.int64)
+            mask = np.ones((n, seq), dtype=np.int64)
+            _, _, past = self._step(ids, mask, self._empty_past(n), want_vec=True, want_logits=False)
+            if not embed_only:
+                cont = np.array([self.prompts.continuation_ids("category")] * n, dtype=np.int64)
+                mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
+                _, logits, past = self._step(cont, mask, past)
+                nxt = self._choose(logits, np.zeros(n, dtype=bool))[:, None]
+                mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
+                self._step(nxt, mask, past)
         if self.embed_session is not None:
             self._embed_rows("category", [[self.pad_id] * seq] * n)
-        log.info("encoder.warmup", batch=n, seq=seq, seconds=round(time.perf_counter() - t0, 3))
+        log.info("encoder.warmup", batch=n, seq=seq, generate=generate, seconds=round(time.perf_counter() - t0, 3))
 
     def tokenize(self, note: NoteLike, generate: GenerateTask) -> Prompt:
         """The note's prompt ids (see PromptTokenizer); raises NoteError."""

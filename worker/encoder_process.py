@@ -78,7 +78,7 @@ def _serve(conn, model_dir: str, factory: str, kwargs: dict, log_cfg: tuple[str,
             return
         try:
             if op == "warmup":
-                reply: tuple = ("ok", enc.warmup())
+                reply: tuple = ("ok", enc.warmup(*args))
             elif op == "encode":
                 payload, generate = args
                 reply = ("ok", enc.encode([Prompt(*p) for p in payload], generate))
@@ -147,8 +147,8 @@ class ProcessEncoder:
         self.prompt_tokenizer = PromptTokenizer(Path(model_dir), self.manifest)
 
     # ------------------------------------------------------------------------------------ protocol
-    def warmup(self) -> None:
-        self._call("warmup", (), self._start_timeout_s)
+    def warmup(self, generate: GenerateTask = "both") -> None:
+        self._call("warmup", (generate,), self._start_timeout_s)
 
     def tokenize(self, note, generate: GenerateTask) -> Prompt:
         return self.prompt_tokenizer.tokenize(note, generate)

@@ -66,8 +66,9 @@ class Encoder(Protocol):
     dim: int
     providers: list[str]
 
-    def warmup(self) -> None:
-        """Run the largest batch shape once (before the first real batch)."""
+    def warmup(self, generate: GenerateTask = "both") -> None:
+        """Run the largest batch shape once (before the first real batch), on the paths that calls with
+        `generate` take: an embed-only worker never warms generation up."""
 
     def tokenize(self, note: Any, generate: GenerateTask) -> Prompt:
         """The note's prompt ids (hashtag segment only when `generate` is "hashtags" or "both"). Fast;
