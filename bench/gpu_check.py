@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO))
 
 GPU_BATCHES = (1, 8, 32, 128, 512)
 WARM_BATCHES = 4
+WARM_ROUNDS = 2  # warm-up passes over those batches before timing (measure())
 CPU_BATCHES = (1, 4)
 # Without I/O binding every step copies the whole KV cache to the host and back: measured up to these sizes.
 NO_BINDING_MAX_BATCH = {"embed": 128, "embed+category": 32}
@@ -342,10 +343,13 @@ def embed_graph_and_validate(model, kind: str, src: str, work: Path, device: str
 def measure(run: Callable[[Any], int], batches: list[Any], notes_per: Callable[[Any], int], point_s: float,
             sync: Callable[[], None]) -> dict[str, Any]:
     """Warm up on every distinct batch (up to WARM_BATCHES: each padded length is a new shape, and an
-    engine's first call on a shape - kernel choice, allocator growth - is not its speed), then run batches
-    round-robin until `point_s` has passed (at least two). `run(batch)` returns the prompt tokens."""
-    for b in batches[:WARM_BATCHES]:
-        run(b)
+    engine's first call on a shape - kernel choice, allocator growth - is not its speed), twice: in runs
+    10-11 one warm-up call was not enough (three timed calls of one 2,048-note batch took 0.52 s each, the
+    same batches 0.24 s each once warm), then run batches round-robin until `point_s` has passed (at
+    least two). `run(batch)` returns the prompt tokens."""
+    for _ in range(WARM_ROUNDS):
+        for b in batches[:WARM_BATCHES]:
+            run(b)
     sync()
     n = tokens = calls = 0
     t0 = time.perf_counter()
