@@ -24,9 +24,10 @@ still reports what it measured; a phase that fails is recorded with its error an
                  ``--embed-graph-rotary`` variant (rotary inside GroupQueryAttention: ``ort-fp16-embedgraph``;
                  no GroupQueryAttention, causal MultiHeadAttention: ``ort-fp16-embedgraph-mha``; that with the
                  instruction's KV as a past, only the note segments computed: ``ort-fp16-embedgraph-mha-prefix``;
-                 ``op``, on request: ``ort-fp16-embedgraph-ropeop``), each first loaded and run in a child process (a
-                 native crash fails that phase alone), validated against torch like the others and measured
-                 embed-only.
+                 that with rotary as a second Q/K projection and elementwise ops instead of RotaryEmbedding:
+                 ``ort-fp16-embedgraph-mha-prefix-fold``; ``op``, on request: ``ort-fp16-embedgraph-ropeop``),
+                 each first loaded and run in a child process (a native crash fails that phase alone),
+                 validated against torch like the others and measured embed-only.
 3. encoder       notes/s and prompt tokens/s, embed-only and embed + category generation, per batch size,
                  for torch eager (fp16, bf16; fp32 on the CPU) and ORT (fp32, fp16, with and without I/O
                  binding; the fused package with it; generation also reading the full logits every step,
@@ -84,7 +85,7 @@ EMBED_KIND = "-embedgraph"  # in the kinds of packages with the hand-built embed
 
 def embed_kind(kind: str, rotary: str) -> str:
     """fp16 + "gqa" -> fp16-embedgraph; "op" -> fp16-embedgraph-ropeop; "mha" -> fp16-embedgraph-mha;
-    "mha-prefix" -> fp16-embedgraph-mha-prefix."""
+    "mha-prefix" -> fp16-embedgraph-mha-prefix; "mha-prefix-fold" -> fp16-embedgraph-mha-prefix-fold."""
     return f"{kind}{EMBED_KIND}" + {"gqa": "", "op": "-ropeop"}.get(rotary, f"-{rotary}")
 
 
@@ -1363,12 +1364,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-graph-dtypes", default="fp16",
                     help="packages that also get the hand-built embed graph, measured as ort-<dtype>-embedgraph "
                          "(default fp16; empty: none)")
-    ap.add_argument("--embed-graph-rotary", default="gqa,mha,mha-prefix",
+    ap.add_argument("--embed-graph-rotary", default="gqa,mha,mha-prefix,mha-prefix-fold",
                     help="embed graph variants (export.embed_graph.ROTARY): gqa (rotary inside "
                          "GroupQueryAttention: ort-fp16-embedgraph), mha (RotaryEmbedding, K/V expanded, causal "
                          "MultiHeadAttention: ort-fp16-embedgraph-mha), mha-prefix (that with the instruction's KV "
-                         "as a past: ort-fp16-embedgraph-mha-prefix), op (RotaryEmbedding + GroupQueryAttention: "
-                         "ort-fp16-embedgraph-ropeop; crashed ORT 1.31.1 on CUDA); default gqa,mha,mha-prefix")
+                         "as a past: ort-fp16-embedgraph-mha-prefix), mha-prefix-fold (that with rotary as a second "
+                         "Q/K projection and elementwise ops: ort-fp16-embedgraph-mha-prefix-fold), op "
+                         "(RotaryEmbedding + GroupQueryAttention: ort-fp16-embedgraph-ropeop; crashed ORT 1.31.1 on "
+                         "CUDA); default gqa,mha,mha-prefix,mha-prefix-fold")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
     device = "cpu" if a.cpu else "cuda"

@@ -28,14 +28,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="apply ONNX Runtime's fusions (RMS norm, rotary, attention; onnxscript) to the fp32/fp16 "
                              "graph; validated against torch like the plain graph")
     # export.embed_graph's ROTARY and DEFAULT_ROTARY (not imported: it imports torch; a test keeps them equal)
-    parser.add_argument("--embed-graph", nargs="?", const="mha-prefix", choices=["gqa", "op", "mha", "mha-prefix"],
+    parser.add_argument("--embed-graph", nargs="?", const="mha-prefix", choices=["gqa", "op", "mha", "mha-prefix", "mha-prefix-fold"],
                         default=None,
                         help="also write the hand-built embed-only graph (fused attention and norms, "
                              "export/embed_graph.py) that the encoder runs on CUDA (fp16) when it generates "
                              "nothing: GroupQueryAttention with rotary inside (gqa) or as its own op (op), or "
                              "RotaryEmbedding + causal MultiHeadAttention over K/V expanded to the query heads "
                              "(mha), that with the task instruction's KV cache as inputs, computed once "
-                             "(mha-prefix, the default: the fastest on an H200 and on the CPU)")
+                             "(mha-prefix, the default: the fastest on an H200 and on the CPU), or that with "
+                             "rotary as a second Q/K projection and elementwise ops instead of RotaryEmbedding "
+                             "(mha-prefix-fold)")
     parser.add_argument("--dim", type=int, default=128, help="projection size for a base model (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for a base model")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/notellm-stream)")

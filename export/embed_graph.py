@@ -22,7 +22,9 @@ query heads, causal MultiHeadAttention without mask or past; 27 nodes a layer, 8
 ORT's GroupQueryAttention takes a batch with padding only on the right and, for a batch of more than one
 row, no past (a "first prompt"), so the task's instruction is computed for every row instead of once (the
 step graph's shared prefix): ~24 of SmolLM2's ~110 prompt tokens; "mha" has no past either. "mha-prefix"
-takes the instruction's KV as inputs (MultiHeadAttention's past) and computes only the note segments.
+takes the instruction's KV as inputs (MultiHeadAttention's past) and computes only the note segments;
+"mha-prefix-fold" is that with rotary as a second Q/K projection (rotate-half folded into the weights) and
+q * cos + q_rot * sin as elementwise ops, instead of RotaryEmbedding between two transposes.
 Causal attention makes right padding exact: no real token sees a pad.
 
 The graph is built from the torch module's own weights (packed QKV and the rotary tables computed by the
@@ -33,7 +35,8 @@ fp16/bf16 and on the CPU in fp32/fp16.
 Measured (H200, fp16, run 7): 6,358 notes/s at batch 2048 against 6,304 for the fused step graph and 4,372
 for torch eager, with 313 nodes against 1,502; on 2 CPU cores it is 0.85x the step graph, whose shared
 prefix saves more there, so the encoder uses it on CUDA only. "mha-prefix" on 2 CPU cores (SmolLM2 fp32):
-1.26-1.27x "mha", 0.99-1.11x the step graph; not yet measured on a GPU.
+1.26-1.27x "mha", 0.99-1.11x the step graph; on the H200 (run 9, batch 2048) 8,792 notes/s against 8,451
+for "gqa" and 8,054 for "mha". "mha-prefix-fold": not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -90,13 +93,32 @@ def rotary_tables(model, positions: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
 
 
-ROTARY = ("gqa", "op", "mha", "mha-prefix")
+ROTARY = ("gqa", "op", "mha", "mha-prefix", "mha-prefix-fold")
 # `notellm export --embed-graph` without a variant: the fastest measured, embed-only on an H200 (run 9, batch
 # 2048: 8,792 notes/s against 8,451 for gqa and 8,054 for mha) and on the CPU (10.3 vs 8.3 notes/s, batch 8).
 DEFAULT_ROTARY = "mha-prefix"
 # Variants that take the task instruction's KV cache as inputs (``prefix.{i}.key`` / ``.value``) instead of
 # computing the instruction for every row: input_ids then hold only the note segments.
-PREFIX_VARIANTS = ("mha-prefix",)
+PREFIX_VARIANTS = ("mha-prefix", "mha-prefix-fold")
+# Variants that rotate Q and K without RotaryEmbedding: rotate-half folded into a second projection's weights,
+# then q * cos + q_rotated * sin as three elementwise ops over the [B, S, heads * head_dim] layout.
+FOLD_VARIANTS = ("mha-prefix-fold",)
+
+
+def rotate_half_columns(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """``w`` [in, heads * head_dim] (a projection as MatMul(x, w)) -> the weights whose output is HF's
+    rotate_half of that projection's, head by head: (x @ w') = concat(-q[half:], q[:half]) per head. A
+    negation and a permutation of columns, so exact in any dtype."""
+    half = head_dim // 2
+    r = w.reshape(w.shape[0], heads, 2, half)
+    return np.ascontiguousarray(np.concatenate([-r[:, :, 1], r[:, :, 0]], axis=2).reshape(w.shape))
+
+
+def rotary_rows(cos: np.ndarray, sin: np.ndarray, heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The half tables [positions, head_dim / 2] -> [positions, heads * head_dim]: each position's row as the
+    rotate-half layout wants it (both halves the same), repeated for every head, to multiply a projection's
+    [B, S, heads * head_dim] output position by position."""
+    return tuple(np.ascontiguousarray(np.tile(np.concatenate([t, t], axis=1), (1, heads))) for t in (cos, sin))
 
 
 def embed_inputs(rotary: str, layers: int) -> list[str]:
@@ -144,7 +166,16 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
     attention with a past is aligned to the end (query i sees keys 0..P+i), which keeps right padding exact.
     ORT's CUDA MultiHeadAttention still picks flash attention with a past (only past_sequence_length, cache
     indirection, a mask or attention bias rule it out); the concatenation of past and new K/V is one copy per
-    layer, against ~20 % fewer tokens through every MatMul, norm and activation."""
+    layer, against ~20 % fewer tokens through every MatMul, norm and activation.
+
+    "mha-prefix-fold" - "mha-prefix" without RotaryEmbedding and the transposes around it. On the H200 (run
+    9, per 2,048 notes) that op took 41 of the graph's 212 kernel ms and the transposes 12: its CUDA kernel
+    gives every (row, position, head) a block of 64 threads, one element each, so it runs at a small part
+    of the memory bandwidth. Here rotate_half(x @ W) = x @ rotate_half_columns(W) is a second projection
+    (Q: 576 x 576, K: 576 x 192, about 13 % more matmul work), and q * cos + q_rot * sin three broadcast
+    elementwise ops over [B, S, heads * head_dim] with the tables' rows for positions P..P+S-1 (every row's
+    positions are the same: right padding). Estimated from run 9's kernel rates (its matmuls ~290 TFLOP/s,
+    its elementwise ops ~1.5 TB/s), not measured: ~25 ms instead of ~53 per 2,048 notes."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -184,7 +215,8 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         return layer.weight.detach().float().cpu().numpy().T
 
     prefix = rotary in PREFIX_VARIANTS
-    mha = rotary in ("mha", "mha-prefix")
+    fold = rotary in FOLD_VARIANTS
+    mha = rotary.startswith("mha")
     one = const("one_i64", np.array(1, dtype=np.int64))
     (last,) = node("Sub", ["lengths", one], ["last_index"])
     if not mha:
@@ -194,20 +226,23 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         (total,) = node("Cast", [seq_len], ["total_seq_len"], to=TensorProto.INT32)
     max_pos = int(getattr(cfg, "max_position_embeddings", 0) or model.max_length)
     cos, sin = rotary_tables(model, max_pos)
-    cos_name, sin_name = weight("rotary_cos", cos), weight("rotary_sin", sin)
+    if not fold:
+        cos_name, sin_name = weight("rotary_cos", cos), weight("rotary_sin", sin)
     if rotary == "op":  # RotaryEmbedding's position_ids as one start position: every row starts at 0
         start_pos = const("rotary_start", np.array([0], dtype=np.int64))
     if mha:
         # position_ids [B, S] as onnxscript's fused graphs pass them: 0..S-1 in every row (right padding), or
         # P..P+S-1 after a prefix of P tokens
-        (ids_shape,) = node("Shape", ["input_ids"], ["ids_shape"])
-        (s_scalar,) = node("Gather", [ids_shape, one], ["seq_len_scalar"], axis=0)
+        if not fold:
+            (ids_shape,) = node("Shape", ["input_ids"], ["ids_shape"])
+            (s_scalar,) = node("Gather", [ids_shape, one], ["seq_len_scalar"], axis=0)
         if not prefix:
             start = const("zero_i64", np.array(0, dtype=np.int64))
         else:
             (p_1d,) = node("Shape", ["prefix.0.key"], ["prefix_len_1d"], start=2, end=3)
-            (start,) = node("Squeeze", [p_1d, const("axis0_sq", np.array([0], dtype=np.int64))], ["prefix_len"])
-            (s_scalar,) = node("Add", [start, s_scalar], ["positions_end"])
+            if not fold:
+                (start,) = node("Squeeze", [p_1d, const("axis0_sq", np.array([0], dtype=np.int64))], ["prefix_len"])
+                (s_scalar,) = node("Add", [start, s_scalar], ["positions_end"])
             (batch_1d,) = node("Shape", ["input_ids"], ["batch_1d"], start=0, end=1)
             # [1, kv, P, H] -> [1, kv, 1, P, H] -> [B, kv, group, P, H] -> [B, heads, P, H] (HF's repeat_kv order)
             prefix_shape = const("shape_1n1ph", np.array([1, kv, 1, -1, head_dim], dtype=np.int64))
@@ -215,12 +250,27 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
                 [kv, heads // kv, 1, 1], dtype=np.int64))], ["prefix_rep"], axis=0)
             (prefix_bnph,) = node("Concat", [batch_1d, const("prefix_bnph_tail", np.array(
                 [heads, -1, head_dim], dtype=np.int64))], ["prefix_bnph"], axis=0)
-        (pos_1d,) = node("Range", [start, s_scalar, one], ["positions"])
-        (pos_row,) = node("Unsqueeze", [pos_1d, const("axis0", np.array([0], dtype=np.int64))], ["positions_row"])
-        (position_ids,) = node("Expand", [pos_row, ids_shape], ["position_ids"])
+        if fold:
+            # the rows of positions P..P+S-1 of the [positions, heads * head_dim] tables, the same for every
+            # batch row (right padding); K's are the first kv * head_dim columns (every head's row is the same)
+            (s_1d,) = node("Shape", ["input_ids"], ["seq_len_1d"], start=1, end=2)
+            (end_1d,) = node("Add", [p_1d, s_1d], ["positions_end_1d"])
+            zero_1d = const("zero_1d", np.array([0], dtype=np.int64))
+            one_1d = const("one_1d", np.array([1], dtype=np.int64))
+            kv_cols = const("kv_cols", np.array([kv * head_dim], dtype=np.int64))
+            rows: dict[str, str] = {}
+            for t, table in zip(("cos", "sin"), rotary_rows(cos, sin, heads)):
+                (rows[f"q_{t}"],) = node("Slice", [weight(f"rotary_{t}_rows", table), p_1d, end_1d, zero_1d],
+                                         [f"rotary_{t}_q"])
+                (rows[f"k_{t}"],) = node("Slice", [rows[f"q_{t}"], zero_1d, kv_cols, one_1d], [f"rotary_{t}_k"])
+        else:
+            (pos_1d,) = node("Range", [start, s_scalar, one], ["positions"])
+            (pos_row,) = node("Unsqueeze", [pos_1d, const("axis0", np.array([0], dtype=np.int64))], ["positions_row"])
+            (position_ids,) = node("Expand", [pos_row, ids_shape], ["position_ids"])
         group = heads // kv
-        bsnh_q = const("shape_bsnh_q", np.array([0, 0, heads, head_dim], dtype=np.int64))
-        bsnh_kv = const("shape_bsnh_kv", np.array([0, 0, kv, head_dim], dtype=np.int64))
+        if not fold:
+            bsnh_q = const("shape_bsnh_q", np.array([0, 0, heads, head_dim], dtype=np.int64))
+            bsnh_kv = const("shape_bsnh_kv", np.array([0, 0, kv, head_dim], dtype=np.int64))
         bsn1h_kv = const("shape_bsn1h_kv", np.array([0, 0, kv, 1, head_dim], dtype=np.int64))
         rep_kv = const("repeat_kv", np.array([1, 1, 1, group, 1], dtype=np.int64))
         bsd = const("shape_bsd", np.array([0, 0, heads * head_dim], dtype=np.int64))
@@ -233,6 +283,19 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
                     interleaved=0, num_heads=n)
         (x,) = node("Transpose", [x], [f"{name}_rot_bsnh"], perm=[0, 2, 1, 3])
         return x
+
+    def rope_folded(x: str, w: np.ndarray, n: int, name: str) -> str:
+        """x @ w rotated as HF's apply_rotary_pos_emb does, without RotaryEmbedding: q * cos + rotate_half(q)
+        * sin, with rotate_half(q) = x @ rotate_half_columns(w) (a second MatMul instead of a kernel that
+        gives each (row, position, head) its own 64-thread block: ORT's RotaryEmbedding, 41 of 212 kernel ms
+        per 2,048 notes on the H200, run 9) and no transposes around it. [B, S, n * head_dim] throughout."""
+        (q,) = node("MatMul", [x, weight(name, w)], [f"{name}_out"])
+        (qr,) = node("MatMul", [x, weight(f"{name}_rot", rotate_half_columns(w, n, head_dim))], [f"{name}_rot_out"])
+        side = "q" if n == heads else "k"
+        (qc,) = node("Mul", [q, rows[f"{side}_cos"]], [f"{name}_cos"])
+        (qs,) = node("Mul", [qr, rows[f"{side}_sin"]], [f"{name}_sin"])
+        (y,) = node("Add", [qc, qs], [f"{name}_roped"])
+        return y
 
     def repeat_kv(x: str, name: str) -> str:
         """[B, S, kv, head_dim] (or [B, S, kv * head_dim]) -> [B, S, heads * head_dim], query head j reading KV
@@ -265,13 +328,19 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
             qkv_w = np.concatenate([linear_t(attn.q_proj), linear_t(attn.k_proj), linear_t(attn.v_proj)], axis=1)
             (qkv,) = node("MatMul", [x, weight(f"l{i}.qkv", qkv_w)], [f"l{i}.qkv_out"])
             gqa_in = [qkv, "", "", "", "", seqlens_k, total, cos_name, sin_name]
+        elif fold:
+            q = rope_folded(x, linear_t(attn.q_proj), heads, f"l{i}.q")
+            k = rope_folded(x, linear_t(attn.k_proj), kv, f"l{i}.k")
+            (v,) = node("MatMul", [x, weight(f"l{i}.v", linear_t(attn.v_proj))], [f"l{i}.v_out"])
         else:
             (q,) = node("MatMul", [x, weight(f"l{i}.q", linear_t(attn.q_proj))], [f"l{i}.q_out"])
             (k,) = node("MatMul", [x, weight(f"l{i}.k", linear_t(attn.k_proj))], [f"l{i}.k_out"])
             (v,) = node("MatMul", [x, weight(f"l{i}.v", linear_t(attn.v_proj))], [f"l{i}.v_out"])
         if mha:
-            (q,) = node("Reshape", [rope_bnsh(q, heads, f"l{i}.q"), bsd], [f"l{i}.q_bsd"])
-            k = repeat_kv(rope_bnsh(k, kv, f"l{i}.k"), f"l{i}.k")
+            if not fold:
+                (q,) = node("Reshape", [rope_bnsh(q, heads, f"l{i}.q"), bsd], [f"l{i}.q_bsd"])
+                k = rope_bnsh(k, kv, f"l{i}.k")
+            k = repeat_kv(k, f"l{i}.k")
             v = repeat_kv(v, f"l{i}.v")
             if prefix:
                 a, _, _ = node("MultiHeadAttention", [q, k, v, "", "", "", prefix_past(f"prefix.{i}.key"),

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from export.embed_graph import DEFAULT_ROTARY, EMBED_GRAPH_FILE, build_embed_graph, unsupported
+from export.embed_graph import (DEFAULT_ROTARY, EMBED_GRAPH_FILE, PREFIX_VARIANTS, build_embed_graph,
+                                 rotate_half_columns, unsupported)
 from export.onnx_export import MANIFEST_FILE, content_hash, export_package, manifest_hashed_files
 from export.validate import VALIDATION_NOTES
 from tests.tiny import NOTES, tiny_notellm, tiny_package
@@ -17,12 +18,14 @@ from worker.encoder import EncoderError, OnnxNoteEncoder, right_padded
 
 
 @pytest.fixture(scope="module", params=[("fp32", "gqa"), ("fp16", "gqa"), ("fp32", "mha"), ("fp16", "mha"),
-                                        ("fp32", "mha-prefix"), ("fp16", "mha-prefix")],
+                                        ("fp32", "mha-prefix"), ("fp16", "mha-prefix"),
+                                        ("fp32", "mha-prefix-fold"), ("fp16", "mha-prefix-fold")],
                 ids=lambda p: "-".join(p))
 def packages(request, tmp_path_factory):
     """(plain package, the same model exported with --embed-graph (gqa, or mha: RotaryEmbedding +
     MultiHeadAttention, no GroupQueryAttention, or the default mha-prefix: that with the instruction's KV as
-    inputs), its manifest, dtype)."""
+    inputs, or mha-prefix-fold: that with rotary as a second Q/K projection and elementwise ops), its
+    manifest, dtype)."""
     dtype, variant = request.param
     plain_dir, plain = tiny_package(dtype)
     out = tmp_path_factory.mktemp(f"eg-{dtype}-{variant}") / "pkg"
@@ -38,9 +41,9 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     layers = tiny_notellm().lm.config.num_hidden_layers
     prefix_inputs = [f"prefix.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     assert spec == {"graph": EMBED_GRAPH_FILE, "files": [EMBED_GRAPH_FILE, EMBED_GRAPH_FILE + ".data"],
-                    "inputs": ["input_ids", "lengths"] + (prefix_inputs if variant == "mha-prefix" else []),
+                    "inputs": ["input_ids", "lengths"] + (prefix_inputs if variant in PREFIX_VARIANTS else []),
                     "outputs": ["note_vector"], "rotary": variant}
-    assert variant in ("gqa", "mha", "mha-prefix")
+    assert variant in ("gqa", "mha", "mha-prefix", "mha-prefix-fold")
     assert plain["embed_graph"] is None
     assert all((out / f).exists() for f in spec["files"])
     # the embed graph is part of what model_version hashes: same step graph, another version
@@ -62,10 +65,15 @@ def test_package_carries_hashes_and_validates_both_vector_paths(packages):
     if variant == "gqa":
         assert ops.count("GroupQueryAttention") == layers
         assert not {"Expand", "Transpose", "MultiHeadAttention", "RotaryEmbedding"} & set(ops)
-    else:  # K/V expanded to the query heads, rotary in onnxscript's form: 4-D [B, N, S, H], position_ids [B, S]
+    else:  # causal MultiHeadAttention over K/V expanded to the query heads
         assert ops.count("MultiHeadAttention") == layers and "GroupQueryAttention" not in ops
-        prefixed = variant == "mha-prefix"  # the instruction's K and V broadcast to the batch in every layer too
-        assert ops.count("RotaryEmbedding") == 2 * layers and ops.count("Expand") == (4 if prefixed else 2) * layers + 1
+        prefixed = variant in PREFIX_VARIANTS  # the instruction's K and V broadcast to the batch in every layer too
+        if variant == "mha-prefix-fold":  # rotary as q * cos + (a second projection) * sin, no transposes
+            assert not {"RotaryEmbedding", "Transpose"} & set(ops)
+            assert ops.count("MatMul") == 9 * layers + 1 and ops.count("Expand") == 4 * layers
+        else:  # rotary in onnxscript's form: 4-D [B, N, S, H], position_ids [B, S]
+            assert ops.count("RotaryEmbedding") == 2 * layers
+            assert ops.count("Expand") == (4 if prefixed else 2) * layers + 1
         mha = next(n for n in g.graph.node if n.op_type == "MultiHeadAttention")
         assert {a.name: a.i for a in mha.attribute if a.name != "scale"} == {
             "num_heads": tiny_notellm().lm.config.num_attention_heads, "unidirectional": 1}
@@ -152,7 +160,7 @@ def test_the_prefix_variant_computes_the_notes_alone(packages):
     """The instruction is in every row of the other variants; mha-prefix gets it once, as the task's shared
     KV (the step graph's, [1, kv_heads, P, head_dim] per layer), and computes only the note segments."""
     _, _, out, manifest, _ = packages
-    prefixed = manifest["embed_graph"]["rotary"] == "mha-prefix"
+    prefixed = manifest["embed_graph"]["rotary"] in PREFIX_VARIANTS
     # without I/O binding the feeds are plain session.run arguments, to be read here
     enc = OnnxNoteEncoder(out, device="cpu", max_batch_notes=16, embed_graph=True, io_binding=False)
     bound = OnnxNoteEncoder(out, device="cpu", max_batch_notes=16, embed_graph=True)
@@ -204,7 +212,7 @@ def instruction_kv(model, ids: list[int]) -> list[np.ndarray]:
     return [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-@pytest.mark.parametrize("rotary", ["gqa", "op", "mha", "mha-prefix"])
+@pytest.mark.parametrize("rotary", ["gqa", "op", "mha", "mha-prefix", "mha-prefix-fold"])
 def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     """SmolLM2-135M's exact shape (9 query / 3 KV heads, head_dim 64, rope theta 1e5, tied embeddings),
     random weights: the embed graph (rotary inside GroupQueryAttention, as RotaryEmbedding ops before it, or
@@ -219,7 +227,7 @@ def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     g = onnx.load(str(path), load_external_data=False).graph
     ops = [n.op_type for n in g.node]
     layers = model.lm.config.num_hidden_layers
-    assert ops.count("RotaryEmbedding") == (0 if rotary == "gqa" else 2 * layers)
+    assert ops.count("RotaryEmbedding") == (0 if rotary in ("gqa", "mha-prefix-fold") else 2 * layers)
     assert ops.count("GroupQueryAttention") == (0 if rotary.startswith("mha") else layers)
     assert ops.count("MultiHeadAttention") == (layers if rotary.startswith("mha") else 0)
     assert [i.name for i in g.input] == embed_inputs(rotary, layers)
@@ -227,7 +235,7 @@ def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if rotary == "mha-prefix":  # the note segments alone at positions P.., after the instruction's KV
+    if rotary in PREFIX_VARIANTS:  # the note segments alone at positions P.., after the instruction's KV
         ids, lengths = right_padded([r[p:] for r in rows], model.pad_token_id)
         feeds = dict(zip(embed_inputs(rotary, layers)[2:], instruction_kv(model, rows[0][:p])))
     else:
@@ -236,6 +244,24 @@ def test_smollm2_architecture_matches_torch(rotary, smollm2, tmp_path):
     assert len(set(lengths.tolist())) > 1  # right padding in the batch
     (vec,) = session.run(None, {"input_ids": ids, "lengths": lengths, **feeds})
     assert np.abs(vec - ref).max() < 1e-4
+
+
+def test_rotate_half_columns_is_hf_rotate_half_of_the_projection():
+    """The fold variant's second projection: x @ rotate_half_columns(w) is HF's rotate_half of x @ w in every
+    head. rotate_half is linear, so the weights are rotate_half of w's rows: a negation and a permutation of
+    its columns, exact in any dtype."""
+    import torch
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    heads, head_dim = 3, 8
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 16)).astype(np.float32), rng.standard_normal((16, heads * head_dim)).astype(np.float32)
+    for dtype in (np.float32, np.float16):
+        wd = w.astype(dtype)
+        rows = rotate_half(torch.from_numpy(wd).view(16, heads, head_dim)).reshape(16, heads * head_dim).numpy()
+        assert np.array_equal(rotate_half_columns(wd, heads, head_dim), rows)
+    want = rotate_half(torch.from_numpy(x @ w).view(5, heads, head_dim)).reshape(5, heads * head_dim).numpy()
+    assert np.allclose(x @ rotate_half_columns(w, heads, head_dim), want, atol=1e-5)
 
 
 def test_export_cli_writes_the_chosen_variant(tmp_path, capsys):
