@@ -36,7 +36,9 @@ Measured (H200, fp16, run 7): 6,358 notes/s at batch 2048 against 6,304 for the 
 for torch eager, with 313 nodes against 1,502; on 2 CPU cores it is 0.85x the step graph, whose shared
 prefix saves more there, so the encoder uses it on CUDA only. "mha-prefix" on 2 CPU cores (SmolLM2 fp32):
 1.26-1.27x "mha", 0.99-1.11x the step graph; on the H200 (run 9, batch 2048) 8,792 notes/s against 8,451
-for "gqa" and 8,054 for "mha". "mha-prefix-fold": not yet measured on a GPU.
+for "gqa" and 8,054 for "mha". "mha-prefix-fold" on 2 CPU cores (SmolLM2 fp32, 64 MIND notes, interleaved
+beside "mha-prefix"): 0.86x at batch 8, 0.98x at 32 (the CPU's RotaryEmbedding is not the bottleneck the
+CUDA kernel is, and the second projection is more matmul work); not yet measured on a GPU.
 """
 from __future__ import annotations
 
