@@ -28,8 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="apply ONNX Runtime's fusions (RMS norm, rotary, attention; onnxscript) to the fp32/fp16 "
                              "graph; validated against torch like the plain graph")
     # export.embed_graph's ROTARY and DEFAULT_ROTARY (not imported: it imports torch; a test keeps them equal)
-    parser.add_argument("--embed-graph", nargs="?", const="mha-prefix", choices=["gqa", "op", "mha", "mha-prefix", "mha-prefix-fold"],
-                        default=None,
+    parser.add_argument("--embed-graph", nargs="?", const="mha-prefix", default=None,
+                        choices=["gqa", "op", "mha", "mha-prefix", "mha-prefix-fold"],
                         help="also write the hand-built embed-only graph (fused attention and norms, "
                              "export/embed_graph.py) that the encoder runs on CUDA (fp16) when it generates "
                              "nothing: GroupQueryAttention with rotary inside (gqa) or as its own op (op), or "

@@ -105,6 +105,7 @@ PREFIX_VARIANTS = ("mha-prefix", "mha-prefix-fold")
 # Variants that rotate Q and K without RotaryEmbedding: rotate-half folded into a second projection's weights,
 # then q * cos + q_rotated * sin as three elementwise ops over the [B, S, heads * head_dim] layout.
 FOLD_VARIANTS = ("mha-prefix-fold",)
+assert set(FOLD_VARIANTS) <= set(PREFIX_VARIANTS)  # the folded tables are sliced from the prefix's length
 
 
 def rotate_half_columns(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
