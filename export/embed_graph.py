@@ -261,11 +261,11 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
             zero_1d = const("zero_1d", np.array([0], dtype=np.int64))
             one_1d = const("one_1d", np.array([1], dtype=np.int64))
             kv_cols = const("kv_cols", np.array([kv * head_dim], dtype=np.int64))
-            rows: dict[str, str] = {}
+            q_rows, k_rows = [], []  # (cos, sin) for Q's heads and K's
             for t, table in zip(("cos", "sin"), rotary_rows(cos, sin, heads)):
-                (rows[f"q_{t}"],) = node("Slice", [weight(f"rotary_{t}_rows", table), p_1d, end_1d, zero_1d],
-                                         [f"rotary_{t}_q"])
-                (rows[f"k_{t}"],) = node("Slice", [rows[f"q_{t}"], zero_1d, kv_cols, one_1d], [f"rotary_{t}_k"])
+                (q_row,) = node("Slice", [weight(f"rotary_{t}_rows", table), p_1d, end_1d, zero_1d], [f"rotary_{t}_q"])
+                q_rows.append(q_row)
+                k_rows.append(node("Slice", [q_row, zero_1d, kv_cols, one_1d], [f"rotary_{t}_k"])[0])
         else:
             (pos_1d,) = node("Range", [start, s_scalar, one], ["positions"])
             (pos_row,) = node("Unsqueeze", [pos_1d, const("axis0", np.array([0], dtype=np.int64))], ["positions_row"])
@@ -287,16 +287,16 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
         (x,) = node("Transpose", [x], [f"{name}_rot_bsnh"], perm=[0, 2, 1, 3])
         return x
 
-    def rope_folded(x: str, w: np.ndarray, n: int, name: str) -> str:
+    def rope_folded(x: str, w: np.ndarray, n: int, rows: list[str], name: str) -> str:
         """x @ w rotated as HF's apply_rotary_pos_emb does, without RotaryEmbedding: q * cos + rotate_half(q)
         * sin, with rotate_half(q) = x @ rotate_half_columns(w) (a second MatMul instead of a kernel that
         gives each (row, position, head) its own 64-thread block: ORT's RotaryEmbedding, 41 of 212 kernel ms
-        per 2,048 notes on the H200, run 9) and no transposes around it. [B, S, n * head_dim] throughout."""
+        per 2,048 notes on the H200, run 9) and no transposes around it. [B, S, n * head_dim] throughout;
+        `rows` are the (cos, sin) rows of the call's positions for n heads."""
         (q,) = node("MatMul", [x, weight(name, w)], [f"{name}_out"])
         (qr,) = node("MatMul", [x, weight(f"{name}_rot", rotate_half_columns(w, n, head_dim))], [f"{name}_rot_out"])
-        side = "q" if n == heads else "k"
-        (qc,) = node("Mul", [q, rows[f"{side}_cos"]], [f"{name}_cos"])
-        (qs,) = node("Mul", [qr, rows[f"{side}_sin"]], [f"{name}_sin"])
+        (qc,) = node("Mul", [q, rows[0]], [f"{name}_cos"])
+        (qs,) = node("Mul", [qr, rows[1]], [f"{name}_sin"])
         (y,) = node("Add", [qc, qs], [f"{name}_roped"])
         return y
 
@@ -332,8 +332,8 @@ def build_embed_graph(model, path: Path, *, dtype: str = "fp32", rotary: str = "
             (qkv,) = node("MatMul", [x, weight(f"l{i}.qkv", qkv_w)], [f"l{i}.qkv_out"])
             gqa_in = [qkv, "", "", "", "", seqlens_k, total, cos_name, sin_name]
         elif fold:
-            q = rope_folded(x, linear_t(attn.q_proj), heads, f"l{i}.q")
-            k = rope_folded(x, linear_t(attn.k_proj), kv, f"l{i}.k")
+            q = rope_folded(x, linear_t(attn.q_proj), heads, q_rows, f"l{i}.q")
+            k = rope_folded(x, linear_t(attn.k_proj), kv, k_rows, f"l{i}.k")
             (v,) = node("MatMul", [x, weight(f"l{i}.v", linear_t(attn.v_proj))], [f"l{i}.v_out"])
         else:
             (q,) = node("MatMul", [x, weight(f"l{i}.q", linear_t(attn.q_proj))], [f"l{i}.q_out"])

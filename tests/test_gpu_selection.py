@@ -99,8 +99,7 @@ def test_the_worker_and_backfill_pass_the_gpu_memory_limit_from_settings(monkeyp
         seen.append(kw.get("gpu_mem_limit_mib"))
         raise _Opened
 
-    monkeypatch.setattr(app_mod, "load_encoder", fake)
-    monkeypatch.setattr(worker.encoders, "load_encoder", fake)  # backfill imports it when it runs
+    monkeypatch.setattr(worker.encoders, "load_encoder", fake)  # both open it through load_configured_encoder
     with pytest.raises(_Opened):
         app_mod.WorkerApp(s).start()
     with pytest.raises(_Opened):

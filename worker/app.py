@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, KafkaException
 from worker.batcher import Batcher
 from worker.checkpoint import Checkpoint, RetryPolicy
 from worker.config import Settings
-from worker.encoders import load_encoder, resolve_limits, set_batch_limits
+from worker.encoders import load_configured_encoder, resolve_limits, set_batch_limits
 from worker.encoding import EncodeStage, Encoder, prepare_many
 from worker.kafka_log import KafkaSecurityError
 from worker.logs import get_logger
@@ -117,12 +117,7 @@ class WorkerApp:
         s, k = self.s, self.s.kafka
         self._check_stop()
         if self._encoder is None:
-            m = s.model
-            self._encoder = load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
-                                         max_batch_notes=s.batch.max_batch_notes,
-                                         max_batch_tokens=s.batch.max_batch_tokens, max_new_tokens=m.max_new_tokens,
-                                         isolation=m.isolation, categories=m.categories,
-                                         gpu_mem_limit_mib=m.gpu_mem_limit_mib, log=(s.log.format, s.log.level))
+            self._encoder = load_configured_encoder(s, log=(s.log.format, s.log.level))
             self._own_encoder = True
             self._opened.append(self._encoder.close)
         enc = self.encoder = self._encoder

@@ -36,16 +36,13 @@ def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_
     """0 when the alias points at the new collection; the WorkerApp's code when a round failed; STOPPED (3)
     when a stop request ended it after the round in progress, without switching the alias."""
     from worker.app import WorkerApp
-    from worker.encoders import load_encoder
+    from worker.encoders import load_configured_encoder
     from worker.logs import get_logger
     from worker.sinks.milvus import MilvusStore, physical_name
 
     log = get_logger("notellm.backfill")
     m = s.model
-    enc = encoder or load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
-                                  max_batch_notes=s.batch.max_batch_notes, max_batch_tokens=s.batch.max_batch_tokens,
-                                  max_new_tokens=m.max_new_tokens, isolation=m.isolation,
-                                  categories=m.categories, gpu_mem_limit_mib=m.gpu_mem_limit_mib)
+    enc = encoder or load_configured_encoder(s)
     own_store = store is None
     store = store or MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
                                  db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s,

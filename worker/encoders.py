@@ -84,3 +84,13 @@ def load_encoder(model_dir: str | Path, *, device: str = "auto", intra_op_thread
     from worker.encoder import OnnxNoteEncoder
 
     return OnnxNoteEncoder(model_dir, **kw)
+
+
+def load_configured_encoder(s: Any, *, log: tuple[str, str] | None = None) -> Encoder:
+    """:func:`load_encoder` with what the settings `s` (worker.config.Settings) configure: the model section
+    and the batch limits. One place for the worker and the backfill, so a model setting reaches both."""
+    m = s.model
+    return load_encoder(m.dir, device=m.device, intra_op_threads=m.intra_op_threads,
+                        max_batch_notes=s.batch.max_batch_notes, max_batch_tokens=s.batch.max_batch_tokens,
+                        max_new_tokens=m.max_new_tokens, isolation=m.isolation, categories=m.categories,
+                        gpu_mem_limit_mib=m.gpu_mem_limit_mib, log=log)
