@@ -43,7 +43,12 @@ still reports what it measured; a phase that fails is recorded with its error an
                  batcher formed, the busy time of each stage, and the worker process's CPU time (with
                  the encoder in its own process, the polling thread, the sink and milvus-lite's
                  in-process server share this process and its GIL). ``--worker-lite thread,process``
-                 runs each also with milvus-lite served from a child process (``.../lite-process``).
+                 runs each also with milvus-lite served from a child process (``.../lite-process``);
+                 ``writer`` with that child and the sink's writes made by a writer process too
+                 (NOTELLM_MILVUS__WRITE_PROCESS, ``.../writer``). ``--worker-milvus-server`` starts a
+                 Milvus server of the check's own (phase ``milvus_server``; the pack carries it) and
+                 writes to it instead (``--worker-milvus-uri``: a running one): the production store,
+                 ``thread`` and ``writer`` only.
 5. fusions       the two fusion recipes side by side on each plain package (``--skip fusions`` once the
                  fused engine answers the question): onnxruntime.transformers.optimizer's decoder fusions
                  (ORT's Llama recipe, model_type gpt2) and onnxscript's; fused-op counts, parity with the
@@ -68,6 +73,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -496,11 +502,75 @@ def bench_torch(model, dtype_name: str, device: str, notes, batch_sizes, mode: s
 WORKER_GENERATE = {"embed": "none", "embed+category": "category"}  # encoder mode -> the worker's generation
 
 
+MILVUS_VERSION = "2.3.5"  # scripts/milvus's
+
+
+def _free_port(avoid: set[int] = frozenset()) -> int:
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid and port + 1 not in avoid:
+            return port
+
+
+def start_milvus_server(work: Path) -> dict[str, Any]:
+    """A Milvus standalone server of this check's own (``scripts/milvus start`` on free ports, data under
+    ``work``), for the worker phases on the production store: the topology a GPU worker writes to.
+
+    The server is the ``milvus`` package: on the device the pack carries it in ``site/`` (it is pure Python
+    around its own lzma'd binaries), and a venv of two files points ``scripts/milvus`` at this Python;
+    elsewhere ``scripts/milvus``'s own venv. Stop it with :func:`stop_milvus_server`."""
+    import importlib.util
+    import subprocess
+
+    env = dict(os.environ)
+    own_venv = REPO / ".local" / "milvus-server" / "venv"
+    if importlib.util.find_spec("milvus") is not None:
+        venv = work / "milvus-venv"
+        (venv / "bin").mkdir(parents=True, exist_ok=True)
+        py = venv / "bin" / "python"
+        py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        py.chmod(0o755)
+        entry = venv / "bin" / "milvus-server"
+        entry.write_text("import sys\nfrom milvus import main\nsys.exit(main())\n")
+        entry.chmod(0o755)
+        (venv / f".notellm-milvus-{MILVUS_VERSION}").touch()
+    elif (own_venv / f".notellm-milvus-{MILVUS_VERSION}").exists():
+        venv = own_venv
+    else:
+        raise RuntimeError(f"no Milvus server package: the device pack carries milvus=={MILVUS_VERSION} in site/; "
+                           "here `scripts/milvus start` installs it once")
+    port = _free_port()
+    etcd = _free_port({port})
+    env.update(NOTELLM_MILVUS_DIR=str(work / "milvus-server"), NOTELLM_MILVUS_PORT=str(port),
+               NOTELLM_MILVUS_ETCD_PORT=str(etcd), NOTELLM_MILVUS_VENV=str(venv), NOTELLM_PYTHON=sys.executable)
+    t0 = time.perf_counter()
+    p = subprocess.run([str(REPO / "scripts" / "milvus"), "start"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if p.returncode != 0:
+        subprocess.run([str(REPO / "scripts" / "milvus"), "stop"], env=env, capture_output=True, timeout=120)
+        raise RuntimeError(f"scripts/milvus start failed: {p.stderr[-2000:]}")
+    return {"uri": p.stdout.strip().splitlines()[-1], "version": MILVUS_VERSION, "venv": str(venv),
+            "start_s": round(time.perf_counter() - t0, 1),
+            "env": {k: env[k] for k in env if k.startswith("NOTELLM_MILVUS")}}
+
+
+def stop_milvus_server(server: dict[str, Any]) -> None:
+    import subprocess
+
+    subprocess.run([str(REPO / "scripts" / "milvus"), "stop"], env={**os.environ, **server["env"]},
+                   capture_output=True, timeout=120)
+
+
 def worker_phase_name(mode: str, lite: str, replicas: int = 1) -> str:
     """worker/embed, worker/embed+category; with milvus-lite in a child process: worker/embed/lite-process;
-    with several worker processes sharing the device: worker/embed/x2, worker/embed/x2/lite-process."""
+    with that child and a writer process: worker/embed/writer; with several worker processes sharing the
+    device: worker/embed/x2, worker/embed/x2/lite-process."""
     return (f"worker/{mode}" + (f"/x{replicas}" if replicas > 1 else "")
-            + ("/lite-process" if lite == "process" else ""))
+            + {"thread": "", "process": "/lite-process", "writer": "/writer"}[lite])
 
 
 def _replica_counts(text: str) -> tuple[int, ...]:
@@ -515,8 +585,8 @@ def _replica_counts(text: str) -> tuple[int, ...]:
 
 def _lite_modes(text: str) -> str:
     parts = text.split(",")
-    if not text or set(parts) - {"thread", "process"} or len(set(parts)) != len(parts):
-        raise argparse.ArgumentTypeError(f"expected thread, process or thread,process; got {text!r}")
+    if not text or set(parts) - {"thread", "process", "writer"} or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected some of thread,process,writer; got {text!r}")
     return text
 
 
@@ -636,7 +706,8 @@ def thread_cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tupl
 
 def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path,
                  isolation: str, lite_process: bool = False, barrier: Any = None,
-                 measure_alone: bool = True, gpu_mem_limit_mib: int | None = None) -> dict[str, Any]:
+                 measure_alone: bool = True, gpu_mem_limit_mib: int | None = None,
+                 write_process: bool = False, milvus_uri: str | None = None) -> dict[str, Any]:
     """The worker's polling-thread work (decode, prepare) and its two stage threads on real notes, against
     the same encoder alone on the very batches the batcher closed. The note texts are cycled (each record
     its own note id) to at least ``WORKER_MIN_BATCHES`` batches: with one batch (run 6: batch 2048 on
@@ -645,7 +716,10 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
     One of several replicas (:func:`replicas_phase`): ``barrier`` (a multiprocessing Barrier) lines up the
     replicas' measured passes and then their encoder-alone passes, which only the replica with
     ``measure_alone`` makes, alone on the device; the result has the measured pass's ``span`` (monotonic
-    clock, the same for every process of the machine)."""
+    clock, the same for every process of the machine).
+
+    ``milvus_uri``: write to that Milvus server (a collection of this phase's own, dropped at the end)
+    instead of a milvus-lite db; ``lite_process`` then has no meaning."""
     from worker.batcher import Batcher
     from worker.decode import decode
     from worker.encoders import load_encoder
@@ -659,8 +733,16 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
     enc.warmup(generate)
     # one collection per phase; a db of its own for the child (pymilvus's in-process server keeps its db's
     # LOCK until this process exits)
-    db = work / "milvus" / ("gpu-check-lp.db" if lite_process else "gpu-check.db")
-    store = MilvusStore(str(db), alias=f"gpu_check_{generate}", lite_process=lite_process)
+    if milvus_uri:
+        lite_process = False
+        store = MilvusStore(milvus_uri, alias=f"gpu_check_{generate}_{uuid.uuid4().hex[:8]}",
+                            write_process=write_process)
+    else:
+        lite_process = lite_process or write_process  # the writer needs the db served by a child
+        db = work / "milvus" / ("gpu-check-w.db" if write_process else "gpu-check-lp.db" if lite_process
+                                else "gpu-check.db")
+        store = MilvusStore(str(db), alias=f"gpu_check_{generate}", lite_process=lite_process,
+                            write_process=write_process)
     coll = store.ensure(enc.dim, enc.model_version)
     sink = MilvusSink(store, coll)
     stage = EncodeStage(enc, topic="notes")
@@ -740,10 +822,15 @@ def worker_phase(pkg: str, device: str, notes, batch: int, generate: str, work: 
         barrier.wait(600)
     count = store.count(coll)
     enc.close()
+    if milvus_uri:  # the server outlives the check: leave nothing behind
+        with store.locked() as c:
+            c.drop_alias(store.alias)
+            c.drop_collection(coll)
     store.close()
     n = len(msgs)
     return {
-        "isolation": isolation, "lite_process": lite_process, "generate": generate, "max_batch_notes": batch,
+        "isolation": isolation, "lite_process": lite_process, "write_process": write_process, "generate": generate,
+        "milvus": "server" if milvus_uri else "milvus-lite", "milvus_collection": coll, "max_batch_notes": batch,
         "notes": n,
         "batches": len(formed), "mean_batch": round(sum(sizes) / max(len(sizes), 1), 1),
         "pipeline_notes_per_s": round(n / dt, 1),
@@ -781,7 +868,8 @@ def _replica_main(results: Any, index: int, barrier: Any, device: str, kwargs: d
 
 
 def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work: Path, isolation: str,
-                   lite_process: bool, replicas: int, timeout_s: float = 600.0) -> dict[str, Any]:
+                   lite_process: bool, replicas: int, timeout_s: float = 600.0,
+                   write_process: bool = False, milvus_uri: str | None = None) -> dict[str, Any]:
     """``replicas`` worker processes sharing the device, as several worker replicas on one GPU would: each
     runs :func:`worker_phase` (its own encoder child, tokenizer, pipeline and milvus-lite db: milvus-lite
     serves one process, so each replica writes a db of its own where production replicas share a Milvus
@@ -805,7 +893,7 @@ def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work
     for i in range(replicas):
         kwargs = {"pkg": pkg, "notes": notes, "batch": batch, "generate": generate,
                   "work": work / f"replica-{i}", "isolation": isolation, "lite_process": lite_process,
-                  "gpu_mem_limit_mib": limit}
+                  "write_process": write_process, "milvus_uri": milvus_uri, "gpu_mem_limit_mib": limit}
         (work / f"replica-{i}").mkdir(parents=True, exist_ok=True)
         procs.append(ctx.Process(target=_replica_main, args=(results, i, barrier, device, kwargs),
                                  name=f"gpu-check-replica-{i}"))
@@ -843,8 +931,9 @@ def replicas_phase(pkg: str, device: str, notes, batch: int, generate: str, work
     agg = total / (end - begin)
     keep = ("pipeline_notes_per_s", "milvus_rows_per_s", "time_s", "cpu_s", "batches", "mean_batch", "milvus_rows")
     return {
-        "replicas": replicas, "isolation": isolation, "lite_process": lite_process, "generate": generate,
-        "max_batch_notes": batch, "gpu_mem_limit_mib": limit, "notes": total, "pipeline_notes_per_s": round(agg, 1),
+        "replicas": replicas, "isolation": isolation, "lite_process": rows[0]["lite_process"],
+        "write_process": write_process, "milvus": rows[0]["milvus"], "generate": generate, "max_batch_notes": batch,
+        "gpu_mem_limit_mib": limit, "notes": total, "pipeline_notes_per_s": round(agg, 1),
         "encoder_alone_notes_per_s": alone, "ratio": round(agg / alone, 3),
         # how far apart the measured passes started and ended (s): overlap, not a staggered run
         "start_spread_s": round(max(r["span"][0] for r in rows) - begin, 3),
@@ -1264,21 +1353,28 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name in [k for k in doc if k.startswith("worker/") and isinstance(doc[k], dict) and "ratio" in doc[k]]:
         w = doc[name]
+        server = w.get("milvus") == "server"
         where = "a child process" if w.get("lite_process") else "the worker's process"
+        if w.get("write_process"):
+            where += ", written from a writer process"
+        store = ("a Milvus server, written from " + ("a writer process" if w.get("write_process") else
+                                                     "the worker's process")) if server else None
         if w.get("replicas"):
-            per = "; ".join(f"{r['pipeline_notes_per_s']:,.0f} notes/s, milvus-lite {r['milvus_rows_per_s'] or 0:,.0f} "
+            per = "; ".join(f"{r['pipeline_notes_per_s']:,.0f} notes/s, Milvus {r['milvus_rows_per_s'] or 0:,.0f} "
                             f"rows/s, process CPU {r['cpu_s']['worker_process']} s" for r in w["per_replica"])
             lines += ["", f"Worker path, {name[len('worker/'):]} ({w['replicas']} worker processes sharing the device, "
-                      f"{w['package']} package, each with its encoder in a process of its own and its own milvus-lite "
-                      f"db served from {where}, generate={w['generate']}, batch {w['max_batch_notes']}): "
+                      f"{w['package']} package, each with its encoder in a process of its own and "
+                      + (f"a collection of its own on {store}" if server
+                         else f"its own milvus-lite db served from {where}")
+                      + f", generate={w['generate']}, batch {w['max_batch_notes']}): "
                       f"{w['pipeline_notes_per_s']:,.0f} notes/s together vs one encoder alone "
                       f"{w['encoder_alone_notes_per_s']:,.0f} (ratio {w['ratio']}); passes started within "
                       f"{w['start_spread_s']} s and ended within {w['end_spread_s']} s; per replica: {per}."]
         else:
             lines += ["", f"Worker path, {name[len('worker/'):]} ({w['package']} package, {w['isolation']} encoder, "
-                      f"milvus-lite served from {where}, generate="
+                      + (store if server else f"milvus-lite served from {where}") + ", generate="
                       f"{w['generate']}, batch {w['max_batch_notes']}): {w['pipeline_notes_per_s']:,.0f} notes/s vs "
-                      f"encoder alone {w['encoder_alone_notes_per_s']:,.0f} (ratio {w['ratio']}); milvus-lite "
+                      f"encoder alone {w['encoder_alone_notes_per_s']:,.0f} (ratio {w['ratio']}); Milvus "
                       f"{w['milvus_rows_per_s'] or 0:,.0f} rows/s; time: {json.dumps(w['time_s'])}; CPU of the worker "
                       f"process ({w['cpus']} cores): {json.dumps(w['cpu_s'])}."]
     f = doc.get("fusions")
@@ -1350,8 +1446,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile,ort_profile")
     ap.add_argument("--worker-lite", default="thread", type=_lite_modes,
                     help="where the worker phase's milvus-lite serves its db: thread (pymilvus's server in the "
-                         "worker's process, the default), process (NOTELLM_MILVUS__LITE_PROCESS: a child), or "
-                         "thread,process (both, side by side)")
+                         "worker's process, the default), process (NOTELLM_MILVUS__LITE_PROCESS: a child), writer "
+                         "(that child, and the sink's writes from a writer process: NOTELLM_MILVUS__WRITE_PROCESS); "
+                         "several side by side, e.g. thread,process,writer")
+    ap.add_argument("--worker-milvus-uri", help="the worker phases write to this Milvus server (a collection of "
+                    "their own, dropped after) instead of milvus-lite dbs; --worker-lite then takes thread (the "
+                    "worker's own client) and writer")
+    ap.add_argument("--worker-milvus-server", action="store_true",
+                    help=f"start a Milvus {MILVUS_VERSION} server of the check's own (phase milvus_server; the pack "
+                         "carries it) and write the worker phases to it, as --worker-milvus-uri; if it cannot "
+                         "start, the worker phases write to milvus-lite")
     ap.add_argument("--worker-replicas", default=(1,), type=_replica_counts,
                     help="worker processes sharing the device in the worker phase, e.g. 1,2,3: each count > 1 "
                          "is its own phase (worker/<mode>/x<count>), its replicas' passes started together "
@@ -1374,6 +1478,10 @@ def main(argv: list[str] | None = None) -> int:
                          "CUDA); default gqa,mha,mha-prefix,mha-prefix-fold")
     ap.add_argument("--fuse-site", help="folder put first on the fusing child's path (the pack's onnxscript)")
     a = ap.parse_args(argv)
+    if a.worker_milvus_uri and a.worker_milvus_server:
+        ap.error("--worker-milvus-uri or --worker-milvus-server, not both")
+    if (a.worker_milvus_uri or a.worker_milvus_server) and "process" in a.worker_lite.split(","):
+        ap.error("--worker-lite process serves a milvus-lite db; with --worker-milvus-uri use thread and/or writer")
     device = "cpu" if a.cpu else "cuda"
     arch = a.arch or ("tiny" if a.cpu else "smollm2")
     budget = a.budget_s or (240.0 if a.cpu else 420.0)
@@ -1429,22 +1537,34 @@ def main(argv: list[str] | None = None) -> int:
                                                      time.monotonic() + rep.left() - reserve,
                                                      modes=tuple(a.modes.split(",")), engines=engines))
     skip = set(filter(None, a.skip.split(",")))
-    for mode in [m for m in a.modes.split(",") if m in WORKER_GENERATE] if "worker" not in skip else []:
-        wkind, best_batch = worker_package(enc, packages, device, mode)
-        for replicas in a.worker_replicas:
-            for lite in a.worker_lite.split(","):
-                if replicas == 1:
-                    run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind:
-                           worker_phase(packages[wkind], device, notes, batch, WORKER_GENERATE[mode], work,
-                                        "process", lite_process=lite == "process"))
-                else:
-                    run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind,
-                           replicas=replicas: replicas_phase(packages[wkind], device, notes, batch,
-                                                             WORKER_GENERATE[mode],
-                                                             work / worker_phase_name(mode, lite, replicas),
-                                                             "process", lite == "process", replicas))
-                rep.phase(worker_phase_name(mode, lite, replicas),
-                          lambda run=run, wkind=wkind: {"package": wkind, **run()}, need_s=20 * replicas)
+    worker_modes = [m for m in a.modes.split(",") if m in WORKER_GENERATE] if "worker" not in skip else []
+    milvus_uri, server = a.worker_milvus_uri, None
+    if a.worker_milvus_server and worker_modes:
+        server = rep.phase("milvus_server", lambda: start_milvus_server(work), need_s=60)
+        milvus_uri = server["uri"] if server else None
+    try:
+        for mode in worker_modes:
+            wkind, best_batch = worker_package(enc, packages, device, mode)
+            for replicas in a.worker_replicas:
+                for lite in a.worker_lite.split(","):
+                    if replicas == 1:
+                        run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind:
+                               worker_phase(packages[wkind], device, notes, batch, WORKER_GENERATE[mode], work,
+                                            "process", lite_process=lite == "process", write_process=lite == "writer",
+                                            milvus_uri=milvus_uri))
+                    else:
+                        run = (lambda mode=mode, lite=lite, batch=int(best_batch or max(sizes)), wkind=wkind,
+                               replicas=replicas: replicas_phase(packages[wkind], device, notes, batch,
+                                                                 WORKER_GENERATE[mode],
+                                                                 work / worker_phase_name(mode, lite, replicas),
+                                                                 "process", lite == "process", replicas,
+                                                                 write_process=lite == "writer",
+                                                                 milvus_uri=milvus_uri))
+                    rep.phase(worker_phase_name(mode, lite, replicas),
+                              lambda run=run, wkind=wkind: {"package": wkind, **run()}, need_s=20 * replicas)
+    finally:
+        if server:
+            stop_milvus_server(server)
     kind, best_batch = worker_package(enc, packages, device)
     batch = int(best_batch or max(sizes))
     if "fusions" not in skip:

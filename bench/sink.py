@@ -1,18 +1,21 @@
 """The Milvus sink's rows/s per worker process: milvus-lite in the process, milvus-lite in a child process
-(NOTELLM_MILVUS__LITE_PROCESS) and a Milvus server, side by side, interleaved.
+(NOTELLM_MILVUS__LITE_PROCESS) and a Milvus server, each of the last two also with the writes made by a
+writer process (NOTELLM_MILVUS__WRITE_PROCESS: `-writer`), side by side, interleaved.
 
-    python bench/sink.py [--backends lite,lite-process,server] [--milvus-uri http://127.0.0.1:19530]
-                         [--rows 2048] [--flushes 6] [--repeats 3] [--notes mind]
+    python bench/sink.py [--backends lite,lite-process,server,lite-process-writer,server-writer]
+                         [--milvus-uri http://127.0.0.1:19530] [--rows 2048] [--flushes 6] [--repeats 3]
+                         [--notes mind]
 
 Each flush is what the worker's sink stage does with one encoded batch: `MilvusSink.add` (one row per
 note: real MIND titles, unit vectors of the collection's dim) then `MilvusSink.flush` (one upsert). The
 same note ids are upserted again in every round after the first (the worker's replays are upserts of ids
 already stored), so every backend holds `--rows` x `--flushes` rows. Reported per backend (best of
 `--repeats` rounds, the backends taking turns): rows/s, the sink thread's CPU per row (pymilvus turning
-rows into a request: the part of the sink that holds the worker's GIL whatever the backend), and the
-process CPU per row (milvus-lite's in-process server adds its own here; a child's or a server's does not
-count). The GPU run (docs/results/gpu, runs 9-10) measured milvus-lite at 3,600-4,700 rows/s beside an
-encoder that embeds ~8,300 notes/s: this says which part of that ceiling a Milvus server removes.
+rows into a request, the part of the sink that holds the worker's GIL; with a writer process only packing
+the rows into columns for it), and the process CPU per row (milvus-lite's in-process server adds its own
+here; a child's, a writer's or a server's does not count). The GPU run (docs/results/gpu, runs 9-10)
+measured milvus-lite at 3,600-4,700 rows/s beside an encoder that embeds ~8,300 notes/s: this says which
+part of that ceiling a Milvus server removes, and how much of the worker's GIL a writer process frees.
 Prints one JSON document.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from bench.tokenizing import load_notes  # noqa: E402
 from worker.records import Batch, Encoded, Note  # noqa: E402
 from worker.sinks.milvus import MilvusSink, MilvusStore  # noqa: E402
 
-BACKENDS = ("lite", "lite-process", "server")
+BACKENDS = ("lite", "lite-process", "server", "lite-process-writer", "server-writer")
 DIM = 128
 
 
@@ -58,9 +61,11 @@ def batches(texts: list, rows: int, flushes: int, seed: int = 0) -> list[Encoded
 
 
 def open_store(backend: str, tmp: Path, uri: str | None) -> MilvusStore:
-    if backend == "server":
-        return MilvusStore(uri)
-    return MilvusStore(str(tmp / f"{backend}.db"), lite_process=backend == "lite-process")
+    writer = backend.endswith("-writer")
+    if backend.startswith("server"):
+        return MilvusStore(uri, write_process=writer)
+    return MilvusStore(str(tmp / f"{backend}.db"), lite_process=backend.startswith("lite-process"),
+                       write_process=writer)
 
 
 def one_round(sink: MilvusSink, work: list[Encoded]) -> dict[str, float]:
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             out["vs_lite"] = {b: round(v["rows_per_s"] / base, 2) for b, v in out["backends"].items()}
     finally:
         for b, (store, _, coll) in sinks.items():
-            if b == "server":
+            if b.startswith("server"):
                 try:
                     store.client.drop_collection(coll)
                 except Exception:  # noqa: BLE001 - best effort: the server outlives the bench

@@ -1,6 +1,7 @@
 """bench/sink.py runs the worker's Milvus sink against milvus-lite in the process, milvus-lite in a child
-process and the Milvus server, stores every row once whatever the number of upsert rounds, leaves no
-collection behind on the server, and prints its JSON (the rates are the bench's to report, not a test's)."""
+process and the Milvus server (the last two also through a writer process), stores every row once whatever
+the number of upsert rounds, leaves no collection behind on the server, and prints its JSON (the rates are
+the bench's to report, not a test's)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ def test_bench_sink_measures_every_backend_and_stores_each_row_once(milvus_serve
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout)
-    assert doc["rows"] == 64 and set(doc["backends"]) == {"lite", "lite-process", "server"}
+    assert doc["rows"] == 64 and set(doc["backends"]) == {"lite", "lite-process", "server", "lite-process-writer",
+                                                          "server-writer"}
     for name, b in doc["backends"].items():
         # round 0 inserted, rounds 1-2 upserted the same ids: nothing duplicated
         assert b["stored"] == 64, (name, b)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.worker_support import tiny_dir  # noqa: F401 - fixture
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     env = dict(os.environ, NOTELLM_PYTHON=sys.executable)
     p = subprocess.run([str(REPO / "scripts" / "gpu-check"), "--cpu", "--out", str(out), "--work", str(tmp_path / "w"),
                         "--n-notes", "16", "--batches", "1,4", "--point-s", "0.1", "--fuse-site", str(fuse_site),
-                        "--expanded-dtypes", "fp32", "--worker-lite", "thread,process", "--worker-replicas", "1,2",
+                        "--expanded-dtypes", "fp32", "--worker-lite", "thread,writer", "--worker-replicas", "1,2",
                         # every phase takes ~190 s here alone; the default 240 s budget would skip the last ones
                         # on a busier machine
                         "--budget-s", "360"],
@@ -32,9 +34,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
                           "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
-                          "embed_graph_fp16_mha-prefix-fold", "encoder", "worker/embed", "worker/embed+category", "worker/embed/lite-process",
-                          "worker/embed+category/lite-process", "worker/embed/x2", "worker/embed+category/x2",
-                          "worker/embed/x2/lite-process", "worker/embed+category/x2/lite-process",
+                          "embed_graph_fp16_mha-prefix-fold", "encoder", "worker/embed", "worker/embed+category",
+                          "worker/embed/writer", "worker/embed+category/writer", "worker/embed/x2",
+                          "worker/embed+category/x2",
+                          "worker/embed/x2/writer", "worker/embed+category/x2/writer",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -79,9 +82,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 0 < cut <= full and (cut >= 1.0 or "-mha-prefix" in name), (name, b, cut, full)
     for mode, generate, lite in [(m, g, lite) for m, g in (("embed", "none"), ("embed+category", "category"))
-                                 for lite in ("", "/lite-process")]:  # the worker per mode, milvus-lite in or out
+                                 for lite in ("", "/writer")]:  # the worker per mode, milvus-lite in or out
         w = doc[f"worker/{mode}{lite}"]
-        assert w["generate"] == generate and w["lite_process"] == bool(lite)
+        # writer: milvus-lite served from a child (as `--worker-lite process`) and written from a writer process
+        assert w["generate"] == generate and w["lite_process"] == w["write_process"] == bool(lite)
         # the 16 notes cycled (each record its own id) to at least six batches of the batch the phase ran
         assert w["milvus_rows"] == w["notes"] == max(16, 6 * w["max_batch_notes"]) and w["batches"] >= 6
         assert w["pipeline_notes_per_s"] > 0 and w["encoder_alone_notes_per_s"] > 0 and w["milvus_rows_per_s"] > 0
@@ -94,9 +98,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         assert sum(c["by_thread"].values()) <= c["worker_process"] + 0.05
         assert w["cpus"] >= 1
     for mode, generate, lite in [(m, g, lite) for m, g in (("embed", "none"), ("embed+category", "category"))
-                                 for lite in ("", "/lite-process")]:  # two worker processes sharing the device
+                                 for lite in ("", "/writer")]:  # two worker processes sharing the device
         w = doc[f"worker/{mode}/x2{lite}"]
-        assert w["replicas"] == 2 and w["generate"] == generate and w["lite_process"] == bool(lite)
+        assert w["replicas"] == 2 and w["generate"] == generate
+        assert w["lite_process"] == w["write_process"] == bool(lite)
         assert len(w["per_replica"]) == 2 and w["notes"] == sum(r["milvus_rows"] for r in w["per_replica"])
         # every replica wrote its notes; the passes overlapped (started together: the barrier)
         assert all(r["milvus_rows"] == max(16, 6 * w["max_batch_notes"]) for r in w["per_replica"])
@@ -138,12 +143,13 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         e = op[f"{k}/embed"]
         assert f"{k}/embed+category" not in op and e["graph_runs_per_call"] >= 1  # one per sub-batch
         assert e["node_calls_per_run"] < op["ort-fp16-fused/embed"]["node_calls_per_run"]
-    workers = [f"{m}{x}{lite}" for m in ("embed", "embed+category") for x in ("", "/x2") for lite in ("", "/lite-process")]
+    workers = [f"{m}{x}{lite}" for m in ("embed", "embed+category") for x in ("", "/x2") for lite in ("", "/writer")]
     assert set(doc["goals"]) == {"ort_fp16_vs_torch_eager_embed", "embed_prompt_tokens_per_s"} | {
         f"pipeline_vs_encoder_alone/{w}" for w in workers}
     assert all(doc["goals"][f"pipeline_vs_encoder_alone/{w}"]["value"] == doc[f"worker/{w}"]["ratio"] for w in workers)
     md = (out / "gpu-check.md").read_text()
-    assert "Worker path, embed (" in md and "Worker path, embed+category/lite-process (" in md
+    assert "Worker path, embed (" in md and "Worker path, embed+category/writer (" in md
+    assert "served from a child process, written from a writer process" in md
     assert "Worker path, embed/x2 (2 worker processes sharing the device" in md
     assert "**embed**" in md and "| goal |" in md and "Kernel profile" in md
     assert "Fused fp16 package" in md and "Embed graph on the fp16 package" in md and "ONNX Runtime's profiler" in md
@@ -232,17 +238,19 @@ def test_thread_cpu_groups_a_threads_cpu_by_its_name():
     assert list(cpu) == sorted(cpu, key=lambda k: -cpu[k])
 
 
-def test_worker_lite_takes_thread_process_or_both_once():
+def test_worker_lite_takes_thread_process_writer_each_once():
     import argparse
 
     from bench.gpu_check import _lite_modes, worker_phase_name
 
-    assert [_lite_modes(x) for x in ("thread", "process", "thread,process")] == ["thread", "process", "thread,process"]
-    for bad in ("", "proc", "thread,thread", "thread,process,thread"):  # a repeat would overwrite its phase
-        with pytest.raises(argparse.ArgumentTypeError):
+    for good in ("thread", "process", "writer", "thread,process", "process,writer", "thread,process,writer"):
+        assert _lite_modes(good) == good
+    for bad in ("", "proc", "thread,thread", "thread,process,thread", "writer,writer"):  # a repeat would overwrite
+        with pytest.raises(argparse.ArgumentTypeError):                                  # its phase
             _lite_modes(bad)
     assert worker_phase_name("embed", "thread") == "worker/embed"
     assert worker_phase_name("embed+category", "process") == "worker/embed+category/lite-process"
+    assert worker_phase_name("embed", "writer", 2) == "worker/embed/x2/writer"
 
 
 def test_worker_replicas_takes_distinct_counts_and_names_their_phases():
@@ -256,3 +264,68 @@ def test_worker_replicas_takes_distinct_counts_and_names_their_phases():
             _replica_counts(bad)
     assert worker_phase_name("embed", "thread", 1) == "worker/embed"
     assert worker_phase_name("embed", "process", 3) == "worker/embed/x3/lite-process"
+
+
+def test_the_worker_phase_writes_to_a_milvus_server_and_leaves_nothing_there(tmp_path, milvus_server, tiny_dir):
+    """`--worker-milvus-uri`: the worker phase on the production store, its writes from the worker's own client
+    and from a writer process; every note stored once, the phase's collection dropped after."""
+    from pymilvus import MilvusClient
+
+    from bench.gpu_check import worker_phase
+    from notellm.prompts import NoteText
+
+    notes = [NoteText(title=f"note {i} about things", content="some content " * (i % 5), topic="news")
+             for i in range(12)]
+    colls = []
+    for write_process in (False, True):
+        w = worker_phase(str(tiny_dir), "cpu", notes, 4, "none", tmp_path / f"w{write_process}", "thread",
+                         write_process=write_process, milvus_uri=milvus_server)
+        assert w["milvus"] == "server" and w["write_process"] == write_process and not w["lite_process"]
+        assert w["milvus_rows"] == w["notes"] == 24 and w["ratio"] > 0  # 6 batches of 4: each note once
+        assert 0 < w["cpu_s"]["sink_thread"] < w["cpu_s"]["worker_process"]
+        colls.append(w["milvus_collection"])
+    client = MilvusClient(uri=milvus_server, timeout=30)
+    try:
+        assert len(set(colls)) == 2 and not set(colls) & set(client.list_collections())
+    finally:
+        client.close()
+
+
+def test_worker_milvus_uri_takes_thread_and_writer_only(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--out", str(tmp_path),
+                        "--worker-lite", "thread,process", "--worker-milvus-uri", "http://127.0.0.1:1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--worker-lite process serves a milvus-lite db" in p.stderr, p.stderr[-1000:]
+
+
+def test_the_check_runs_a_milvus_server_of_its_own_from_the_packs_package(tmp_path, milvus_server):
+    """`--worker-milvus-server` as on the device: the `milvus` package importable (the pack's site/ on
+    PYTHONPATH; here a folder linking scripts/milvus's installed one), a two-file venv pointing scripts/milvus
+    at this Python, free ports; the server answers, and is gone after `stop_milvus_server`."""
+    pkg = next((REPO / ".local" / "milvus-server" / "venv" / "lib").glob("python3*/site-packages/milvus"))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "milvus").symlink_to(pkg)
+    code = """
+import json, sys
+from pathlib import Path
+from pymilvus import MilvusClient
+from bench.gpu_check import start_milvus_server, stop_milvus_server
+s = start_milvus_server(Path(sys.argv[1]))
+c = MilvusClient(uri=s["uri"], timeout=30)
+c.list_collections()
+c.close()
+stop_milvus_server(s)
+print(json.dumps(s))
+"""
+    env = dict(os.environ, PYTHONPATH=f"{site}:{REPO}")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert s["venv"] == str(tmp_path / "work" / "milvus-venv") and s["uri"] != milvus_server  # its own, not CI's
+    import socket
+
+    port = int(s["uri"].rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # stopped: nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

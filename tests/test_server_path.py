@@ -1,6 +1,7 @@
 """The worker on the production Milvus path (issue 10): a real Milvus 2.3.5 server, the real tiny model.
-Upserts, tombstone deletes, hostile ids and `similar` behave as on milvus-lite, and freshness is measured
-as a reader sees it (the visibility probe at the readers' consistency level, a client of its own)."""
+Upserts, tombstone deletes, hostile ids and `similar` behave as on milvus-lite, with the store's writes in
+the worker's process and in a writer process of their own (`write_process`), and freshness is measured as
+a reader sees it (the visibility probe at the readers' consistency level, a client of its own)."""
 from __future__ import annotations
 
 import uuid
@@ -16,10 +17,11 @@ from worker.sinks.milvus import MilvusStore
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_worker_on_a_milvus_server(kafka_bootstrap, topics, milvus_server, encoder):
+@pytest.mark.parametrize("write_process", [False, True], ids=["in-process", "writer-process"])
+def test_worker_on_a_milvus_server(kafka_bootstrap, topics, milvus_server, encoder, write_process):
     alias = f"notes_{uuid.uuid4().hex[:8]}"
-    s = settings_for(kafka_bootstrap, topics, milvus_server, milvus={"collection": alias, "read_consistency": "Bounded"},
-                     model={"generate": "category"})
+    s = settings_for(kafka_bootstrap, topics, milvus_server, model={"generate": "category"},
+                     milvus={"collection": alias, "read_consistency": "Bounded", "write_process": write_process})
     hostile = ["q'uote", "back\\slash", "zz'] or note_id not in ['n00000", "rtl\u202eid"]
     docs = [note_doc(i) for i in range(40)] + [{**note_doc(100 + i), "note_id": h} for i, h in enumerate(hostile)]
     ids = produce_notes(kafka_bootstrap, topics["notes"], docs)
@@ -31,6 +33,7 @@ def test_worker_on_a_milvus_server(kafka_bootstrap, topics, milvus_server, encod
         produce_raw(kafka_bootstrap, topics["notes"], [(b"q'uote", None), (b"zz'] or note_id not in ['n00001", None)])
         wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
         assert app.healthy()[0] and app.ready()[0]
+        assert (app.store.writer is not None) == write_process
         got = store.all_ids()
         assert len(got) == len(set(got)) and set(got) == set(ids) - {"q'uote"}
         ans = store.similar("back\\slash", 3)

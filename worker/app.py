@@ -123,13 +123,13 @@ class WorkerApp:
         enc = self.encoder = self._encoder
         self._check_stop()
         if self._store is None:
-            self._store = MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
-                                      db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s,
-                                      lite_process=s.milvus.lite_process)
+            self._store = MilvusStore.from_settings(s.milvus)
             self._opened.append(self._store.close)
             if self._store.lite_server is not None:
                 ls = self._store.lite_server
                 self.log.info("milvus_lite_server_started", pid=ls.pid, uri=ls.uri, db=ls.data_dir)
+            if self._store.writer is not None:
+                self.log.info("milvus_writer_started", pid=self._store.writer.pid, uri=self._store.writer.uri)
         self.store = self._store
         # A dimension / model_version mismatch raises CollectionMismatch here: a clear startup error.
         self.collection = self.store.ensure(enc.dim, enc.model_version, collection=self._collection,

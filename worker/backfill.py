@@ -44,9 +44,7 @@ def backfill(s: Settings, *, encoder=None, store=None, catch_up: int = 100, max_
     m = s.model
     enc = encoder or load_configured_encoder(s)
     own_store = store is None
-    store = store or MilvusStore(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
-                                 db_name=s.milvus.db_name, alias=s.milvus.collection, timeout_s=s.milvus.timeout_s,
-                                 lite_process=s.milvus.lite_process)
+    store = store or MilvusStore.from_settings(s.milvus)
     try:
         current = store.resolve()
         target = physical_name(s.milvus.collection, enc.model_version)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker import __version__
@@ -130,10 +130,22 @@ class MilvusSettings(BaseModel):
     lite_process: bool = Field(False, description="milvus-lite only: serve the db from a child process "
                                "(worker/lite_server.py) instead of inside the worker, whose GIL its pure-Python "
                                "writes would share: for an encoder as fast as a GPU's")
+    write_process: bool = Field(False, description="upsert and delete from a child process with its own client "
+                                "(worker/milvus_writer.py), so that pymilvus's request building (~55 µs a row) does "
+                                "not share the worker's GIL: for an embed-only encoder as fast as a GPU's. Needs a "
+                                "server URI or lite_process")
 
     @property
     def is_lite(self) -> bool:
         return not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+    @model_validator(mode="after")
+    def _writer_needs_an_address(self) -> "MilvusSettings":
+        if self.write_process and self.is_lite and not self.lite_process:
+            raise ValueError("milvus.write_process needs a Milvus server uri (http://host:19530) or "
+                             "milvus.lite_process=true: an embedded milvus-lite db cannot be written from another "
+                             "process")
+        return self
 
 
 class ModelSettings(BaseModel):

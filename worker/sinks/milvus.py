@@ -193,6 +193,9 @@ def classify(exc: BaseException) -> str:
     from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, MilvusException,
                                      ParamError)
 
+    kind = getattr(exc, "milvus_kind", None)  # classified where it happened (the writer process)
+    if kind in (DATA, TRANSIENT, FATAL):
+        return kind
     if isinstance(exc, (ParamError, DataNotMatchException, DataTypeNotMatchException)):
         return DATA
     if isinstance(exc, MilvusException):
@@ -242,11 +245,16 @@ class MilvusStore:
 
     `lite_process` (milvus-lite only): serve the db from a child process (`worker.lite_server`) instead of
     pymilvus's server in this process, whose Python work would share this process's GIL. A call that
-    fails because that child has died raises `LiteServerGone` (fatal)."""
+    fails because that child has died raises `LiteServerGone` (fatal).
+
+    `write_process`: upserts and deletes go through a child process with its own client
+    (`worker.milvus_writer`), so that pymilvus's request building does not share this process's GIL;
+    reads stay here. It needs a server URI or `lite_process` (an embedded db cannot be written from
+    another process): ValueError otherwise."""
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong",
-                 lite_process: bool = False) -> None:
+                 lite_process: bool = False, write_process: bool = False) -> None:
         from pymilvus import MilvusClient
 
         if consistency_level not in CONSISTENCY_LEVELS:
@@ -257,7 +265,11 @@ class MilvusStore:
         self.timeout_s = timeout_s
         self.consistency_level = consistency_level
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        if write_process and self.is_lite and not lite_process:
+            raise ValueError("write_process needs a Milvus server URI or lite_process: an embedded milvus-lite db "
+                             "belongs to this process and cannot be written from another")
         self.lite_server = None
+        self.writer = None
         kw: dict[str, Any] = {"uri": uri}
         if self.is_lite:
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
@@ -272,6 +284,10 @@ class MilvusStore:
             kw["db_name"] = db_name
         try:
             self.client = MilvusClient(**kw)
+            if write_process:
+                from worker.milvus_writer import MilvusWriter
+
+                self.writer = MilvusWriter(kw["uri"], token=token, db_name=db_name)
         except BaseException:
             if self.lite_server is not None:
                 self.lite_server.close()
@@ -280,6 +296,13 @@ class MilvusStore:
         self._depth = 0                          # nesting of locked() in the thread holding the lock
         self._held_since: float | None = None    # when the outermost locked() began
         self._last_ok = True                     # outcome of the last store call (for reachable())
+
+    @classmethod
+    def from_settings(cls, m: Any) -> "MilvusStore":
+        """The store `m` (the worker's `MilvusSettings`) configures: the worker's and the backfill's."""
+        return cls(m.uri, token=m.token.get_secret_value() if m.token else None, db_name=m.db_name,
+                   alias=m.collection, timeout_s=m.timeout_s, lite_process=m.lite_process,
+                   write_process=m.write_process)
 
     @property
     def client_uri(self) -> str:
@@ -420,14 +443,20 @@ class MilvusStore:
     # -- writes (MilvusSink) ---------------------------------------------------------------------
     def upsert(self, collection: str, rows: list[dict]) -> None:
         with self.locked() as c:
-            c.upsert(collection, rows, timeout=self.timeout_s)
+            if self.writer is not None:
+                self.writer.upsert(collection, rows, self.timeout_s)
+            else:
+                c.upsert(collection, rows, timeout=self.timeout_s)
 
     def delete(self, collection: str, ids: Iterable[str]) -> None:
         """Delete the rows of `ids` (ids no row can have are skipped), IDS_PER_FILTER ids per call."""
         todo = [i for i in ids if _storable_id(i)]
         for part in _chunks(todo, IDS_PER_FILTER):
             with self.locked() as c:
-                c.delete(collection, filter=id_filter("note_id", part), timeout=self.timeout_s)
+                if self.writer is not None:
+                    self.writer.delete(collection, id_filter("note_id", part), self.timeout_s)
+                else:
+                    c.delete(collection, filter=id_filter("note_id", part), timeout=self.timeout_s)
 
     # -- reads -----------------------------------------------------------------------------------
     def get(self, ids: Iterable[str], output_fields: list[str], collection: str | None = None,
@@ -500,6 +529,8 @@ class MilvusStore:
     def close(self) -> None:
         try:
             with self.locked() as c:
+                if self.writer is not None:
+                    self.writer.close()
                 c.close()
         finally:
             if self.lite_server is not None:
