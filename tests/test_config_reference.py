@@ -149,11 +149,17 @@ def _sample(path, info) -> tuple[str, Any]:
     raise AssertionError(f"no sample value for {'.'.join(path)}: {tp!r} (teach _sample this type)")
 
 
+# settings whose sample value is valid only with another one set (a model validator checks the pair)
+_COMPANIONS = {("milvus", "write_process"): {"NOTELLM_MILVUS__URI": "http://milvus.example:19530"}}
+
+
 @pytest.mark.parametrize("path", [p for p, _ in ref._leaves(Settings)], ids=".".join)
 def test_the_variable_sets_the_setting(path, clean_env, rows):
     row = next(r for r in rows if r.path == path)
     info = dict(ref._leaves(Settings))[path]
     text, want = _sample(path, info)
+    for k, v in _COMPANIONS.get(path, {}).items():
+        clean_env.setenv(k, v)
     clean_env.setenv(row.env, text)
     got = _get(Settings(), path)
     assert _plain(got) == want, f"{row.env}={text!r} gave {got!r}: the reference names the wrong variable"
