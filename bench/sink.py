@@ -21,8 +21,10 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     work = batches(load_notes(a.notes, a.rows * a.flushes), a.rows, a.flushes)
     n = a.rows * a.flushes
     tmp = Path(tempfile.mkdtemp(prefix="sink-bench-"))
+    # removed at exit, after pymilvus's in-process milvus-lite server (whose exit hook, registered later and
+    # so run earlier, writes the db one last time)
+    atexit.register(shutil.rmtree, tmp, True)
     sinks: dict[str, tuple[MilvusStore, MilvusSink, str]] = {}
     try:
         for b in backends:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     rounds[b].append(res)
                 print(f"[sink] round {r} {b}: {n / res['wall']:,.0f} rows/s", file=sys.stderr, flush=True)
         out: dict = {"rows_per_flush": a.rows, "flushes": a.flushes, "rows": n, "repeats": a.repeats,
-                     "cpus": len(os.sched_getaffinity(0)), "backends": {}}
+                     "cpus": len(os.sched_getaffinity(0)), "scratch": str(tmp), "backends": {}}
         for b in backends:
             best = min(rounds[b], key=lambda x: x["wall"])
             store, _, coll = sinks[b]

@@ -26,6 +26,7 @@ def test_bench_sink_measures_every_backend_and_stores_each_row_once(milvus_serve
         assert b["rows_per_s"] > 0 and len(b["rows_per_s_all"]) == 2
         assert 0 < b["sink_thread_cpu_us_per_row"] <= b["process_cpu_us_per_row"] + 1.0
     assert doc["vs_lite"]["lite"] == 1.0
+    assert not Path(doc["scratch"]).exists()  # its milvus-lite dbs are removed at exit
     from pymilvus import MilvusClient
 
     client = MilvusClient(uri=milvus_server, timeout=30)

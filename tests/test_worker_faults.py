@@ -188,20 +188,24 @@ def test_sigkill_mid_run_then_restart_loses_nothing(kafka_bootstrap, topics, mil
 
 
 def test_sigkill_with_the_db_in_its_own_process_loses_nothing(kafka_bootstrap, topics, tiny_dir, tmp_path):
-    """The same with milvus-lite served by a child process (NOTELLM_MILVUS__LITE_PROCESS): the kill takes
-    the db's server with it, and the restarted worker's new server opens the db once the LOCK is free."""
+    """The same with milvus-lite served by a child process (NOTELLM_MILVUS__LITE_PROCESS) and the writes made
+    by another (NOTELLM_MILVUS__WRITE_PROCESS): the kill takes both with it, and the restarted worker's new
+    server opens the db once the LOCK is free."""
     from tests.conftest import MilvusBackend
 
     backend = MilvusBackend("lite", str(tmp_path / "milvus" / "notes.db"), "notes")
     children = _sigkill_mid_run_then_restart(kafka_bootstrap, topics, backend, tiny_dir, tmp_path,
-                                             {"NOTELLM_MILVUS__LITE_PROCESS": "true"})
-    def started(log: str) -> list[dict]:
-        lines = (tmp_path / log).read_text().splitlines()
-        return [json.loads(x) for x in lines if '"milvus_lite_server_started"' in x]
+                                             {"NOTELLM_MILVUS__LITE_PROCESS": "true",
+                                              "NOTELLM_MILVUS__WRITE_PROCESS": "true"})
 
-    first, second = started("w1.log"), started("w2.log")  # each worker served its db from a child of its own
-    assert len(first) == len(second) == 1
-    assert first[0]["pid"] in children and second[0]["pid"] not in children  # the first died with its worker
+    def started(log: str, event: str) -> list[dict]:
+        lines = (tmp_path / log).read_text().splitlines()
+        return [json.loads(x) for x in lines if f'"{event}"' in x]
+
+    for event in ("milvus_lite_server_started", "milvus_writer_started"):
+        first, second = started("w1.log", event), started("w2.log", event)  # each worker: children of its own
+        assert len(first) == len(second) == 1, event
+        assert first[0]["pid"] in children and second[0]["pid"] not in children  # the first died with its worker
 
 
 def test_two_workers_one_group_rebalance_mid_run(kafka_bootstrap, new_topic, milvus_uri, encoder):
