@@ -117,7 +117,8 @@ def test_a_dead_writer_is_fatal_and_reads_go_on(wstore):
     while wstore.writer.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     sink.add(_enc([_note("after")]))
-    with pytest.raises(GiveUp, match="writer process .*is gone"):  # the worker stops without committing
+    # fatal: the worker stops without committing, and says why
+    with pytest.raises(GiveUp, match="writer process .*killed by signal SIGKILL.* is gone"):
         sink.flush()
     assert wstore.all_ids() == ["before"]  # reads are this process's own client
     assert classify(WriterGone("x")) == "fatal"

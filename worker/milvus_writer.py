@@ -187,6 +187,7 @@ class MilvusWriter:
                                      f"{timeout_s + REPLY_GRACE_S:g} s; killed")
                 reply = self._conn.recv()
             except (EOFError, OSError) as e:
+                self._proc.join(1)  # the pipe closes as the child dies: let its exit status be known
                 raise WriterGone(f"the Milvus writer process (pid {self.pid}, {self.exit_status()}) is gone: "
                                  f"{type(e).__name__}") from None
         if reply[0] != "ok":
