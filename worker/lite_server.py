@@ -21,19 +21,14 @@ its restart starts a fresh child.
 """
 from __future__ import annotations
 
-import atexit
-import multiprocessing as mp
-import multiprocessing.util  # noqa: F401 - registers its exit hook now, so _close_all (registered later) runs first
 import os
 import signal
 import time
-import weakref
 
-from worker.children import Spawner, die_with_parent
+from worker.children import PipedChild, die_with_parent
 
 START_TIMEOUT_S = 120.0  # import + open (a large db replays its WAL)
 LOCK_WAIT_S = 30.0       # how long a new child waits for a predecessor's LOCK
-STOP_TIMEOUT_S = 15.0    # close(): the child's graceful stop, then it is killed
 
 
 class LiteServerError(RuntimeError):
@@ -74,74 +69,15 @@ def _serve(conn, data_dir: str, lock_wait_s: float) -> None:
         db.close()
 
 
-_LIVE: "weakref.WeakSet[LiteServer]" = weakref.WeakSet()
-
-
-def _close_all() -> None:
-    """At interpreter exit, before multiprocessing joins its children (the child ignores the SIGTERM it
-    sends and ends only when its pipe closes): close the servers nobody closed."""
-    for server in list(_LIVE):
-        server.close()
-
-
-atexit.register(_close_all)
-
-
-class LiteServer:
-    """One milvus-lite db served by a child process; `uri` is what a pymilvus client connects to."""
+class LiteServer(PipedChild):
+    """One milvus-lite db served by a child process; `uri` is what a pymilvus client connects to.
+    `close()` stops the server (calls in flight finish) and waits for the db to close."""
 
     def __init__(self, data_dir: str, *, start_timeout_s: float = START_TIMEOUT_S,
                  lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.data_dir = os.path.abspath(data_dir)
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.data_dir, lock_wait_s), daemon=True,
-                                 name="notellm-milvus-lite")
-        try:
-            Spawner.start(self._proc)
-        finally:
-            child.close()
-        try:
-            if not self._conn.poll(start_timeout_s):
-                raise LiteServerError(f"the milvus-lite server for {self.data_dir} did not start within "
-                                      f"{start_timeout_s:g} s")
-            status, val = self._conn.recv()
-        except EOFError:
-            self._stop(0)
-            raise LiteServerError(f"the milvus-lite server for {self.data_dir} exited while starting "
-                                  f"({self.exit_status()})") from None
-        except BaseException:
-            self._stop(0)
-            raise
-        if status != "ok":
-            self._stop(0)
-            raise LiteServerError(f"the milvus-lite server for {self.data_dir} could not start: {val}")
-        self.port = int(val)
+        super().__init__(_serve, (self.data_dir, lock_wait_s), name="notellm-milvus-lite",
+                         what=f"the milvus-lite server for {self.data_dir}", error=LiteServerError,
+                         start_timeout_s=start_timeout_s)
+        self.port = int(self.ready)
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.pid = self._proc.pid
-        _LIVE.add(self)
-
-    def alive(self) -> bool:
-        return self._proc.is_alive()
-
-    def exit_status(self) -> str:
-        code = self._proc.exitcode
-        if code is None:
-            return "running"
-        return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
-    def close(self) -> None:
-        """Stop the server (calls in flight finish) and wait for the db to close; kill it after
-        STOP_TIMEOUT_S."""
-        self._stop(STOP_TIMEOUT_S)
-
-    def _stop(self, wait_s: float) -> None:
-        _LIVE.discard(self)
-        try:
-            self._conn.close()
-        except OSError:
-            pass
-        self._proc.join(wait_s)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)

@@ -21,22 +21,17 @@ worker stops without committing and its restart starts a fresh child. The child 
 """
 from __future__ import annotations
 
-import atexit
-import multiprocessing as mp
-import multiprocessing.util  # noqa: F401 - registers its exit hook now, so _close_all (registered later) runs first
 import os
 import signal
 import threading
-import weakref
 from typing import Any
 
 import numpy as np
 
-from worker.children import Spawner, die_with_parent
+from worker.children import PipedChild, die_with_parent
 
 START_TIMEOUT_S = 120.0  # spawn, import pymilvus, connect
 REPLY_GRACE_S = 30.0     # beyond the call's own timeout before a silent child is called stuck and killed
-STOP_TIMEOUT_S = 15.0    # close(): the child's graceful end, then it is killed
 VECTOR_FIELD = "embedding"
 
 
@@ -121,20 +116,7 @@ def _serve(conn, kw: dict[str, Any]) -> None:
             pass
 
 
-_LIVE: "weakref.WeakSet[MilvusWriter]" = weakref.WeakSet()
-
-
-def _close_all() -> None:
-    """At interpreter exit, before multiprocessing joins its children (the child ignores the SIGTERM it
-    sends and ends only when its pipe closes): close the writers nobody closed."""
-    for w in list(_LIVE):
-        w.close()
-
-
-atexit.register(_close_all)
-
-
-class MilvusWriter:
+class MilvusWriter(PipedChild):
     """A child process with its own pymilvus client of `uri`; `upsert` and `delete` run there. Calls are
     serialised (one request on the pipe at a time); `MilvusStore` makes them under its lock."""
 
@@ -147,29 +129,8 @@ class MilvusWriter:
             kw["db_name"] = db_name
         self.uri = uri
         self._lock = threading.Lock()
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, kw), daemon=True, name="notellm-milvus-writer")
-        try:
-            Spawner.start(self._proc)
-        finally:
-            child.close()
-        try:
-            if not self._conn.poll(start_timeout_s):
-                raise WriterError(f"the Milvus writer process for {uri} did not start within {start_timeout_s:g} s")
-            status, val = self._conn.recv()
-        except EOFError:
-            self._stop(0)
-            raise WriterError(f"the Milvus writer process for {uri} exited while starting "
-                              f"({self.exit_status()})") from None
-        except BaseException:
-            self._stop(0)
-            raise
-        if status != "ok":
-            self._stop(0)
-            raise WriterError(f"the Milvus writer process for {uri} could not connect: {val}")
-        self.pid = int(val)
-        _LIVE.add(self)
+        super().__init__(_serve, (kw,), name="notellm-milvus-writer", what=f"the Milvus writer process for {uri}",
+                         error=WriterError, start_timeout_s=start_timeout_s)
 
     def upsert(self, collection: str, rows: list[dict], timeout_s: float) -> None:
         self._call("upsert", collection, pack_rows(rows), timeout_s)
@@ -194,28 +155,7 @@ class MilvusWriter:
             _, kind, message = reply
             raise WriteFailed(kind, message)
 
-    def alive(self) -> bool:
-        return self._proc.is_alive()
-
-    def exit_status(self) -> str:
-        code = self._proc.exitcode
-        if code is None:
-            return "running"
-        return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
     def close(self) -> None:
-        """End the child (a call in flight finishes first: it holds the lock) and wait for it; kill it after
-        STOP_TIMEOUT_S."""
+        """End the child (a call in flight finishes first: it holds the lock) and wait for it."""
         with self._lock:
-            self._stop(STOP_TIMEOUT_S)
-
-    def _stop(self, wait_s: float) -> None:
-        _LIVE.discard(self)
-        try:
-            self._conn.close()
-        except OSError:
-            pass
-        self._proc.join(wait_s)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+            super().close()
