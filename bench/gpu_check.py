@@ -550,12 +550,12 @@ def start_milvus_server(work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = subprocess.run([str(REPO / "scripts" / "milvus"), "start"], env=env, capture_output=True, text=True,
                        timeout=300)
+    server = {"version": MILVUS_VERSION, "venv": str(venv), "start_s": round(time.perf_counter() - t0, 1),
+              "env": {k: env[k] for k in env if k.startswith("NOTELLM_MILVUS")}}
     if p.returncode != 0:
-        subprocess.run([str(REPO / "scripts" / "milvus"), "stop"], env=env, capture_output=True, timeout=120)
+        stop_milvus_server(server)
         raise RuntimeError(f"scripts/milvus start failed: {p.stderr[-2000:]}")
-    return {"uri": p.stdout.strip().splitlines()[-1], "version": MILVUS_VERSION, "venv": str(venv),
-            "start_s": round(time.perf_counter() - t0, 1),
-            "env": {k: env[k] for k in env if k.startswith("NOTELLM_MILVUS")}}
+    return {"uri": p.stdout.strip().splitlines()[-1], **server}
 
 
 def stop_milvus_server(server: dict[str, Any]) -> None:

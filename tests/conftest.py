@@ -212,17 +212,22 @@ def _drop_server_collections(uri: str, prefix: str) -> None:
         client.close()
 
 
+@pytest.fixture
+def milvus_server_backend(milvus_server) -> Iterator[MilvusBackend]:
+    """The real server with a collection alias unique to this test (`notes_<hex>`); what the test created
+    is dropped afterwards."""
+    alias = f"notes_{uuid.uuid4().hex[:12]}"
+    yield MilvusBackend("server", milvus_server, alias)
+    _drop_server_collections(milvus_server, alias)
+
+
 @pytest.fixture(params=["lite", "server"])
 def milvus_backend(request, tmp_path) -> Iterator[MilvusBackend]:
-    """The same test on both Milvus backends: a fresh milvus-lite db, or the real server with a collection
-    alias unique to this test (`notes_<hex>`); on the server what the test created is dropped afterwards."""
+    """The same test on both Milvus backends: a fresh milvus-lite db, or `milvus_server_backend`."""
     if request.param == "lite":
         yield MilvusBackend("lite", str(tmp_path / "milvus" / "notes.db"), "notes")
         return
-    uri = request.getfixturevalue("milvus_server")
-    alias = f"notes_{uuid.uuid4().hex[:12]}"
-    yield MilvusBackend("server", uri, alias)
-    _drop_server_collections(uri, alias)
+    yield request.getfixturevalue("milvus_server_backend")
 
 
 @pytest.fixture(scope="session")

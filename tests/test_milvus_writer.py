@@ -27,20 +27,7 @@ def writer_backend(request, tmp_path):
     if request.param == "lite-process":
         yield MilvusBackend("lite", str(tmp_path / "milvus" / "notes.db"), "notes")
         return
-    yield request.getfixturevalue("milvus_backend_server")
-
-
-@pytest.fixture
-def milvus_backend_server(request):
-    """The server case of conftest's `milvus_backend` (a collection alias of this test's own, dropped after)."""
-    import uuid
-
-    from tests.conftest import _drop_server_collections
-
-    uri = request.getfixturevalue("milvus_server")
-    alias = f"notes_{uuid.uuid4().hex[:12]}"
-    yield MilvusBackend("server", uri, alias)
-    _drop_server_collections(uri, alias)
+    yield request.getfixturevalue("milvus_server_backend")
 
 
 def _writer_store(backend: MilvusBackend, **kw) -> MilvusStore:
@@ -95,12 +82,12 @@ def test_refused_rows_through_the_writer_are_bisected(wstore, writer_backend, mo
                                                                                           monkeypatch)
 
 
-def test_a_transient_fault_through_the_writer_is_retried(milvus_backend_server):
-    base = MilvusStore(milvus_backend_server.uri, alias=milvus_backend_server.alias)
+def test_a_transient_fault_through_the_writer_is_retried(milvus_server_backend):
+    base = MilvusStore(milvus_server_backend.uri, alias=milvus_server_backend.alias)
     base.ensure(DIM, MV)
     base.close()
-    proxy = _Proxy(milvus_backend_server.uri)
-    store = MilvusStore(proxy.uri, alias=milvus_backend_server.alias, timeout_s=5.0, write_process=True)
+    proxy = _Proxy(milvus_server_backend.uri)
+    store = MilvusStore(proxy.uri, alias=milvus_server_backend.alias, timeout_s=5.0, write_process=True)
     try:
         store.collection = store.resolve()
         _transient_fault(store, proxy.cut)
