@@ -119,8 +119,22 @@ class TextTokenizer:
         if not self._hf and hasattr(self.raw, "encode_batch"):
             encode = self.raw.encode_batch_fast if self.fast_batches else self.raw.encode_batch
             encs = encode(list(texts), add_special_tokens=False)
-            return [list(e.ids) if t else [] for e, t in zip(encs, texts)]
+            return [e.ids if t else [] for e, t in zip(encs, texts)]  # .ids is a new list each time
         return [self.encode(t) for t in texts]
+
+    def long_prefixes(self, texts: Sequence[str], max_tokens: Sequence[int]) -> list[list[int] | None]:
+        """One batched encode: for each text, None when it has at most ``max_tokens[i]`` tokens, else
+        its first ``max_tokens[i]`` ids. Only the long texts' ids become Python lists (a length check
+        needs none: the polling thread's truncation pass builds ~3x fewer ints)."""
+        if not self._hf and hasattr(self.raw, "encode_batch"):
+            encode = self.raw.encode_batch_fast if self.fast_batches else self.raw.encode_batch
+            encs = encode(list(texts), add_special_tokens=False)
+            return [None if not t or len(e) <= m else e.ids[:m] for e, t, m in zip(encs, texts, max_tokens)]
+        out: list[list[int] | None] = []
+        for t, m in zip(texts, max_tokens):
+            ids = self.encode(t)
+            out.append(None if len(ids) <= m else ids[:m])
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=False)
@@ -198,14 +212,26 @@ def continuation_for(task: str, j: int) -> str:
 def truncate_tokens_batch(tok: Any, texts: Sequence[str | None], max_tokens: int) -> list[str]:
     """:func:`truncate_tokens` for many texts with one batched encode and one batched decode (the
     tokenizers library runs a batch on all cores); the same strings as one call per text."""
+    return truncate_columns_batch(tok, [(texts, max_tokens)])[0]
+
+
+def truncate_columns_batch(tok: Any, columns: Sequence[tuple[Sequence[str | None], int]]) -> list[list[str]]:
+    """:func:`truncate_tokens_batch` for several columns of texts, each with its own limit (a note's
+    title, content and topic), in one batched encode and one batched decode for all of them: the same
+    strings, with fewer calls into the tokenizer (each releases and re-takes the GIL)."""
     t = as_text_tokenizer(tok)
-    out = [x or "" for x in texts]
-    live = [i for i, x in enumerate(out) if x]
-    ids = t.encode_batch([out[i] for i in live])
-    long = [(i, x) for i, x in zip(live, ids) if len(x) > max_tokens]
+    flat = [x or "" for texts, _ in columns for x in texts]
+    limits = [m for texts, m in columns for _ in texts]
+    live = [i for i, x in enumerate(flat) if x]  # an empty field needs no tokenizer
+    prefixes = t.long_prefixes([flat[i] for i in live], [limits[i] for i in live])
+    long = [(i, p) for i, p in zip(live, prefixes) if p is not None]
     if long:
-        for (i, _), text in zip(long, t.decode_batch([x[:max_tokens] for _, x in long])):
-            out[i] = text.rstrip("\ufffd")
+        for (i, _), text in zip(long, t.decode_batch([p for _, p in long])):
+            flat[i] = text.rstrip("\ufffd")
+    out, k = [], 0
+    for texts, _ in columns:
+        out.append(flat[k:k + len(texts)])
+        k += len(texts)
     return out
 
 
@@ -321,16 +347,18 @@ class PromptEncoder:
 
     def note_ids_many(self, notes: Sequence[NoteLike], tasks: Sequence[str]) -> dict[str, list[list[int]]]:
         """``{task: [note_ids(note, task) for note in notes]}`` with every tokenizer call batched: each
-        field is truncated once for all tasks (three batched encodes, one batched decode for the fields
-        over their limit), then one batched encode of every task's note text. The same ids as
-        :meth:`note_ids`, at a fraction of its cost per note for a batch of notes."""
+        field is truncated once for all tasks (one batched encode of every title, content and topic, one
+        batched decode of the fields over their limit), then one batched encode of every task's note
+        text. The same ids as :meth:`note_ids`, at a fraction of its cost per note for a batch of notes."""
         for task in tasks:
             _check_task(task)
         cfg = self.cfg
-        titles = truncate_tokens_batch(self.tok, [n.title for n in notes], cfg.max_title_tokens)
-        contents = truncate_tokens_batch(self.tok, [n.content for n in notes], cfg.max_content_tokens)
-        topics = (truncate_tokens_batch(self.tok, [getattr(n, "topic", None) or "" for n in notes],
-                                        cfg.max_topic_tokens) if "category" in tasks else [""] * len(notes))
+        columns = [([n.title for n in notes], cfg.max_title_tokens),
+                   ([n.content for n in notes], cfg.max_content_tokens)]
+        if "category" in tasks:
+            columns.append(([getattr(n, "topic", None) or "" for n in notes], cfg.max_topic_tokens))
+        titles, contents, *rest = truncate_columns_batch(self.tok, columns)
+        topics = rest[0] if rest else [""] * len(notes)
         texts = [" " + _note_dict(task, a, b, c) + COMPRESSION_LEAD
                  for task in tasks for a, b, c in zip(titles, topics, contents)]
         ids = self.tok.encode_batch(texts)

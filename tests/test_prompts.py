@@ -18,7 +18,9 @@ from notellm.prompts import (
     parse_category,
     parse_hashtags,
     training_parts,
+    truncate_columns_batch,
     truncate_tokens,
+    truncate_tokens_batch,
 )
 from tests.tiny import tokenizer_json
 
@@ -94,6 +96,34 @@ def test_the_batched_pass_skips_offsets_where_the_library_can(tok):
     assert as_text_tokenizer(Spy(fast=True)).encode_batch(texts) == want and calls == ["encode_batch_fast"]
     calls.clear()
     assert as_text_tokenizer(Spy(fast=False)).encode_batch(texts) == want and calls == ["encode_batch"]
+
+
+def test_columns_truncate_like_one_text_at_a_time_in_one_encode(tok):
+    """truncate_columns_batch (the batched pass's fields: title, content, topic, each with its limit) gives
+    each text exactly truncate_tokens' string, through one batched encode and one batched decode for all
+    columns, on both adapters; empty and missing texts never reach the tokenizer."""
+    from notellm.base_models import smollm2_tokenizer
+
+    titles = ["Toy Story (1995)", "", None, "日本語のタイトルがとても長い場合 " * 3, '"quoted" \\ back']
+    contents = ["x " * 50, "émojis 🎉🎉🎉🎉🎉🎉🎉🎉 ça", "short", "", "内容" * 20]
+    topics = ["p q r s t u", None, "", "a", "トピック長い長い"]
+    columns = [(titles, 4), (contents, 6), (topics, 3)]
+    want = [[truncate_tokens(tok, x, m) for x in texts] for texts, m in columns]
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(tok, name)
+            return lambda *a, **kw: (calls.append((name, len(a[0]))), fn(*a, **kw))[1]
+
+    assert truncate_columns_batch(Spy(), columns) == want
+    assert calls == [("encode_batch_fast", 10), ("decode_batch", 8)]  # 10 texts not empty, 8 over their limit
+    assert truncate_columns_batch(tok, [(titles, 4)]) == [truncate_tokens_batch(tok, titles, 4)] == want[:1]
+    hf = smollm2_tokenizer()
+    assert truncate_columns_batch(hf, columns) == want
+    long = as_text_tokenizer(tok).long_prefixes(["x " * 50, "short", "x " * 50], [6, 6, 100])
+    assert long[0] == as_text_tokenizer(tok).encode("x " * 50)[:6] and long[1] is None and long[2] is None
+    assert as_text_tokenizer(hf).long_prefixes(["x " * 50, "short"], [6, 6]) == long[:2]
 
 
 def test_truncation_by_tokens_keeps_json_well_formed(tok):

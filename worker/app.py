@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from typing import Callable
 
@@ -353,8 +353,10 @@ class WorkerApp:
             # Every note of the poll tokenised once, here, in one batched pass; total (a note that cannot
             # be tokenised comes back as its dead letter, in its place).
             prepared = iter(prepare_many(self.encoder, [r for r in records if isinstance(r, Note)], gen, topic))
+            kinds = Counter(type(r).__name__.lower() for r in records)  # one metric update per kind per poll
+            for kind, n in kinds.items():
+                m.consumed.labels(kind=kind).inc(n)
             for r in records:
-                m.consumed.labels(kind=type(r).__name__.lower()).inc()
                 if isinstance(r, Note):
                     r = next(prepared)
                 for b in batcher.add(r, now, ready):

@@ -16,7 +16,6 @@ worker/encoders.py (`load_encoder`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -196,7 +195,7 @@ def prepare(encoder: Encoder, note: Note, generate: GenerateTask, topic: str) ->
     """Total: the note with its prompt (tokenised once, here), or a dead letter (`encode_failed`) when
     tokenisation fails for any reason."""
     try:
-        return dataclasses.replace(note, prompt=encoder.tokenize(note, generate))
+        return note.with_prompt(encoder.tokenize(note, generate))
     except Exception as e:  # noqa: BLE001 - whatever tokenisation raises, it concerns this note only
         return DeadLetter.of(note, "encode_failed", _reason(e), topic)
 
@@ -215,7 +214,7 @@ def prepare_many(encoder: Encoder, notes: Sequence[Note], generate: GenerateTask
     except Exception:  # noqa: BLE001 - an encoder bug must not cost the notes: fall back to one at a time
         return [prepare(encoder, n, generate, topic) for n in notes]
     return [DeadLetter.of(n, "encode_failed", _reason(p), topic) if isinstance(p, BaseException)
-            else dataclasses.replace(n, prompt=p) for n, p in zip(notes, prompts)]
+            else n.with_prompt(p) for n, p in zip(notes, prompts)]
 
 
 class _StdLog:
