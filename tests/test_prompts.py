@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from notellm.prompts import (
@@ -23,6 +25,7 @@ from notellm.prompts import (
     truncate_tokens_batch,
 )
 from tests.tiny import tokenizer_json
+
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,141 @@ def test_batched_note_ids_equal_the_per_note_ids(tok):
     assert enc.note_ids_many([], ("category",)) == {"category": []}
     with pytest.raises(ValueError):
         enc.note_ids_many(notes, ("summary",))
+
+
+def _data_notes(root) -> list[NoteText]:
+    from notellm.data import load_dataset
+
+    out = []
+    for name in ("mind-small-sample", "amazon-scientific"):
+        for x in load_dataset(root / name).notes.values():
+            out.append(NoteText(x.title, x.content, x.topic or x.category))  # MIND's category as a topic
+    return out
+
+
+def test_composed_ids_are_the_whole_encode_on_every_note_of_both_data_sets(tok, monkeypatch, shared_data):
+    """The worker's batched pass composes most notes' ids from their fields' ids (notellm.prompts._Composer)
+    instead of encoding each note's text again: on every MIND and Amazon note, for both tasks, at the
+    default limits and at small ones (most fields truncated), the ids are note_ids' own, and at most one
+    note in five was encoded whole."""
+    import notellm.prompts as prompts
+
+    notes = _data_notes(shared_data)
+    assert len(notes) > 6000
+    for cfg in (PromptConfig(), PromptConfig(max_title_tokens=6, max_topic_tokens=2, max_content_tokens=17)):
+        enc = PromptEncoder(tok, cfg)
+        assert enc._composer is not None
+        whole = []
+        real = prompts._note_dict
+        monkeypatch.setattr(prompts, "_note_dict", lambda *a: (whole.append(a), real(*a))[1])
+        many = {"category": [], "hashtags": []}
+        for i in range(0, len(notes), 500):
+            got = enc.note_ids_many(notes[i:i + 500], ("category", "hashtags"))
+            for task in many:
+                many[task] += got[task]
+        monkeypatch.setattr(prompts, "_note_dict", real)
+        assert len(whole) < 0.2 * 2 * len(notes), len(whole)
+        for task in ("category", "hashtags"):
+            ref = [enc.note_ids(n, task) for n in notes]
+            bad = [i for i, (a, b) in enumerate(zip(many[task], ref)) if a != b]
+            assert not bad, (task, cfg, notes[bad[0]])
+
+
+EDGES = ["'", '"', "\\", " ", "  ", "\u3000", "\u00a0", "\n", "\t", ".", ",", "!", "?", "(", ")", "-", "#", "$",
+         "€", "'s", "'ll", "’", "é", "e\u0301", "\u0301", "日本語", "東京", "🎉", "\u200b", "\ufeff", "\u2028",
+         "[EMB]", "<|im_start|>", "<|endoftext|>", "a", "Zebra", "hello", "world", "don't", "42", "3.14", "x1", "ß",
+         "İ", "\U00010400", "\ue000", "}", "{", ":", '":"', "_", "\x00", "\x7f", "\u0085"]
+_piece = st.one_of(st.sampled_from(EDGES), st.characters(codec="utf-8", exclude_categories=["Cs"]))
+_field = st.one_of(st.lists(_piece, max_size=14).map("".join),
+                   st.builds(lambda p, n: p * n, st.sampled_from(["word ", "ab", "a.", "日本", "x'", " ", "🎉 "]),
+                             st.integers(0, 120)))
+
+
+_ENCODERS: dict[tuple[int, int], PromptEncoder] = {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(_field, _field, st.one_of(st.none(), _field)), min_size=1, max_size=6),
+       st.integers(1, 9), st.integers(1, 9))
+def test_composed_ids_are_the_whole_encode_on_hostile_fields(tok, fields, title_max, content_max):
+    """Generated fields full of what could move a piece boundary (quotes, apostrophes and contractions,
+    every kind of space, combining marks, added tokens' text, JSON escapes, private-use characters,
+    fields long enough to be encoded in part) at small limits: note_ids_many gives note_ids' ids."""
+    key = (title_max, content_max)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = PromptEncoder(tok, PromptConfig(max_title_tokens=title_max, max_topic_tokens=3,
+                                                         max_content_tokens=content_max))
+    enc = _ENCODERS[key]
+    assert enc._composer is not None
+    notes = [NoteText(t, c, p) for t, c, p in fields]
+    many = enc.note_ids_many(notes, ("category", "hashtags"))
+    for task in ("category", "hashtags"):
+        assert many[task] == [enc.note_ids(n, task) for n in notes], task
+
+
+def test_isalnum_is_exactly_the_letters_and_digits_of_the_pattern():
+    """_Composer finds a field's core with str.isalnum(), standing for the pattern's \\p{L} and \\p{N}: in this
+    Python's Unicode database the two are the same set of code points."""
+    import sys
+    import unicodedata
+
+    differ = [hex(i) for i in range(sys.maxunicode + 1)
+              if chr(i).isalnum() != (unicodedata.category(chr(i))[0] in "LN")]
+    assert differ == []
+
+
+def test_a_long_field_is_encoded_in_part(tok, monkeypatch):
+    """A 64 KiB content costs the batched pass about what a short one does: only a prefix of it (up to a
+    point no piece spans) reaches the tokenizer, and the ids are note_ids' own; a field whose prefix
+    holds too few tokens (one long 'word') is encoded whole, and is still right."""
+    import notellm.prompts as prompts
+
+    enc = PromptEncoder(tok)
+    long = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 1200)[:64 * 1024]
+    dense = "x" * 5000 + " end"  # a prefix of 8 characters a token holds under 80 tokens
+    notes = [NoteText("A title", long, None), NoteText("Dense", dense, None), NoteText("short", "body.", None)]
+    sent = []
+    real = enc.tok.encode_batch
+    monkeypatch.setattr(enc.tok, "encode_batch", lambda texts: (sent.extend(texts), real(texts))[1])
+    many = enc.note_ids_many(notes, ("category",))
+    monkeypatch.undo()
+    assert many["category"] == [enc.note_ids(n, "category") for n in notes]
+    limit = PromptConfig().max_content_tokens * prompts._Composer.CUT_CHARS_PER_TOKEN + prompts._Composer.CUT_SEARCH
+    assert long not in sent and max(len(t) for t in sent if t.startswith("Lorem")) <= limit
+    assert dense in sent  # its part had too few tokens: encoded whole
+
+
+def test_composing_is_only_for_tokenizers_it_is_proved_for(tok, monkeypatch):
+    """No composing for a Hugging Face tokenizer, a normalizer, another pre-tokenizer pattern, BPE dropout
+    or an added token that strips spaces: those notes are encoded whole, with the same ids. A tiny joint
+    cache (cleared all the time) changes nothing either."""
+    import notellm.prompts as prompts
+    from notellm.base_models import smollm2_tokenizer
+
+    base = json.loads(tok.to_str())
+    variants = {"normalizer": {**base, "normalizer": {"type": "NFKC"}},
+                "pattern": {**base, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": "[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"}, "behavior": "Isolated",
+                     "invert": False}, {**base["pre_tokenizer"], "use_regex": False}]}},
+                "prefix_space": {**base, "pre_tokenizer": {**base["pre_tokenizer"], "add_prefix_space": True}},
+                "dropout": {**base, "model": {**base["model"], "dropout": 0.1}},
+                "lstrip": {**base, "added_tokens": [{**a, "lstrip": True} for a in base["added_tokens"]]}}
+    for name, cfg in variants.items():
+        assert not prompts._Composer.supports(cfg), name
+    assert prompts._Composer.supports(base)
+    hf = smollm2_tokenizer()
+    hf.add_tokens([EMB_TOKEN], special_tokens=True)
+    assert PromptEncoder(hf)._composer is None
+    notes = [TOY, NoteText("Hello, world", "It's a \"quoted\" body.", "(topic)"), NoteText("", "", None)]
+    normalized = Tokenizer.from_str(json.dumps(variants["normalizer"]))
+    enc = PromptEncoder(normalized)
+    assert enc._composer is None
+    assert enc.note_ids_many(notes, ("category",))["category"] == [enc.note_ids(n, "category") for n in notes]
+    monkeypatch.setattr(prompts._Composer, "MAX_CACHED", 2)
+    enc = PromptEncoder(tok)
+    for _ in range(3):
+        assert enc.note_ids_many(notes, ("category", "hashtags")) == {
+            t: [enc.note_ids(n, t) for n in notes] for t in ("category", "hashtags")}
 
 
 def test_the_batched_pass_skips_offsets_where_the_library_can(tok):
