@@ -49,6 +49,9 @@ still reports what it measured; a phase that fails is recorded with its error an
                  Milvus server of the check's own (phase ``milvus_server``; the pack carries it) and
                  writes to it instead (``--worker-milvus-uri``: a running one): the production store,
                  ``thread`` and ``writer`` only.
+3b. polling      the worker's polling thread alone on this machine's cores (bench/polling.py: decode, the
+                 batched tokenizer pass, batching, µs per note; prompts composed from their fields' ids vs
+                 encoded whole, each with and without a thread of pure Python holding the GIL beside it).
 5. fusions       the two fusion recipes side by side on each plain package (``--skip fusions`` once the
                  fused engine answers the question): onnxruntime.transformers.optimizer's decoder fusions
                  (ORT's Llama recipe, model_type gpt2) and onnxscript's; fused-op counts, parity with the
@@ -1290,6 +1293,15 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def polling_phase(packages: dict[str, str], notes, *, poll: int = 512, repeats: int = 3) -> dict[str, Any]:
+    """bench/polling.py on this machine's cores: the worker's polling thread (decode, the batched tokenizer
+    pass, batching) per note, composed vs whole-encoded prompts, with and without a thread loading the GIL."""
+    from bench.polling import measure, messages
+
+    kind, pkg = next(iter(packages.items()))  # every package carries the same tokenizer
+    return {"package": kind, **measure(pkg, messages(notes), poll=min(poll, len(notes)), repeats=repeats)}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = ["# GPU check", ""]
     env = doc.get("environment") or {}
@@ -1351,6 +1363,20 @@ def markdown(doc: dict[str, Any]) -> str:
                     else:
                         cells.append("skipped" if "skipped" in r else ("error" if "error" in r else ""))
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pol = doc.get("polling")
+    if pol:
+        lines += ["", f"**Polling thread** ({pol['notes']} notes in polls of {pol['poll']}, {pol['cpus']} cores, "
+                      f"generate={pol['generate']}; bench/polling.py): µs per note, thread CPU / wall",
+                  "", "| path | GIL load | decode | tokenize | batch | total | ceiling notes/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in pol["rows"]:
+            st = r["stages"]
+            lines.append(f"| {r['path']} | {'yes' if r['gil_load'] else 'no'} | "
+                         + " | ".join(f"{st[k]['thread_cpu_us']} / {st[k]['wall_us']}" for k in ("decode", "tokenize", "batch"))
+                         + f" | {r['total']['thread_cpu_us']} / {r['total']['wall_us']} | {r['ceiling_notes_s']:,} |")
+        if pol.get("whole_over_composed"):
+            lines.append("")
+            lines.append("Whole / composed wall: " + ", ".join(f"{k} {v}" for k, v in pol["whole_over_composed"].items()) + ".")
     for name in [k for k in doc if k.startswith("worker/") and isinstance(doc[k], dict) and "ratio" in doc[k]]:
         w = doc[name]
         server = w.get("milvus") == "server"
@@ -1443,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="fp32,fp16", help="packages to export (default fp32,fp16)")
     ap.add_argument("--modes", default="embed,embed+category", help="encoder modes measured")
     ap.add_argument("--engines", help="only these engines, e.g. ort-fp16,torch-fp16 (default: all)")
-    ap.add_argument("--skip", default="", help="phases to skip: worker,fusions,profile,ort_profile")
+    ap.add_argument("--skip", default="", help="phases to skip: polling,worker,fusions,profile,ort_profile")
     ap.add_argument("--worker-lite", default="thread", type=_lite_modes,
                     help="where the worker phase's milvus-lite serves its db: thread (pymilvus's server in the "
                          "worker's process, the default), process (NOTELLM_MILVUS__LITE_PROCESS: a child), writer "
@@ -1537,6 +1563,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      time.monotonic() + rep.left() - reserve,
                                                      modes=tuple(a.modes.split(",")), engines=engines))
     skip = set(filter(None, a.skip.split(",")))
+    if "polling" not in skip:
+        rep.phase("polling", lambda: polling_phase(packages, notes, repeats=1 if a.cpu else 3), need_s=20)
     worker_modes = [m for m in a.modes.split(",") if m in WORKER_GENERATE] if "worker" not in skip else []
     milvus_uri, server = a.worker_milvus_uri, None
     if a.worker_milvus_server and worker_modes:

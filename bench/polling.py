@@ -1,28 +1,32 @@
 """The worker's polling thread, stage by stage: what one poll of real notes costs it per note.
 
     python bench/polling.py [--package DIR] [--data amazon|mind] [--data-root DIR] [--notes 4096]
-                            [--poll 512] [--generate category|both] [--repeats 5] [--gil-load]
+                            [--poll 512] [--generate category|both] [--repeats 3]
 
 The polling thread (worker/app.py's loop) takes each poll's messages through three stages, all in the
 worker's own process: ``decode`` (worker/decode.py: UTF-8, JSON, note.v1, id rules), ``tokenize``
 (`encoding.prepare_many`: one batched tokenizer pass per poll, each note given its prompt) and ``batch``
 (the consumed-records metric and `Batcher.add`). This runs the same functions on real notes as Kafka
 messages (`confluent_kafka.Message`, the type the consumer returns; no broker: the bench starts after the
-poll) and prints one JSON document with, per stage, µs per note of:
+poll) and prints one JSON document with one row per (``path``, ``gil_load``), each giving per stage µs per
+note of:
 
 - ``thread_cpu_us``: the polling thread's own CPU. Python holds the GIL for it, so it is what the
   polling thread takes from the worker's other GIL users (the sink thread, the encode thread);
 - ``wall_us``: the stage's wall time (the tokenizer's native pass runs on all cores, GIL released);
 - ``process_cpu_us``: every thread's CPU while the stage ran (the tokenizer's native threads included).
 
-``ceiling_notes_s`` = 10^6 / the stages' summed wall µs: what one polling thread can feed the encoder
-when nothing else holds the GIL. ``--gil-load`` runs a thread of pure Python beside it all along, as the
-worker's sink and encode threads hold the GIL beside its polling thread: then every return from a native
-call (the tokenizer's passes) waits for the GIL, and the wall shows what each such call costs. The best
-pass of ``--repeats`` is kept (other processes share the CPU).
-Before timing, every prepared prompt is checked equal to the one `PromptTokenizer.tokenize` gives the
-note alone. On an H200 host the worker's polling thread held the GIL ~81 µs a note (docs/results/gpu,
-run 9); the embed-only encoder wants ~8,800 notes/s there.
+``path``: ``composed``, the worker's (most notes' ids composed from their fields' own ids,
+`notellm.prompts._Composer`), and ``whole``, every note's text encoded whole after its fields were
+truncated (the path before it; the only one for a tokenizer composing is not proved for). ``gil_load``:
+a thread of pure Python runs beside the stages, as the worker's sink and encode threads hold the GIL beside
+its polling thread; every return from a native call (the tokenizer's passes) then waits for the GIL.
+``ceiling_notes_s`` = 10^6 / the stages' summed wall µs: what one polling thread can feed the encoder.
+The four rows are measured interleaved, the best pass of ``--repeats`` kept for each (other processes share
+the CPU); ``whole_over_composed`` is the ratio of their summed wall times. Before timing, every prepared
+prompt is checked equal to the one `PromptTokenizer.tokenize` gives the note alone. On an H200 host the
+worker's polling thread held the GIL ~81 µs a note (docs/results/gpu, run 9); the embed-only encoder wants
+~8,800 notes/s there.
 """
 from __future__ import annotations
 
@@ -35,28 +39,23 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
 STAGES = ("decode", "tokenize", "batch")
+MAX_BYTES = 1 << 20
 
 
-def messages(kind: str, n: int, root: Path, topic: str = "notes") -> list:
-    """`n` real notes as the note.v1 records a producer writes, as consumed messages (partition 0)."""
+def messages(notes: list, topic: str = "notes") -> list:
+    """`notes` (title, content, topic) as the note.v1 records a producer writes, as consumed messages."""
     import confluent_kafka
 
-    from notellm.data import load_dataset
-
-    path = root / ("amazon-scientific" if kind == "amazon" else "mind-small-sample")
-    items = list(load_dataset(path).notes.values())
-    if not items:
-        raise SystemExit(f"no notes in {path}")
     out = []
-    for i in range(n):
-        x = items[i % len(items)]
-        note_id = f"{x.id}#{i}"
+    for i, x in enumerate(notes):
+        note_id = f"note-{i}"
         doc = {"note_id": note_id, "title": x.title, "content": x.content, "author_id": f"author-{i % 97}",
                "published_at": 1_764_000_000_000 + i}
         if getattr(x, "topic", None):
@@ -67,7 +66,13 @@ def messages(kind: str, n: int, root: Path, topic: str = "notes") -> list:
     return out
 
 
-def one_pass(msgs: list, poll: int, tokenizer, generate: str, max_bytes: int) -> dict[str, list[float]]:
+def load_messages(kind: str, n: int, root: Path) -> list:
+    from bench.tokenizing import load_notes
+
+    return messages(load_notes(kind, n, root))
+
+
+def one_pass(msgs: list, poll: int, tokenizer, generate: str) -> dict[str, list[float]]:
     """The polling thread's stages over `msgs`, one poll of `poll` messages at a time, as worker/app.py
     runs them; per stage [thread CPU, wall, process CPU] seconds summed over the polls."""
     from worker.batcher import Batcher
@@ -81,7 +86,7 @@ def one_pass(msgs: list, poll: int, tokenizer, generate: str, max_bytes: int) ->
     spent = {s: [0.0, 0.0, 0.0] for s in STAGES}
     clock = (time.thread_time, time.perf_counter, time.process_time)
 
-    def tick(stage: str, before: tuple[float, float, float]) -> tuple[float, float, float]:
+    def tick(stage: str, before: tuple[float, ...]) -> tuple[float, ...]:
         now = tuple(f() for f in clock)
         for k in range(3):
             spent[stage][k] += now[k] - before[k]
@@ -89,7 +94,7 @@ def one_pass(msgs: list, poll: int, tokenizer, generate: str, max_bytes: int) ->
 
     for i in range(0, len(msgs), poll):
         t = tuple(f() for f in clock)
-        records = [decode(msg, max_bytes) for msg in msgs[i:i + poll]]
+        records = [decode(msg, MAX_BYTES) for msg in msgs[i:i + poll]]
         t = tick("decode", t)
         prepared = iter(prepare_many(tokenizer, [r for r in records if isinstance(r, Note)], generate, "notes"))
         t = tick("tokenize", t)
@@ -103,11 +108,83 @@ def one_pass(msgs: list, poll: int, tokenizer, generate: str, max_bytes: int) ->
     return spent
 
 
-def _hold_gil(stop: threading.Event) -> None:
-    x = 0
-    while not stop.is_set():
-        for i in range(2000):
-            x += i
+class _GilLoad:
+    """A thread of pure Python, holding the GIL whenever it can, while `on`."""
+
+    def __init__(self) -> None:
+        self.on = threading.Event()
+        self.stop = False
+        threading.Thread(target=self._run, name="gil-load", daemon=True).start()
+
+    def _run(self) -> None:
+        x = 0
+        while not self.stop:
+            self.on.wait(0.1)
+            while self.on.is_set():
+                for i in range(2000):
+                    x += i
+
+
+def measure(package: str | Path, msgs: list, *, poll: int = 512, generate: str = "category",
+            repeats: int = 3) -> dict[str, Any]:
+    """The four rows (composed / whole x without / with GIL load) for `msgs` on `package`'s tokenizer,
+    interleaved, best pass of `repeats` each; prompts checked equal to the per-note ones first."""
+    from worker.decode import decode
+    from worker.encoding import prepare_many
+    from worker.prompt_tokens import PromptTokenizer
+    from worker.records import Note
+
+    manifest = json.loads((Path(package) / "notellm.json").read_text())
+    composed = PromptTokenizer(package, manifest)
+    whole = PromptTokenizer(package, manifest)
+    whole.prompts.composer = None
+    paths = {"composed": composed, "whole": whole} if composed.prompts.composer is not None else {"whole": whole}
+    notes = [decode(msg, MAX_BYTES) for msg in msgs]
+    bad = [r for r in notes if not isinstance(r, Note)]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of the bench's records did not decode: {bad[0]}")
+    want = [composed.tokenize(n, generate) for n in notes]
+    for name, pt in paths.items():
+        got = [p for i in range(0, len(notes), poll) for p in prepare_many(pt, notes[i:i + poll], generate, "notes")]
+        if [n.prompt for n in got] != want:
+            raise RuntimeError(f"the batched prompts ({name}) differ from the per-note ones")
+    load = _GilLoad()
+    best: dict[tuple[str, bool], dict[str, list[float]]] = {}
+    try:
+        for name, pt in paths.items():
+            one_pass(msgs[:poll], poll, pt, generate)  # warm-up (the composer's joint cache included)
+        for _ in range(repeats):
+            for gil in (False, True):
+                for name, pt in paths.items():
+                    if gil:
+                        load.on.set()
+                    try:
+                        spent = one_pass(msgs, poll, pt, generate)
+                    finally:
+                        load.on.clear()
+                    key = (name, gil)
+                    if key not in best or sum(v[1] for v in spent.values()) < sum(v[1] for v in best[key].values()):
+                        best[key] = spent
+    finally:
+        load.stop = True
+        load.on.clear()
+    n = len(msgs)
+    rows = []
+    for (name, gil), spent in best.items():
+        stages = {s: {"thread_cpu_us": round(1e6 * v[0] / n, 1), "wall_us": round(1e6 * v[1] / n, 1),
+                      "process_cpu_us": round(1e6 * v[2] / n, 1)} for s, v in spent.items()}
+        total = {k: round(sum(stages[s][k] for s in STAGES), 1) for k in ("thread_cpu_us", "wall_us", "process_cpu_us")}
+        rows.append({"path": name, "gil_load": gil, "stages": stages, "total": total,
+                     "ceiling_notes_s": round(1e6 / total["wall_us"]) if total["wall_us"] else None})
+    rows.sort(key=lambda r: (r["gil_load"], r["path"]))
+    out: dict[str, Any] = {"notes": n, "poll": poll, "generate": generate, "cpus": os.cpu_count(),
+                           "mean_prompt_tokens": round(sum(p.tokens for p in want) / len(want), 1), "rows": rows}
+    if len(paths) == 2:
+        wall = {(r["path"], r["gil_load"]): r["total"]["wall_us"] for r in rows}
+        out["whole_over_composed"] = {("gil_load" if gil else "free"):
+                                      round(wall["whole", gil] / wall["composed", gil], 2)
+                                      for gil in (False, True) if wall["composed", gil]}
+    return out
 
 
 def main() -> int:
@@ -121,52 +198,20 @@ def main() -> int:
     ap.add_argument("--generate", choices=["category", "both"], default="category",
                     help="category: the embedding prompt only (embed-only and category workers); "
                          "both: the hashtag prompt too")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--gil-load", action="store_true", help="a thread of pure Python holds the GIL beside the stages")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.notes < 1 or args.poll < 1 or args.repeats < 1:
         raise SystemExit("--notes, --poll and --repeats must be >= 1")
-
-    from worker.decode import decode
-    from worker.encoding import prepare_many
-    from worker.prompt_tokens import PromptTokenizer
-    from worker.records import Note
-
     pkg = Path(args.package)
     if not (pkg / "notellm.json").exists():
         raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
-    pt = PromptTokenizer(pkg, json.loads((pkg / "notellm.json").read_text()))
-    msgs = messages(args.data, args.notes, Path(args.data_root))
-    max_bytes = 1 << 20
-    notes = [decode(msg, max_bytes) for msg in msgs]
-    bad = [r for r in notes if not isinstance(r, Note)]
-    if bad:
-        raise SystemExit(f"{len(bad)} of the bench's records did not decode: {bad[0]}")
-    got = [p for i in range(0, len(notes), args.poll)
-           for p in prepare_many(pt, notes[i:i + args.poll], args.generate, "notes")]
-    if [n.prompt for n in got] != [pt.tokenize(n, args.generate) for n in notes]:
-        raise SystemExit("the batched prompts differ from the per-note ones")
-
-    one_pass(msgs[:args.poll], args.poll, pt, args.generate, max_bytes)  # warm-up
-    stop = threading.Event()
-    if args.gil_load:
-        threading.Thread(target=_hold_gil, args=(stop,), name="gil-load", daemon=True).start()
-    best = None
-    for _ in range(args.repeats):
-        spent = one_pass(msgs, args.poll, pt, args.generate, max_bytes)
-        if best is None or sum(v[1] for v in spent.values()) < sum(v[1] for v in best.values()):
-            best = spent
-    stop.set()
-    n = len(msgs)
-    stages = {s: {"thread_cpu_us": round(1e6 * v[0] / n, 1), "wall_us": round(1e6 * v[1] / n, 1),
-                  "process_cpu_us": round(1e6 * v[2] / n, 1)} for s, v in best.items()}
-    total = {k: round(sum(stages[s][k] for s in STAGES), 1) for k in ("thread_cpu_us", "wall_us", "process_cpu_us")}
-    print(json.dumps({"bench": "polling", "package": str(pkg), "data": args.data, "notes": n, "poll": args.poll,
-                      "generate": args.generate, "gil_load": args.gil_load, "cpus": os.cpu_count(),
-                      "python": platform.python_version(),
-                      "mean_prompt_tokens": round(sum(x.prompt.tokens for x in got) / len(got), 1),
-                      "stages": stages, "total": total,
-                      "ceiling_notes_s": round(1e6 / total["wall_us"]) if total["wall_us"] else None}, indent=1))
+    msgs = load_messages(args.data, args.notes, Path(args.data_root))
+    try:
+        doc = measure(pkg, msgs, poll=args.poll, generate=args.generate, repeats=args.repeats)
+    except RuntimeError as e:
+        raise SystemExit(f"bench/polling.py: {e}") from None
+    print(json.dumps({"bench": "polling", "package": str(pkg), "data": args.data,
+                      "python": platform.python_version(), **doc}, indent=1))
     return 0
 
 

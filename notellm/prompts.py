@@ -37,7 +37,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from json.encoder import encode_basestring
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
 PROMPT_VERSION = "notellm-prompt-v1"
 EMB_TOKEN = "[EMB]"
@@ -392,15 +392,15 @@ class _Composer:
                         for a in cfg.get("added_tokens") or ()))
 
     def fields(self, columns: Sequence[tuple[Sequence[str | None], int]]
-               ) -> tuple[list[list[str]], list[list[list[int] | None]]]:
+               ) -> tuple[list[list[str]], list[list[list[int] | str]]]:
         """`truncate_columns_batch`'s strings, and beside each its own ids (``[]`` when empty), from one
-        batched encode. A truncated field's ids are its kept tokens when those are the cut text's own
-        ids (the cut falls after a letter or digit, before punctuation, a symbol or a space); else the
-        cut text is encoded again (one more batched call for all of them: a field's worth of tokens,
-        not the note's)."""
+        batched encode and one batched decode. A truncated field's ids are its kept tokens when those are
+        the cut text's own ids (the cut falls after a letter or digit, before punctuation, a symbol or a
+        space); else the cut text itself, for `compose` to encode (a field's worth of tokens, not the
+        note's)."""
         flat = [x or "" for texts, _ in columns for x in texts]
         limits = [m for texts, m in columns for _ in texts]
-        ids: list[list[int] | None] = [[] for _ in flat]
+        ids: list[list[int] | str] = [[] for _ in flat]
         live = [i for i, x in enumerate(flat) if x]
         # A long field is encoded only up to a point no piece spans, past CUT_CHARS_PER_TOKEN characters
         # per token kept: those ids are the first ids of the whole field, so when there are more of them
@@ -429,7 +429,6 @@ class _Composer:
                 else:
                     ids[i] = x
         if long:
-            again = []
             for (i, prefix), text in zip(long, self.tok.decode_batch([p for _, p in long])):
                 cut = text.rstrip("\ufffd")
                 # The kept tokens are the cut text's own ids when they end where no piece spans (a letter
@@ -438,14 +437,9 @@ class _Composer:
                 if cut and cut == text and p < len(flat[i]) and flat[i].startswith(cut) \
                         and cut[-1].isalnum() and _category_class(flat[i][p]) in "PSZ":
                     ids[i] = prefix
-                elif cut:
-                    again.append(i)  # cut inside a piece: the cut text's own ids, encoded below
                 else:
-                    ids[i] = []
+                    ids[i] = cut  # cut inside a piece: the cut text's own ids, from compose()'s one encode
                 flat[i] = cut
-            if again:
-                for i, x in zip(again, self.tok.encode_batch([flat[i] for i in again])):
-                    ids[i] = x
         texts, field_ids, k = [], [], 0
         for col, _ in columns:
             texts.append(flat[k:k + len(col)])
@@ -453,19 +447,20 @@ class _Composer:
             k += len(col)
         return texts, field_ids
 
-    def plan(self, task: str, fields: Sequence[tuple[str, list[int] | None]]
-             ) -> tuple[list[str], list[tuple[list[int], str, str]]] | None:
-        """The note text of `fields` ((text, ids alone) for title, topic, content) as its joints and its
-        cores between them ([joint, ..., joint], [(field ids, head, tail), ...], one more joint than
-        cores), or None when some field fails a check (see the class docstring)."""
+    def plan(self, task: str, fields: Sequence[tuple[str, list[int] | str]]
+             ) -> tuple[list[str], list[tuple[list[int] | str, str, str]]] | None:
+        """The note text of `fields` ((text, its ids alone or the text to encode for them) for title,
+        topic, content) as its joints and its cores between them ([joint, ..., joint], [(field ids, head,
+        tail), ...], one more joint than cores), or None when some field fails a check (see the class
+        docstring)."""
         pieces, order = self._skeleton[task]
         joints: list[str] = []
-        cores: list[tuple[list[int], str, str]] = []
+        cores: list[tuple[list[int] | str, str, str]] = []
         joint = pieces[0]
         for k, f in enumerate(order):
             text, ids = fields[f]
             if text:
-                if ids is None or encode_basestring(text) != f'"{text}"' or (
+                if encode_basestring(text) != f'"{text}"' or (
                         self._added is not None and self._added_first.search(text) and self._added.search(text)):
                     return None
                 # str.isalnum() is exactly Unicode's L* and N* (tests/test_prompts.py checks every code point)
@@ -490,39 +485,62 @@ class _Composer:
         joints.append(joint)
         return joints, cores
 
-    def compose(self, task: str, notes: Sequence[Sequence[tuple[str, list[int] | None]]]) -> list[list[int] | None]:
-        """Each note's ids (see `plan`), or None for a note to encode whole. The joints, heads and tails
-        not cached yet are encoded in one batched call."""
-        plans = [self.plan(task, f) for f in notes]
+    def compose(self, tasks: Sequence[str], notes: Sequence[Sequence[tuple[str, list[int] | str]]],
+                whole: Callable[[str, int], str]) -> dict[str, list[list[int]]]:
+        """Each task's ids for each note: composed (see `plan`) or, for a note that fails a check, its
+        text ``whole(task, i)`` encoded whole. One batched encode for all that is not known yet: the
+        joints, heads and tails not cached, the cut texts of `fields`, the notes encoded whole (so a
+        poll makes as many calls into the tokenizer as encoding every note whole does: three)."""
+        plans = {task: [self.plan(task, f) for f in notes] for task in tasks}
         cache = self._ids
-        missing = {x for p in plans if p is not None for x in p[0] if x not in cache}
-        missing.update(x for p in plans if p is not None for _, head, tail in p[1] for x in (head, tail)
-                       if x and x not in cache)
-        if missing:
-            if len(cache) + len(missing) > self.MAX_CACHED:
+        missing: set[str] = set()
+        local: set[str] = set()  # cut texts: this call's only, never cached
+        for ps in plans.values():
+            for p in ps:
+                if p is None:
+                    continue
+                missing.update(x for x in p[0] if x not in cache)
+                for ids, head, tail in p[1]:
+                    missing.update(x for x in (head, tail) if x and x not in cache)
+                    if isinstance(ids, str):
+                        local.add(ids)
+        wholes = [(task, i) for task, ps in plans.items() for i, p in enumerate(ps) if p is None]
+        missing_list, local_list = sorted(missing), sorted(local)
+        encoded = self.tok.encode_batch(missing_list + local_list + [whole(task, i) for task, i in wholes]) \
+            if missing_list or local_list or wholes else []
+        if missing_list:
+            if len(cache) + len(missing_list) > self.MAX_CACHED:
                 cache.clear()
-            todo = sorted(missing)
-            cache.update(zip(todo, self.tok.encode_batch(todo)))
-        get, encoded = cache.get, self._encoded
-        out: list[list[int] | None] = []
-        for p in plans:
-            if p is None:
-                out.append(None)
-                continue
-            joints, cores = p
-            ids = list(get(joints[0]) or encoded(joints[0]))
-            for (field, head, tail), joint in zip(cores, joints[1:]):
-                h = len(get(head) or encoded(head)) if head else 0
-                t = len(get(tail) or encoded(tail)) if tail else 0
-                ids += field[h:len(field) - t]
-                ids += get(joint) or encoded(joint)
-            out.append(ids)
-        return out
+            cache.update(zip(missing_list, encoded))
+        known = dict(zip(missing_list, encoded))
+        known.update(zip(local_list, encoded[len(missing_list):]))
+        whole_ids = dict(zip(wholes, encoded[len(missing_list) + len(local_list):]))
 
-    def _encoded(self, text: str) -> list[int]:
-        # another thread may have cleared the cache since compose() filled it
-        got = self._ids.get(text)
-        return got if got is not None else self.tok.encode(text)
+        def ids_of(text: str) -> list[int]:  # this call's own, the cache's (another thread may clear it), or encode
+            got = known.get(text)
+            if got is None:
+                got = cache.get(text)
+            return got if got is not None else self.tok.encode(text)
+
+        out: dict[str, list[list[int]]] = {}
+        for task, ps in plans.items():
+            res: list[list[int]] = []
+            for i, p in enumerate(ps):
+                if p is None:
+                    res.append(whole_ids[task, i])
+                    continue
+                joints, cores = p
+                ids = list(ids_of(joints[0]))
+                for (field, head, tail), joint in zip(cores, joints[1:]):
+                    if isinstance(field, str):
+                        field = ids_of(field)
+                    h = len(ids_of(head)) if head else 0
+                    t = len(ids_of(tail)) if tail else 0
+                    ids += field[h:len(field) - t]
+                    ids += ids_of(joint)
+                res.append(ids)
+            out[task] = res
+        return out
 
 
 class PromptEncoder:
@@ -537,7 +555,8 @@ class PromptEncoder:
         self.emb_token_id = emb
         self.eos_token_id = eos_token_id
         self._const: dict[tuple[str, str, int], list[int]] = {}
-        self._composer = _Composer.of(self.tok)
+        # None: every note of note_ids_many encoded whole (public so that a benchmark can compare the two)
+        self.composer = _Composer.of(self.tok)
 
     def _cached(self, kind: str, task: str, j: int) -> list[int]:
         key = (kind, task, j)
@@ -578,28 +597,17 @@ class PromptEncoder:
         if "category" in tasks:
             columns.append(([getattr(n, "topic", None) or "" for n in notes], cfg.max_topic_tokens))
         n = len(notes)
-        if self._composer is None:
+        if self.composer is None:
             titles, contents, *rest = truncate_columns_batch(self.tok, columns)
-            field_ids = None
-        else:
-            (titles, contents, *rest), field_ids = self._composer.fields(columns)
-        topics = rest[0] if rest else [""] * n
-        out: dict[str, list[list[int]]] = {}
-        for task in tasks:
-            got: list[list[int] | None] = [None] * n
-            if field_ids is not None:
-                t_ids, c_ids, *r_ids = field_ids
-                p_ids = r_ids[0] if r_ids else [[]] * n
-                got = self._composer.compose(task, [
-                    [(titles[i], t_ids[i]), (topics[i], p_ids[i]), (contents[i], c_ids[i])] for i in range(n)])
-            todo = [i for i in range(n) if got[i] is None]
-            if todo:
-                ids = self.tok.encode_batch([
-                    " " + _note_dict(task, titles[i], topics[i], contents[i]) + COMPRESSION_LEAD for i in todo])
-                for i, x in zip(todo, ids):
-                    got[i] = x
-            out[task] = got  # type: ignore[assignment]
-        return out
+            topics = rest[0] if rest else [""] * n
+            ids = self.tok.encode_batch([" " + _note_dict(task, a, b, c) + COMPRESSION_LEAD
+                                         for task in tasks for a, b, c in zip(titles, topics, contents)])
+            return {task: ids[k * n:(k + 1) * n] for k, task in enumerate(tasks)}
+        (titles, contents, *rest), (t_ids, c_ids, *r_ids) = self.composer.fields(columns)
+        topics, p_ids = (rest[0], r_ids[0]) if rest else ([""] * n, [[]] * n)
+        return self.composer.compose(
+            tasks, [[(titles[i], t_ids[i]), (topics[i], p_ids[i]), (contents[i], c_ids[i])] for i in range(n)],
+            lambda task, i: " " + _note_dict(task, titles[i], topics[i], contents[i]) + COMPRESSION_LEAD)
 
     def encode(self, note: NoteLike, task: str = "category", *, j: int | None = None,
                target: str | None = None) -> EncodedPrompt:

@@ -34,7 +34,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert {k: v["status"] for k, v in doc["phases"].items()} == {
         k: "ok" for k in ("environment", "model", "export_fp32", "export_fp16", "export_fp32_expanded",
                           "fuse_fp16", "embed_graph_fp16_gqa", "embed_graph_fp16_mha", "embed_graph_fp16_mha-prefix",
-                          "embed_graph_fp16_mha-prefix-fold", "encoder", "worker/embed", "worker/embed+category",
+                          "embed_graph_fp16_mha-prefix-fold", "encoder", "polling", "worker/embed", "worker/embed+category",
                           "worker/embed/writer", "worker/embed+category/writer", "worker/embed/x2",
                           "worker/embed+category/x2",
                           "worker/embed/x2/writer", "worker/embed+category/x2/writer",
@@ -81,6 +81,10 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         for b in ("1", "4"):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 0 < cut <= full and (cut >= 1.0 or "-mha-prefix" in name), (name, b, cut, full)
+    pol = doc["polling"]  # the polling thread alone (bench/polling.py): both prompt paths, with and without GIL load
+    assert pol["notes"] == 16 and pol["package"] in ("fp32", "fp16")
+    assert {(r["path"], r["gil_load"]) for r in pol["rows"]} == {(p, g) for p in ("composed", "whole") for g in (0, 1)}
+    assert all(r["total"]["wall_us"] > 0 and r["ceiling_notes_s"] > 0 for r in pol["rows"])
     for mode, generate, lite in [(m, g, lite) for m, g in (("embed", "none"), ("embed+category", "category"))
                                  for lite in ("", "/writer")]:  # the worker per mode, milvus-lite in or out
         w = doc[f"worker/{mode}{lite}"]
@@ -151,7 +155,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
     assert "Worker path, embed (" in md and "Worker path, embed+category/writer (" in md
     assert "served from a child process, written from a writer process" in md
     assert "Worker path, embed/x2 (2 worker processes sharing the device" in md
-    assert "**embed**" in md and "| goal |" in md and "Kernel profile" in md
+    assert "**embed**" in md and "| goal |" in md and "Kernel profile" in md and "**Polling thread**" in md
     assert "Fused fp16 package" in md and "Embed graph on the fp16 package" in md and "ONNX Runtime's profiler" in md
     assert (out / "gpu-check.log").stat().st_size > 0
 

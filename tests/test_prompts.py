@@ -102,7 +102,7 @@ def test_composed_ids_are_the_whole_encode_on_every_note_of_both_data_sets(tok, 
     assert len(notes) > 6000
     for cfg in (PromptConfig(), PromptConfig(max_title_tokens=6, max_topic_tokens=2, max_content_tokens=17)):
         enc = PromptEncoder(tok, cfg)
-        assert enc._composer is not None
+        assert enc.composer is not None
         whole = []
         real = prompts._note_dict
         monkeypatch.setattr(prompts, "_note_dict", lambda *a: (whole.append(a), real(*a))[1])
@@ -144,7 +144,7 @@ def test_composed_ids_are_the_whole_encode_on_hostile_fields(tok, fields, title_
         _ENCODERS[key] = PromptEncoder(tok, PromptConfig(max_title_tokens=title_max, max_topic_tokens=3,
                                                          max_content_tokens=content_max))
     enc = _ENCODERS[key]
-    assert enc._composer is not None
+    assert enc.composer is not None
     notes = [NoteText(t, c, p) for t, c, p in fields]
     many = enc.note_ids_many(notes, ("category", "hashtags"))
     for task in ("category", "hashtags"):
@@ -203,11 +203,11 @@ def test_composing_is_only_for_tokenizers_it_is_proved_for(tok, monkeypatch):
     assert prompts._Composer.supports(base)
     hf = smollm2_tokenizer()
     hf.add_tokens([EMB_TOKEN], special_tokens=True)
-    assert PromptEncoder(hf)._composer is None
+    assert PromptEncoder(hf).composer is None
     notes = [TOY, NoteText("Hello, world", "It's a \"quoted\" body.", "(topic)"), NoteText("", "", None)]
     normalized = Tokenizer.from_str(json.dumps(variants["normalizer"]))
     enc = PromptEncoder(normalized)
-    assert enc._composer is None
+    assert enc.composer is None
     assert enc.note_ids_many(notes, ("category",))["category"] == [enc.note_ids(n, "category") for n in notes]
     monkeypatch.setattr(prompts._Composer, "MAX_CACHED", 2)
     enc = PromptEncoder(tok)
