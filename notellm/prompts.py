@@ -318,11 +318,13 @@ def _category_class(c: str) -> str:
     return unicodedata.category(c)[0]
 
 
-def _piece_edge(text: str, start: int, span: int) -> int | None:
+def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = ()) -> int | None:
     """The first index p in [start, start + span) with a letter or digit before it and punctuation, a
-    symbol or a space at it: no piece of GPT-2's pattern spans p (see `_Composer`)."""
+    symbol or a space at it, inside no occurrence of an `added` token's text (the tokenizer cuts those
+    out before its pattern runs, e.g. ``<file_sep>`` across ``e|_``): no piece spans p (see `_Composer`)."""
     for p in range(max(start, 1), min(start + span, len(text))):
-        if text[p - 1].isalnum() and _category_class(text[p]) in "PSZ":
+        if text[p - 1].isalnum() and _category_class(text[p]) in "PSZ" and not any(
+                0 <= text.find(a, max(0, p - len(a) + 1), p + len(a) - 1) < p for a in added):
             return p
     return None
 
@@ -356,6 +358,7 @@ class _Composer:
         """`cfg`: the tokenizer's own JSON (`tok.raw.to_str()`), which `supports`."""
         self.tok = tok
         added = [a["content"] for a in cfg.get("added_tokens") or ()]
+        self._added_texts = tuple(a for a in added if a)
         self._added = re.compile("|".join(re.escape(a) for a in added)) if added else None
         # a one-character-class scan before the search: most fields hold no added token's first character
         self._added_first = re.compile("[" + "".join(sorted({re.escape(a[0]) for a in added if a})) + "]")
@@ -408,7 +411,7 @@ class _Composer:
         sent, cut_short = [], set()
         for i in live:
             x, lo = flat[i], limits[i] * self.CUT_CHARS_PER_TOKEN
-            p = _piece_edge(x, lo, self.CUT_SEARCH) if len(x) > lo + self.CUT_SEARCH else None
+            p = _piece_edge(x, lo, self.CUT_SEARCH, self._added_texts) if len(x) > lo + self.CUT_SEARCH else None
             if p is not None:
                 cut_short.add(i)
             sent.append(x if p is None else x[:p])

@@ -126,7 +126,11 @@ EDGES = ["'", '"', "\\", " ", "  ", "\u3000", "\u00a0", "\n", "\t", ".", ",", "!
 _piece = st.one_of(st.sampled_from(EDGES), st.characters(codec="utf-8", exclude_categories=["Cs"]))
 _field = st.one_of(st.lists(_piece, max_size=14).map("".join),
                    st.builds(lambda p, n: p * n, st.sampled_from(["word ", "ab", "a.", "日本", "x'", " ", "🎉 "]),
-                             st.integers(0, 120)))
+                             st.integers(0, 120)),
+                   # long enough to be encoded in part, an added token's text where the part may end
+                   st.builds(lambda w, k, a: (w * 200)[:k] + a + " more words" * 12,
+                             st.sampled_from([" computer", " national", "ab", "日本", "x_y"]), st.integers(1, 90),
+                             st.sampled_from(["<issue_start>", "<repo_name>", "<file_sep>", "[EMB]", "<|im_start|>"])))
 
 
 _ENCODERS: dict[tuple[int, int], PromptEncoder] = {}
@@ -181,6 +185,11 @@ def test_a_long_field_is_encoded_in_part(tok, monkeypatch):
     limit = PromptConfig().max_content_tokens * prompts._Composer.CUT_CHARS_PER_TOKEN + prompts._Composer.CUT_SEARCH
     assert long not in sent and max(len(t) for t in sent if t.startswith("Lorem")) <= limit
     assert dense in sent  # its part had too few tokens: encoded whole
+    # no cut inside an added token's text: "<issue_start>" across "e|_" where the part would end (the
+    # tokenizer cuts added tokens out first; cut there, the part's 5th token was "<issue" and not the token)
+    enc = PromptEncoder(tok, PromptConfig(max_content_tokens=4))
+    note = NoteText("T", (" computer" * 3)[:20] + "<issue_start>" + " tail words" * 20, None)
+    assert enc.note_ids_many([note], ("category",))["category"] == [enc.note_ids(note, "category")]
 
 
 def test_composing_is_only_for_tokenizers_it_is_proved_for(tok, monkeypatch):
