@@ -43,7 +43,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data"
 
 STAGES = ("decode", "tokenize", "batch")
 MAX_BYTES = 1 << 20
@@ -188,12 +187,10 @@ def measure(package: str | Path, msgs: list, *, poll: int = 512, generate: str =
 
 
 def main() -> int:
+    from bench.tokenizing import package_and_data_args, package_dir
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--package", default=str(REPO / ".local/models/notellm-default-onnx"),
-                    help="an exported package (notellm.json + tokenizer.json); `scripts/demo` writes the default")
-    ap.add_argument("--data", choices=["amazon", "mind"], default="amazon")
-    ap.add_argument("--data-root", default=str(DATA), help="the folder holding the data sets (default ../shared/data)")
-    ap.add_argument("--notes", type=int, default=4096)
+    package_and_data_args(ap, notes=4096)
     ap.add_argument("--poll", type=int, default=512, help="messages per poll (the worker polls up to its batch size)")
     ap.add_argument("--generate", choices=["category", "both"], default="category",
                     help="category: the embedding prompt only (embed-only and category workers); "
@@ -202,9 +199,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.notes < 1 or args.poll < 1 or args.repeats < 1:
         raise SystemExit("--notes, --poll and --repeats must be >= 1")
-    pkg = Path(args.package)
-    if not (pkg / "notellm.json").exists():
-        raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
+    pkg = package_dir(args.package)
     msgs = load_messages(args.data, args.notes, Path(args.data_root))
     try:
         doc = measure(pkg, msgs, poll=args.poll, generate=args.generate, repeats=args.repeats)

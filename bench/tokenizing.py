@@ -62,22 +62,33 @@ def best_pair(fns, repeats: int) -> list[tuple[float, float]]:
     return best
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def package_and_data_args(ap: argparse.ArgumentParser, notes: int) -> None:
+    """--package, --data, --data-root and --notes, as the tokenizer benches (this one, bench/polling.py) take them."""
     ap.add_argument("--package", default=str(REPO / ".local/models/notellm-default-onnx"),
                     help="an exported package (notellm.json + tokenizer.json); `scripts/demo` writes the default")
     ap.add_argument("--data", choices=["amazon", "mind"], default="amazon")
-    ap.add_argument("--data-root", default=str(DATA), help="the folder holding amazon-scientific/ (default ../shared/data)")
-    ap.add_argument("--notes", type=int, default=2048)
+    ap.add_argument("--data-root", default=str(DATA), help="the folder holding the data sets (default ../shared/data)")
+    ap.add_argument("--notes", type=int, default=notes)
+
+
+def package_dir(path: str) -> Path:
+    """`path` as an exported package's folder, or exit saying there is none."""
+    pkg = Path(path)
+    if not (pkg / "notellm.json").exists():
+        raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
+    return pkg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    package_and_data_args(ap, notes=2048)
     ap.add_argument("--polls", default="64,512", help="notes per poll (the worker polls up to its batch size)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     from worker.prompt_tokens import PromptTokenizer
 
-    pkg = Path(args.package)
-    if not (pkg / "notellm.json").exists():
-        raise SystemExit(f"{pkg}: no exported package (run scripts/demo once, or `notellm export`)")
+    pkg = package_dir(args.package)
     pt = PromptTokenizer(pkg, json.loads((pkg / "notellm.json").read_text()))
     notes = load_notes(args.data, args.notes, Path(args.data_root))
     polls = [int(x) for x in args.polls.split(",") if x]
