@@ -323,7 +323,7 @@ def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = ()) -> 
     symbol or a space at it, inside no occurrence of an `added` token's text (the tokenizer cuts those
     out before its pattern runs, e.g. ``<file_sep>`` across ``e|_``): no piece spans p (see `_Composer`)."""
     for p in range(max(start, 1), min(start + span, len(text))):
-        if text[p - 1].isalnum() and _category_class(text[p]) in "PSZ" and not any(
+        if _category_class(text[p - 1]) in "LN" and _category_class(text[p]) in "PSZ" and not any(
                 0 <= text.find(a, max(0, p - len(a) + 1), p + len(a) - 1) < p for a in added):
             return p
     return None
@@ -438,7 +438,7 @@ class _Composer:
                 # or digit, then a character that is neither): the same rule as a core's edges in plan().
                 p = len(cut)
                 if cut and cut == text and p < len(flat[i]) and flat[i].startswith(cut) \
-                        and cut[-1].isalnum() and _category_class(flat[i][p]) in "PSZ":
+                        and _category_class(cut[-1]) in "LN" and _category_class(flat[i][p]) in "PSZ":
                     ids[i] = prefix
                 else:
                     ids[i] = cut  # cut inside a piece: the cut text's own ids, from compose()'s one encode
@@ -466,7 +466,8 @@ class _Composer:
                 if encode_basestring(text) != f'"{text}"' or (
                         self._added is not None and self._added_first.search(text) and self._added.search(text)):
                     return None
-                # str.isalnum() is exactly Unicode's L* and N* (tests/test_prompts.py checks every code point)
+                # str.isalnum() finds the core fast: it is exactly Unicode's L* and N* in this Python
+                # (tests/test_prompts.py checks every code point); the core's edges are checked by category
                 i, n = 0, len(text)
                 while i < n and not text[i].isalnum():
                     i += 1
@@ -476,6 +477,8 @@ class _Composer:
                     j = n
                     while not text[j - 1].isalnum():
                         j -= 1
+                    if _category_class(text[i]) not in "LN" or _category_class(text[j - 1]) not in "LN":
+                        return None
                     head, tail = text[:i], text[j:]
                     if head and (head[-1] == "'" or _category_class(head[-1]) not in "PS"):
                         return None
