@@ -318,14 +318,22 @@ def _category_class(c: str) -> str:
     return unicodedata.category(c)[0]
 
 
-def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = ()) -> int | None:
+def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = (), added_first: Any = None
+                ) -> int | None:
     """The first index p in [start, start + span) with a letter or digit before it and punctuation, a
     symbol or a space at it, inside no occurrence of an `added` token's text (the tokenizer cuts those
-    out before its pattern runs, e.g. ``<file_sep>`` across ``e|_``): no piece spans p (see `_Composer`)."""
+    out before its pattern runs, e.g. ``<file_sep>`` across ``e|_``): no piece spans p (see `_Composer`).
+    `added_first`: a compiled character class of the added tokens' first characters (a fast pre-check)."""
+    longest = max(map(len, added), default=0)
     for p in range(max(start, 1), min(start + span, len(text))):
-        if _category_class(text[p - 1]) in "LN" and _category_class(text[p]) in "PSZ" and not any(
+        if text[p].isalnum() or not text[p - 1].isalnum():  # cheap rejections first
+            continue
+        if _category_class(text[p - 1]) not in "LN" or _category_class(text[p]) not in "PSZ":
+            continue
+        if added and (added_first is None or added_first.search(text, max(0, p - longest + 1), p)) and any(
                 0 <= text.find(a, max(0, p - len(a) + 1), p + len(a) - 1) < p for a in added):
-            return p
+            continue
+        return p
     return None
 
 
@@ -350,6 +358,7 @@ class _Composer:
     """
 
     MAX_CACHED = 8192  # distinct joints, heads and tails kept (cleared when full)
+    MAX_CACHED_CHARS = 64  # longer ones (a field of punctuation alone) are encoded each time, never kept
     CUT_CHARS_PER_TOKEN = 8  # a field longer than this many characters per token kept is encoded in part
     CUT_SEARCH = 64  # characters searched for a point to cut it at (none found: encoded whole)
     _MARKS = ("\ue000", "\ue001", "\ue002")  # private-use stand-ins for title, topic, content
@@ -411,7 +420,8 @@ class _Composer:
         sent, cut_short = [], set()
         for i in live:
             x, lo = flat[i], limits[i] * self.CUT_CHARS_PER_TOKEN
-            p = _piece_edge(x, lo, self.CUT_SEARCH, self._added_texts) if len(x) > lo + self.CUT_SEARCH else None
+            p = (_piece_edge(x, lo, self.CUT_SEARCH, self._added_texts, self._added_first)
+                 if len(x) > lo + self.CUT_SEARCH else None)
             if p is not None:
                 cut_short.add(i)
             sent.append(x if p is None else x[:p])
@@ -500,14 +510,18 @@ class _Composer:
         plans = {task: [self.plan(task, f) for f in notes] for task in tasks}
         cache = self._ids
         missing: set[str] = set()
-        local: set[str] = set()  # cut texts: this call's only, never cached
+        local: set[str] = set()  # cut texts and long joints: this call's only, never cached
         for ps in plans.values():
             for p in ps:
                 if p is None:
                     continue
-                missing.update(x for x in p[0] if x not in cache)
+                for x in p[0]:  # joints
+                    if x not in cache:
+                        (missing if len(x) <= self.MAX_CACHED_CHARS else local).add(x)
                 for ids, head, tail in p[1]:
-                    missing.update(x for x in (head, tail) if x and x not in cache)
+                    for x in (head, tail):
+                        if x and x not in cache:
+                            (missing if len(x) <= self.MAX_CACHED_CHARS else local).add(x)
                     if isinstance(ids, str):
                         local.add(ids)
         wholes = [(task, i) for task, ps in plans.items() for i, p in enumerate(ps) if p is None]

@@ -195,7 +195,8 @@ def test_a_long_field_is_encoded_in_part(tok, monkeypatch):
 def test_composing_is_only_for_tokenizers_it_is_proved_for(tok, monkeypatch):
     """No composing for a Hugging Face tokenizer, a normalizer, another pre-tokenizer pattern, BPE dropout
     or an added token that strips spaces: those notes are encoded whole, with the same ids. A tiny joint
-    cache (cleared all the time) changes nothing either."""
+    cache (cleared all the time) changes nothing either, and no joint longer than MAX_CACHED_CHARS is kept
+    (a hostile stream cannot grow it past MAX_CACHED short strings)."""
     import notellm.prompts as prompts
     from notellm.base_models import smollm2_tokenizer
 
@@ -219,10 +220,18 @@ def test_composing_is_only_for_tokenizers_it_is_proved_for(tok, monkeypatch):
     assert enc.composer is None
     assert enc.note_ids_many(notes, ("category",))["category"] == [enc.note_ids(n, "category") for n in notes]
     monkeypatch.setattr(prompts._Composer, "MAX_CACHED", 2)
+    monkeypatch.setattr(prompts._Composer, "MAX_CACHED_CHARS", 12)  # most joints encoded each time
     enc = PromptEncoder(tok)
     for _ in range(3):
         assert enc.note_ids_many(notes, ("category", "hashtags")) == {
             t: [enc.note_ids(n, t) for n in notes] for t in ("category", "hashtags")}
+        assert len(enc.composer._ids) <= 2 and all(len(k) <= 12 for k in enc.composer._ids)
+    # a field of punctuation alone (no core: all of it a joint) is never kept
+    monkeypatch.undo()
+    enc = PromptEncoder(tok)
+    note = NoteText("!?" * 30 + ".", "body", None)
+    assert enc.note_ids_many([note], ("category",))["category"] == [enc.note_ids(note, "category")]
+    assert enc.composer._ids and all(len(k) <= prompts._Composer.MAX_CACHED_CHARS for k in enc.composer._ids)
 
 
 def test_the_batched_pass_skips_offsets_where_the_library_can(tok):
