@@ -222,14 +222,23 @@ def truncate_columns_batch(tok: Any, columns: Sequence[tuple[Sequence[str | None
     title, content and topic), in one batched encode and one batched decode for all of them: the same
     strings, with fewer calls into the tokenizer (each releases and re-takes the GIL)."""
     t = as_text_tokenizer(tok)
-    flat = [x or "" for texts, _ in columns for x in texts]
-    limits = [m for texts, m in columns for _ in texts]
+    flat, limits = _flatten(columns)
     live = [i for i, x in enumerate(flat) if x]  # an empty field needs no tokenizer
     prefixes = t.long_prefixes([flat[i] for i in live], [limits[i] for i in live])
     long = [(i, p) for i, p in zip(live, prefixes) if p is not None]
     if long:
         for (i, _), text in zip(long, t.decode_batch([p for _, p in long])):
             flat[i] = text.rstrip("\ufffd")
+    return _unflatten(flat, columns)
+
+
+def _flatten(columns: Sequence[tuple[Sequence[str | None], int]]) -> tuple[list[str], list[int]]:
+    """Columns of texts with a token limit each, as one list of texts ("" for None) and their limits."""
+    return [x or "" for texts, _ in columns for x in texts], [m for texts, m in columns for _ in texts]
+
+
+def _unflatten(flat: list, columns: Sequence[tuple[Sequence[Any], int]]) -> list[list]:
+    """`flat` cut back into `columns`' lengths."""
     out, k = [], 0
     for texts, _ in columns:
         out.append(flat[k:k + len(texts)])
@@ -318,19 +327,20 @@ def _category_class(c: str) -> str:
     return unicodedata.category(c)[0]
 
 
-def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = (), added_first: Any = None
-                ) -> int | None:
+def _piece_edge(text: str, start: int, span: int, added: Sequence[str] = (), added_first: Any = None,
+                longest: int = 0) -> int | None:
     """The first index p in [start, start + span) with a letter or digit before it and punctuation, a
     symbol or a space at it, inside no occurrence of an `added` token's text (the tokenizer cuts those
     out before its pattern runs, e.g. ``<file_sep>`` across ``e|_``): no piece spans p (see `_Composer`).
-    `added_first`: a compiled character class of the added tokens' first characters (a fast pre-check)."""
-    longest = max(map(len, added), default=0)
+    `added_first`: a compiled character class of the added tokens' first characters, `longest`: the longest
+    added token's length (a fast pre-check together)."""
     for p in range(max(start, 1), min(start + span, len(text))):
         if text[p].isalnum() or not text[p - 1].isalnum():  # cheap rejections first
             continue
         if _category_class(text[p - 1]) not in "LN" or _category_class(text[p]) not in "PSZ":
             continue
-        if added and (added_first is None or added_first.search(text, max(0, p - longest + 1), p)) and any(
+        near = max(0, p - (longest or len(text)) + 1)  # where an added token spanning p would start
+        if added and (added_first is None or added_first.search(text, near, p)) and any(
                 0 <= text.find(a, max(0, p - len(a) + 1), p + len(a) - 1) < p for a in added):
             continue
         return p
@@ -368,6 +378,7 @@ class _Composer:
         self.tok = tok
         added = [a["content"] for a in cfg.get("added_tokens") or ()]
         self._added_texts = tuple(a for a in added if a)
+        self._added_longest = max(map(len, self._added_texts), default=0)
         self._added = re.compile("|".join(re.escape(a) for a in added)) if added else None
         # a one-character-class scan before the search: most fields hold no added token's first character
         self._added_first = re.compile("[" + "".join(sorted({re.escape(a[0]) for a in added if a})) + "]")
@@ -410,8 +421,7 @@ class _Composer:
         the cut text's own ids (the cut falls after a letter or digit, before punctuation, a symbol or a
         space); else the cut text itself, for `compose` to encode (a field's worth of tokens, not the
         note's)."""
-        flat = [x or "" for texts, _ in columns for x in texts]
-        limits = [m for texts, m in columns for _ in texts]
+        flat, limits = _flatten(columns)
         ids: list[list[int] | str] = [[] for _ in flat]
         live = [i for i, x in enumerate(flat) if x]
         # A long field is encoded only up to a point no piece spans, past CUT_CHARS_PER_TOKEN characters
@@ -420,7 +430,7 @@ class _Composer:
         sent, cut_short = [], set()
         for i in live:
             x, lo = flat[i], limits[i] * self.CUT_CHARS_PER_TOKEN
-            p = (_piece_edge(x, lo, self.CUT_SEARCH, self._added_texts, self._added_first)
+            p = (_piece_edge(x, lo, self.CUT_SEARCH, self._added_texts, self._added_first, self._added_longest)
                  if len(x) > lo + self.CUT_SEARCH else None)
             if p is not None:
                 cut_short.add(i)
@@ -453,12 +463,7 @@ class _Composer:
                 else:
                     ids[i] = cut  # cut inside a piece: the cut text's own ids, from compose()'s one encode
                 flat[i] = cut
-        texts, field_ids, k = [], [], 0
-        for col, _ in columns:
-            texts.append(flat[k:k + len(col)])
-            field_ids.append(ids[k:k + len(col)])
-            k += len(col)
-        return texts, field_ids
+        return _unflatten(flat, columns), _unflatten(ids, columns)
 
     def plan(self, task: str, fields: Sequence[tuple[str, list[int] | str]]
              ) -> tuple[list[str], list[tuple[list[int] | str, str, str]]] | None:
