@@ -52,6 +52,9 @@ still reports what it measured; a phase that fails is recorded with its error an
 3b. polling      the worker's polling thread alone on this machine's cores (bench/polling.py: decode, the
                  batched tokenizer pass, batching, µs per note; prompts composed from their fields' ids vs
                  encoded whole, each with and without a thread of pure Python holding the GIL beside it).
+4b. calibration  the worker's start-up batch calibration (worker/calibrate.py) on this device, for the first
+                 worker mode, its package in a child process as in a pod: the defaults for the device
+                 (CUDA: up to 2048 notes in 60 s), the curve and the batch it chose.
 5. fusions       the two fusion recipes side by side on each plain package (``--skip fusions`` once the
                  fused engine answers the question): onnxruntime.transformers.optimizer's decoder fusions
                  (ORT's Llama recipe, model_type gpt2) and onnxscript's; fused-op counts, parity with the
@@ -1302,6 +1305,23 @@ def polling_phase(packages: dict[str, str], notes, *, poll: int = 512, repeats: 
     return {"package": kind, **measure(pkg, messages(notes), poll=min(poll, len(notes)), repeats=repeats)}
 
 
+def calibration_phase(pkg: str, device: str, generate: str, budget_s: float | None = None) -> dict[str, Any]:
+    """The worker's start-up batch calibration (worker/calibrate.py) on this device, as a pod runs it: the
+    encoder in its child process, the calibration's defaults for the device (CUDA: up to 2048 notes in
+    60 s, every shape warmed up), unless ``budget_s`` is given (the CPU rehearsal)."""
+    from worker.calibrate import calibrate, device_defaults
+    from worker.encoders import load_encoder
+
+    enc = load_encoder(pkg, device=device, max_batch_notes=32, max_batch_tokens=4096, isolation="process")
+    try:
+        d = device_defaults(enc)
+        c = calibrate(enc, generate=generate, budget_s=budget_s)
+        return {**c.as_log(), "device": d.device, "max_notes": d.max_notes,
+                "budget_s": d.budget_s if budget_s is None else budget_s, "providers": list(enc.providers)}
+    finally:
+        enc.close()
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = ["# GPU check", ""]
     env = doc.get("environment") or {}
@@ -1377,6 +1397,13 @@ def markdown(doc: dict[str, Any]) -> str:
         if pol.get("whole_over_composed"):
             lines.append("")
             lines.append("Whole / composed wall: " + ", ".join(f"{k} {v}" for k, v in pol["whole_over_composed"].items()) + ".")
+    cal = doc.get("calibration")
+    if cal:
+        rates = ", ".join(f"{n}: {r:,.0f}" for n, r in cal["notes_per_s"].items())
+        lines += ["", f"**Start-up calibration** ({cal['package']} package, generate={cal['generate']}, device "
+                      f"{cal['device']}: up to {cal['max_notes']} notes in {cal['budget_s']} s): chose "
+                      f"{cal['batch_notes']} notes in {cal['seconds']} s ({cal['reason']}); notes/s by batch: {rates}."
+                      + (f" Failures: {cal['failures']}." if cal.get("failures") else "")]
     for name in [k for k in doc if k.startswith("worker/") and isinstance(doc[k], dict) and "ratio" in doc[k]]:
         w = doc[name]
         server = w.get("milvus") == "server"
@@ -1469,7 +1496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="fp32,fp16", help="packages to export (default fp32,fp16)")
     ap.add_argument("--modes", default="embed,embed+category", help="encoder modes measured")
     ap.add_argument("--engines", help="only these engines, e.g. ort-fp16,torch-fp16 (default: all)")
-    ap.add_argument("--skip", default="", help="phases to skip: polling,worker,fusions,profile,ort_profile")
+    ap.add_argument("--skip", default="", help="phases to skip: polling,worker,calibration,fusions,profile,ort_profile")
     ap.add_argument("--worker-lite", default="thread", type=_lite_modes,
                     help="where the worker phase's milvus-lite serves its db: thread (pymilvus's server in the "
                          "worker's process, the default), process (NOTELLM_MILVUS__LITE_PROCESS: a child), writer "
@@ -1593,6 +1620,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             stop_milvus_server(server)
+    if worker_modes and "calibration" not in skip:
+        cmode = worker_modes[0]
+        ckind, _ = worker_package(enc, packages, device, cmode)
+        rep.phase("calibration", lambda: {"package": ckind, **calibration_phase(
+            packages[ckind], device, WORKER_GENERATE[cmode], budget_s=3.0 if a.cpu else None)}, need_s=70)
     kind, best_batch = worker_package(enc, packages, device)
     batch = int(best_batch or max(sizes))
     if "fusions" not in skip:

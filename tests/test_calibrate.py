@@ -16,7 +16,8 @@ import pytest
 
 from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
 from tests.worker_support import AppThread, note_doc, produce_notes, tiny_dir, wait_committed_to_end  # noqa: F401
-from worker.calibrate import BUILTIN_NOTES, CANDIDATES, Calibration, calibrate, calibrated, choose
+from worker.calibrate import (BUILTIN_NOTES, CPU_DEFAULTS, CUDA_DEFAULTS, Calibration, calibrate, calibrated,
+                              candidate_sizes, choose, device_defaults)
 from worker.config import load_settings
 from worker.encoders import DEFAULT_BATCH_NOTES, DEFAULT_BATCH_TOKENS, resolve_limits, set_batch_limits
 from worker.encoding import EngineError, NoteError
@@ -31,10 +32,10 @@ class CurveEncoder:
     batches >= it; `fail_tokenize`: NoteError from tokenize."""
 
     def __init__(self, rate, *, fail_at: int | None = None, fail_tokenize: bool = False,
-                 max_batch_notes: int = 4, max_batch_tokens: int = 600) -> None:
+                 max_batch_notes: int = 4, max_batch_tokens: int = 600, providers=("CurveProvider",)) -> None:
         self.rate, self.fail_at, self.fail_tokenize = rate, fail_at, fail_tokenize
         self.max_batch_notes, self.max_batch_tokens = max_batch_notes, max_batch_tokens
-        self.manifest, self.model_version, self.dim, self.providers = {}, "curve", 4, ["CurveProvider"]
+        self.manifest, self.model_version, self.dim, self.providers = {}, "curve", 4, list(providers)
         self.now = 0.0
         self.engine_batches: list[int] = []
         self.restarts = 0
@@ -110,11 +111,53 @@ def test_plateau_takes_the_smallest_batch_within_5_percent():
     assert c.batch_notes == 4 and c.reason == "plateau"
     assert 32 not in c.rates  # stopped after two sizes without a > 3 % gain (8, 16)
     # GPU-like: grows into the hundreds, flat after 256: the smallest within 5 % of the best
-    gpu = {n: min(n, 256) * 10.0 for n in CANDIDATES}
+    gpu = {n: min(n, 256) * 10.0 for n in candidate_sizes(512)}
     gpu[512] = 2570.0
     enc = CurveEncoder(_curve(gpu))
     c = calibrate(enc, clock=enc.clock, budget_s=1e6, batch_overhead_s=0)
     assert c.batch_notes == 256 and c.rates[512] == pytest.approx(2570.0)
+
+
+def test_candidates_and_limits_by_device():
+    assert candidate_sizes(512) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert candidate_sizes(2048)[-3:] == (512, 1024, 2048)
+    assert candidate_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100) and candidate_sizes(1) == (1,)
+    assert device_defaults(CurveEncoder(float)) is CPU_DEFAULTS
+    assert device_defaults(CurveEncoder(float, providers=("CPUExecutionProvider",))) is CPU_DEFAULTS
+    assert device_defaults(CurveEncoder(float, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))) \
+        is CUDA_DEFAULTS
+    assert (CPU_DEFAULTS.max_notes, CUDA_DEFAULTS.max_notes) == (512, 2048)
+
+
+def test_on_cuda_the_search_reaches_2048_notes_and_warms_every_shape_up():
+    # H200-like (runs 8-9): throughput still grows from 1024 to 2048 notes (embed-only 8,098 -> 8,792/s)
+    h200 = {n: 8792.0 * n / (n + 180) for n in candidate_sizes(512)}  # 6,505/s at 512
+    h200.update({1024: 8098.0, 2048: 8792.0})
+    log = []
+    enc = CurveEncoder(_curve(h200), providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+    class Log:
+        def info(self, event, **kw):
+            log.append(kw)
+
+    c = calibrate(enc, clock=enc.clock, log=Log())  # every limit by the device
+    assert c.calibrated and c.batch_notes == 2048 and max(c.rates) == 2048 and c.reason == "all candidates measured"
+    assert c.seconds <= CUDA_DEFAULTS.budget_s
+    assert log[0]["device"] == "cuda" and log[0]["max_notes"] == 2048 and log[0]["budget_s"] == 60.0
+    # every candidate's shape runs once untimed before its measured calls, also where a call takes > 1 s
+    # (the CPU's rule skips those): a tenth of that speed, generation-like, 2.3 s a call at 2048
+    enc = CurveEncoder(lambda n: h200[n] / 10, providers=("CUDAExecutionProvider",))
+    c = calibrate(enc, clock=enc.clock)
+    assert c.batch_notes == 2048 and c.seconds <= CUDA_DEFAULTS.budget_s
+    assert [enc.engine_batches.count(n) for n in (512, 1024, 2048)] == [2, 2, 2]  # warm-up + one measured pass
+    # the same curve on a CPU-provider encoder: capped at 512 (its default), the shape warm-up by prediction
+    enc = CurveEncoder(_curve(h200))
+    c = calibrate(enc, clock=enc.clock)
+    assert max(c.rates) == 512 and c.batch_notes == 512 and 1024 not in enc.engine_batches
+    # an operator's cap that is not a power of two is itself a candidate
+    enc = CurveEncoder(_curve({**h200, 1500: 8500.0}))
+    c = calibrate(enc, clock=enc.clock, max_notes=1500, budget_s=1e6)
+    assert [n for n, _ in c.notes_per_s][-2:] == [1024, 1500] and c.batch_notes == 1500
 
 
 def test_the_workers_cost_per_batch_favours_larger_batches_on_a_flat_curve():
@@ -187,18 +230,20 @@ def test_settings_auto_by_default_integer_disables_calibration(monkeypatch):
     monkeypatch.delenv("NOTELLM_BATCH__MAX_BATCH_NOTES", raising=False)
     s = load_settings()
     assert s.batch.max_batch_notes == "auto" and s.batch.max_batch_tokens == "auto" and s.batch.calibrate
+    assert s.batch.calibration_max_notes == "auto" and s.batch.calibration_budget_s == "auto"
     assert resolve_limits("auto", "auto") == (32, 4096) and resolve_limits(8, "auto") == (8, 1024)
     monkeypatch.setenv("NOTELLM_BATCH__MAX_BATCH_NOTES", "8")
     monkeypatch.setenv("NOTELLM_BATCH__CALIBRATION_BUDGET_S", "5")
     s = load_settings()
     assert s.batch.max_batch_notes == 8 and not s.batch.calibrate and s.batch.calibration_budget_s == 5
     for bad in ({"max_batch_notes": 0}, {"max_batch_notes": "big"}, {"max_batch_tokens": 8},
-                {"calibration_budget_s": 0}):
+                {"calibration_budget_s": 0}, {"calibration_budget_s": 601}, {"calibration_max_notes": 0},
+                {"calibration_max_notes": "big"}):
         with pytest.raises(pydantic.ValidationError):
             load_settings({"batch": bad})
 
 
-def test_app_calibrates_only_when_asked_and_auto():
+def test_app_calibrates_only_when_asked_and_auto(monkeypatch):
     from worker.app import WorkerApp
 
     curve = _curve({1: 10, 2: 18, 4: 30, 8: 45, 16: 60, 32: 70, 64: 71, 128: 60, 256: 40, 512: 20})
@@ -226,6 +271,22 @@ def test_app_calibrates_only_when_asked_and_auto():
     assert app2.calibration is app.calibration and len(enc.engine_batches) == seen
     gauge = app2.metrics.registry.get_sample_value("notellm_batch_max_notes", {"source": "calibrated"})
     assert gauge == app.batch_notes
+    # the operator's cap reaches the search beyond the device's default (512 on this CPU-provider fake):
+    # a curve still growing at 1024 is measured there, and 1024 is chosen
+    import worker.calibrate as cal
+
+    enc = CurveEncoder(lambda n: 10.0 * n)
+    real = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **kw: real(*a, clock=enc.clock, **kw))  # the curve's time
+    app = WorkerApp(load_settings({"batch": {"max_batch_notes": "auto", "calibration_max_notes": 1024}}),
+                    encoder=enc, calibrate=True)
+    app._choose_batch_limits(enc)
+    assert max(app.calibration.rates) == 1024 and app.batch_notes == 1024
+    # "auto" (the default): the device's cap and budget, 512 notes and 20 s for this CPU-provider fake
+    enc = CurveEncoder(lambda n: 10.0 * n)
+    app = WorkerApp(load_settings({"batch": {"max_batch_notes": "auto"}}), encoder=enc, calibrate=True)
+    app._choose_batch_limits(enc)
+    assert max(app.calibration.rates) == 512 and app.calibration.reason == "all candidates measured"
 
 
 class LimitsEcho:

@@ -122,6 +122,8 @@ def _sample(path, info) -> tuple[str, Any]:
     lits = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
     if int in args and lits:                                  # int | "auto"
         return ("64", 64) if isinstance(default, str) else (lits[0], lits[0])
+    if float in args and lits:                                # float | "auto"
+        return ("2.5", 2.5) if isinstance(default, str) else (lits[0], lits[0])
     if lits:
         v = next(v for v in lits if v != default)
         return v, v

@@ -37,7 +37,7 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
                           "embed_graph_fp16_mha-prefix-fold", "encoder", "polling", "worker/embed", "worker/embed+category",
                           "worker/embed/writer", "worker/embed+category/writer", "worker/embed/x2",
                           "worker/embed+category/x2",
-                          "worker/embed/x2/writer", "worker/embed+category/x2/writer",
+                          "worker/embed/x2/writer", "worker/embed+category/x2/writer", "calibration",
                           "fusions", "profile", "ort_profile")}
     for kind in ("fp32", "fp16"):
         v = doc[f"export_{kind}"]["validation"]
@@ -81,6 +81,11 @@ def test_cpu_rehearsal_runs_every_phase(tmp_path):
         for b in ("1", "4"):
             cut, full = enc["embed"][name][b]["padded_over_real"], enc["embed"][f"{name}-fullbatch"][b]["padded_over_real"]
             assert 0 < cut <= full and (cut >= 1.0 or "-mha-prefix" in name), (name, b, cut, full)
+    cal = doc["calibration"]  # the worker's start-up calibration, first worker mode (embed-only), CPU defaults
+    assert cal["generate"] == "none" and cal["device"] == "cpu" and cal["max_notes"] == 512 and cal["budget_s"] == 3.0
+    assert cal["calibrated"] and cal["notes_per_s"] and cal["batch_notes"] in map(int, cal["notes_per_s"])
+    assert cal["providers"][0] == "CPUExecutionProvider" and cal["seconds"] < 3.0 + 2.0
+    assert "Start-up calibration" in (out / "gpu-check.md").read_text()
     pol = doc["polling"]  # the polling thread alone (bench/polling.py): both prompt paths, with and without GIL load
     assert pol["notes"] == 16 and pol["package"] in ("fp32", "fp16")
     assert {(r["path"], r["gil_load"]) for r in pol["rows"]} == {(p, g) for p in ("composed", "whole") for g in (0, 1)}

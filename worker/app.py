@@ -200,8 +200,9 @@ class WorkerApp:
                 self.batch_notes, self.batch_tokens = found.batch_notes, found.batch_tokens
                 set_batch_limits(enc, self.batch_notes, self.batch_tokens)
             elif wanted:
-                c = cal.calibrate(enc, generate=gen, budget_s=b.calibration_budget_s,
-                                  max_notes=b.calibration_max_notes, max_tokens=fixed_tokens,
+                auto = lambda v: None if v == "auto" else v  # noqa: E731 - "auto": by the encoder's device
+                c = cal.calibrate(enc, generate=gen, budget_s=auto(b.calibration_budget_s),
+                                  max_notes=auto(b.calibration_max_notes), max_tokens=fixed_tokens,
                                   default_notes=self.batch_notes, default_tokens=self.batch_tokens,
                                   call_timeout_s=self.s.model.batch_timeout_s, should_stop=self._stop.is_set)
                 self.calibration = c

@@ -6,14 +6,16 @@ notes/s for growing candidate batch sizes through the `Encoder` protocol only (`
 with the worker's `generate` task), so it works the same for the in-process engine and for the
 `ProcessEncoder` child, and re-creates nothing:
 
+- limits by device (`device_defaults`, from the encoder's providers): candidates are powers of two up to
+  `max_notes` (512 on CPU, 2048 on CUDA), within `budget_s` (20 s on CPU, 60 s on CUDA);
 - inputs: a fixed built-in set of 8 realistic note texts (`BUILTIN_NOTES`, prompt lengths spread like real
   notes: 76–149 tokens, median 105, with the SmolLM2 tokenizer; MIND news: p5 73, median 102, p90 150).
   Every candidate processes the same mix: a batch of n < len(set) notes covers the whole set in
   several calls, the order alternates short and long notes;
 - each candidate size reaches the engine as one batch: before measuring it, the engine's own
   sub-batching limits are raised to it (`worker.encoders.set_batch_limits`); one untimed call warms the
-  shape up (skipped where a call is predicted to take >= `warmup_below_s`: a slow CPU, where its share is
-  small and the budget is short), then whole passes are timed for at least `min_measure_s`, and the best
+  shape up (on CPU skipped where a call is predicted to take >= `warmup_below_s`: a slow CPU, where its
+  share is small and the budget is short; on CUDA always), then whole passes are timed for at least `min_measure_s`, and the best
   pass counts (noise on a shared machine only ever slows a pass down);
 - the batch grows while throughput improves by more than `min_gain` (3 %); after `patience` candidates
   without such a gain, or when the next candidate would not fit in what is left of `budget_s`, it stops
@@ -44,7 +46,46 @@ from worker.encoders import DEFAULT_BATCH_NOTES, DEFAULT_TOKENS_PER_NOTE, set_ba
 from worker.logs import get_logger
 from worker.records import Prompt
 
-CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What "auto" means for the calibration's largest batch, its time budget and its warm-up, per device.
+
+    - CPU: candidates up to 512 notes in 20 s; a shape is warmed up only when a call is predicted to take
+      under 1 s (on a slow CPU the warm-up's share is small and the budget short). The best CPU batch is
+      1-8 notes, found long before 512.
+    - CUDA: up to 2048 notes in 60 s, every shape warmed up first. On an H200 throughput still grew from
+      1024 to 2048 notes in both modes (embed-only 8,098 -> 8,792 notes/s, run 9; category generation
+      1,959 -> 2,159, run 8: docs/results/gpu), and a first call on a new shape pays allocations and
+      kernel plans, which would make the largest sizes, measured by one call, look slower than they are."""
+
+    device: str
+    max_notes: int
+    budget_s: float
+    warmup_below_s: float
+
+
+CPU_DEFAULTS = DeviceDefaults("cpu", 512, 20.0, 1.0)
+CUDA_DEFAULTS = DeviceDefaults("cuda", 2048, 60.0, float("inf"))
+
+
+def device_defaults(encoder: Any) -> DeviceDefaults:
+    """The calibration defaults for the device `encoder` runs on (its ONNX Runtime providers)."""
+    providers = [str(p) for p in (getattr(encoder, "providers", None) or [])]
+    return CUDA_DEFAULTS if any(p.startswith("CUDA") for p in providers) else CPU_DEFAULTS
+
+
+def candidate_sizes(max_notes: int) -> tuple[int, ...]:
+    """The batch sizes the calibration tries, in order: powers of two up to `max_notes`, then `max_notes`
+    itself when it is not one."""
+    out, n = [], 1
+    while n <= max_notes:
+        out.append(n)
+        n *= 2
+    if max_notes >= 1 and out[-1] != max_notes:
+        out.append(max_notes)
+    return tuple(out)
 # The worker's own cost per batch besides the encoder (poll, decode, batching, Milvus upsert, tags, commit).
 # It shares the machine with the encoder, so the batch is chosen on n / (encode time of n + this), not on
 # the encoder alone: bench/worker.py, tiny model, 2 cores, milvus-lite: ~13 ms per batch (worker 500 notes/s
@@ -151,10 +192,11 @@ def _batches(prompts: Sequence[Prompt], n: int) -> list[list[Prompt]]:
 
 
 def calibrate(encoder: Any, notes: Iterable[Any] | None = None, *, generate: str = "none",
-              candidates: Sequence[int] = CANDIDATES, budget_s: float = 20.0, max_notes: int = 512,
+              candidates: Sequence[int] | None = None, budget_s: float | None = None, max_notes: int | None = None,
               max_tokens: int | None = None, default_notes: int = DEFAULT_BATCH_NOTES,
               default_tokens: int | None = None, min_gain: float = 0.03, tolerance: float = 0.05, patience: int = 2,
-              min_measure_s: float = 0.5, warmup_below_s: float = 1.0, batch_overhead_s: float = BATCH_OVERHEAD_S,
+              min_measure_s: float = 0.5, warmup_below_s: float | None = None,
+              batch_overhead_s: float = BATCH_OVERHEAD_S,
               call_timeout_s: float | None = 120.0,
               should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] = time.perf_counter,
               log: Any = None) -> Calibration:
@@ -162,9 +204,16 @@ def calibrate(encoder: Any, notes: Iterable[Any] | None = None, *, generate: str
     module docstring. `notes`: note-like objects (title, content, topic) or `Prompt`s (default:
     `BUILTIN_NOTES`); `max_tokens`: a token budget fixed by the operator (else notes x longest prompt);
     `default_notes`/`default_tokens`: the fallback; `call_timeout_s`: each encode call's deadline (a child
-    process is killed past it); `should_stop`: checked between calls (a shutdown during start-up)."""
+    process is killed past it); `should_stop`: checked between calls (a shutdown during start-up).
+    `max_notes`, `budget_s`, `warmup_below_s`: None = the encoder's device's (`device_defaults`);
+    `candidates`: None = `candidate_sizes(max_notes)`."""
     log = log or get_logger("worker.calibrate")
     t0 = clock()
+    dev = device_defaults(encoder)
+    max_notes = dev.max_notes if max_notes is None else max_notes
+    budget_s = dev.budget_s if budget_s is None else budget_s
+    warmup_below_s = dev.warmup_below_s if warmup_below_s is None else warmup_below_s
+    candidates = candidate_sizes(max_notes) if candidates is None else candidates
     fallback_tokens = max_tokens or default_tokens or default_notes * DEFAULT_TOKENS_PER_NOTE
     rates: dict[int, float] = {}
     failures: dict[int, str] = {}
@@ -270,8 +319,8 @@ def calibrate(encoder: Any, notes: Iterable[Any] | None = None, *, generate: str
     cal = Calibration(batch_notes=notes_n, batch_tokens=tokens, notes_per_s=tuple(rates.items()),
                       seconds=elapsed(), calibrated=ok, reason=reason, generate=generate, prompt_tokens=longest,
                       failures=tuple(failures.items()), batch_overhead_s=batch_overhead_s)
-    fields = {**cal.as_log(), "providers": list(getattr(encoder, "providers", None) or []),
-              "budget_s": budget_s, "limits_applied": limits_applied}
+    fields = {**cal.as_log(), "providers": list(getattr(encoder, "providers", None) or []), "device": dev.device,
+              "max_notes": max_notes, "budget_s": budget_s, "limits_applied": limits_applied}
     if ok:
         log.info("encoder.calibrated", **fields)
         try:

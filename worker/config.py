@@ -181,7 +181,8 @@ class ModelSettings(BaseModel):
 
 class BatchSettings(BaseModel):
     """Batch limits. `max_batch_notes="auto"` (default): chosen at start-up by measuring the encoder on this
-    device (worker/calibrate.py, at most `calibration_budget_s`, candidates up to `calibration_max_notes`);
+    device (worker/calibrate.py, at most `calibration_budget_s`, candidates up to `calibration_max_notes`, both
+    by device unless set: 20 s and 512 notes on CPU, 60 s and 2048 notes on CUDA);
     an integer sets it and disables the measurement. `max_batch_tokens="auto"`: the calibrated notes x the
     longest calibration prompt, or, with an integer notes setting, notes x 128 (32 -> 4096, the old default).
     Where nothing is measured (an encoder passed in, a failed calibration) "auto" means 32 notes / 4096 tokens."""
@@ -192,8 +193,10 @@ class BatchSettings(BaseModel):
         "auto", description='"auto" = calibrated at start-up')
     max_batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
         "auto", description='padded tokens per batch (n * longest prompt); "auto" follows the notes limit')
-    calibration_budget_s: float = Field(20.0, gt=0, le=600, description="time the start-up calibration may take")
-    calibration_max_notes: int = Field(512, ge=1, description="largest batch the calibration tries")
+    calibration_budget_s: Annotated[float, Field(gt=0, le=600)] | Literal["auto"] = Field(
+        "auto", description='time the start-up calibration may take; "auto": 20 s on CPU, 60 s on CUDA')
+    calibration_max_notes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description='largest batch the calibration tries; "auto": 512 on CPU, 2048 on CUDA')
     linger_ms: int = Field(50, ge=0, description="how long a batch waits to fill after its first note")
     max_note_bytes: int = Field(64 * 1024, ge=256, description="a larger record is dead-lettered (too_large)")
 
