@@ -15,8 +15,8 @@ with the worker's `generate` task), so it works the same for the in-process engi
 - each candidate size reaches the engine as one batch: before measuring it, the engine's own
   sub-batching limits are raised to it (`worker.encoders.set_batch_limits`); one untimed call warms the
   shape up (on CPU skipped where a call is predicted to take >= `warmup_below_s`: a slow CPU, where its
-  share is small and the budget is short; on CUDA always), then whole passes are timed for at least `min_measure_s`, and the best
-  pass counts (noise on a shared machine only ever slows a pass down);
+  share is small and the budget is short; on CUDA always), then whole passes are timed for at least
+  `min_measure_s`, and the best pass counts (noise on a shared machine only ever slows a pass down);
 - the batch grows while throughput improves by more than `min_gain` (3 %); after `patience` candidates
   without such a gain, or when the next candidate would not fit in what is left of `budget_s`, it stops
   (the budget can be overrun only by a call that takes longer than predicted from the previous one);
@@ -45,7 +45,6 @@ from notellm.prompts import NoteText
 from worker.encoders import DEFAULT_BATCH_NOTES, DEFAULT_TOKENS_PER_NOTE, set_batch_limits
 from worker.logs import get_logger
 from worker.records import Prompt
-
 
 
 @dataclass(frozen=True)
@@ -86,6 +85,8 @@ def candidate_sizes(max_notes: int) -> tuple[int, ...]:
     if max_notes >= 1 and out[-1] != max_notes:
         out.append(max_notes)
     return tuple(out)
+
+
 # The worker's own cost per batch besides the encoder (poll, decode, batching, Milvus upsert, tags, commit).
 # It shares the machine with the encoder, so the batch is chosen on n / (encode time of n + this), not on
 # the encoder alone: bench/worker.py, tiny model, 2 cores, milvus-lite: ~13 ms per batch (worker 500 notes/s
