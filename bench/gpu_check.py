@@ -1309,15 +1309,12 @@ def calibration_phase(pkg: str, device: str, generate: str, budget_s: float | No
     """The worker's start-up batch calibration (worker/calibrate.py) on this device, as a pod runs it: the
     encoder in its child process, the calibration's defaults for the device (CUDA: up to 2048 notes in
     60 s, every shape warmed up), unless ``budget_s`` is given (the CPU rehearsal)."""
-    from worker.calibrate import calibrate, device_defaults
+    from worker.calibrate import calibrate
     from worker.encoders import load_encoder
 
     enc = load_encoder(pkg, device=device, max_batch_notes=32, max_batch_tokens=4096, isolation="process")
     try:
-        d = device_defaults(enc)
-        c = calibrate(enc, generate=generate, budget_s=budget_s)
-        return {**c.as_log(), "device": d.device, "max_notes": d.max_notes,
-                "budget_s": d.budget_s if budget_s is None else budget_s, "providers": list(enc.providers)}
+        return {**calibrate(enc, generate=generate, budget_s=budget_s).as_log(), "providers": list(enc.providers)}
     finally:
         enc.close()
 

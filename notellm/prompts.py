@@ -379,9 +379,11 @@ class _Composer:
         added = [a["content"] for a in cfg.get("added_tokens") or ()]
         self._added_texts = tuple(a for a in added if a)
         self._added_longest = max(map(len, self._added_texts), default=0)
-        self._added = re.compile("|".join(re.escape(a) for a in added)) if added else None
+        texts = self._added_texts
+        self._added = re.compile("|".join(map(re.escape, texts))) if texts else None
         # a one-character-class scan before the search: most fields hold no added token's first character
-        self._added_first = re.compile("[" + "".join(sorted({re.escape(a[0]) for a in added if a})) + "]")
+        self._added_first = (re.compile("[" + "".join(sorted({re.escape(a[0]) for a in texts})) + "]")
+                             if texts else None)
         self._ids: dict[str, list[int]] = {}
         self._skeleton: dict[str, tuple[list[str], list[int]]] = {}
         for task in TASKS:
@@ -520,15 +522,11 @@ class _Composer:
             for p in ps:
                 if p is None:
                     continue
-                for x in p[0]:  # joints
+                joints, fields = p
+                for x in [*joints, *(x for _, head, tail in fields for x in (head, tail) if x)]:
                     if x not in cache:
                         (missing if len(x) <= self.MAX_CACHED_CHARS else local).add(x)
-                for ids, head, tail in p[1]:
-                    for x in (head, tail):
-                        if x and x not in cache:
-                            (missing if len(x) <= self.MAX_CACHED_CHARS else local).add(x)
-                    if isinstance(ids, str):
-                        local.add(ids)
+                local.update(ids for ids, _, _ in fields if isinstance(ids, str))
         wholes = [(task, i) for task, ps in plans.items() for i, p in enumerate(ps) if p is None]
         missing_list, local_list = sorted(missing), sorted(local)
         encoded = self.tok.encode_batch(missing_list + local_list + [whole(task, i) for task, i in wholes]) \

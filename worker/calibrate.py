@@ -145,6 +145,9 @@ class Calibration:
     batch_overhead_s: float = 0.0  # the worker's cost per batch the choice added to the encoder's time
     prompt_tokens: int = 0       # the longest calibration prompt (tokens per note of the token budget)
     failures: tuple[tuple[int, str], ...] = ()
+    device: str = "cpu"          # whose defaults applied (`device_defaults`), and the limits searched within
+    max_notes: int = 0
+    budget_s: float = 0.0
 
     @property
     def rates(self) -> dict[int, float]:
@@ -154,7 +157,8 @@ class Calibration:
         return {"batch_notes": self.batch_notes, "batch_tokens": self.batch_tokens, "calibrated": self.calibrated,
                 "reason": self.reason, "generate": self.generate, "seconds": round(self.seconds, 2),
                 "notes_per_s": {str(n): round(r, 2) for n, r in self.notes_per_s},
-                "batch_overhead_ms": round(self.batch_overhead_s * 1000, 2),
+                "batch_overhead_ms": round(self.batch_overhead_s * 1000, 2), "device": self.device,
+                "max_notes": self.max_notes, "budget_s": self.budget_s,
                 **({"failures": {str(n): e for n, e in self.failures}} if self.failures else {})}
 
 
@@ -319,9 +323,10 @@ def calibrate(encoder: Any, notes: Iterable[Any] | None = None, *, generate: str
         _apply(encoder, notes_n, tokens, log)
     cal = Calibration(batch_notes=notes_n, batch_tokens=tokens, notes_per_s=tuple(rates.items()),
                       seconds=elapsed(), calibrated=ok, reason=reason, generate=generate, prompt_tokens=longest,
-                      failures=tuple(failures.items()), batch_overhead_s=batch_overhead_s)
-    fields = {**cal.as_log(), "providers": list(getattr(encoder, "providers", None) or []), "device": dev.device,
-              "max_notes": max_notes, "budget_s": budget_s, "limits_applied": limits_applied}
+                      failures=tuple(failures.items()), batch_overhead_s=batch_overhead_s, device=dev.device,
+                      max_notes=max_notes, budget_s=budget_s)
+    fields = {**cal.as_log(), "providers": list(getattr(encoder, "providers", None) or []),
+              "limits_applied": limits_applied}
     if ok:
         log.info("encoder.calibrated", **fields)
         try:
