@@ -22,9 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "validate-manifests"
 VENV_PY = REPO / ".local" / "venv-validate" / "bin" / "python"
 DASHBOARD = REPO / "deploy" / "components" / "monitoring" / "grafana-dashboard.json"
-WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc")
-JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill")
-GPU_OVERLAYS = ("gpu", "gpu-backfill")
+WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc", "gpu-sasl-ssl")
+JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill", "gpu-sasl-ssl-backfill")
+GPU_OVERLAYS = ("gpu", "gpu-backfill", "gpu-sasl-ssl", "gpu-sasl-ssl-backfill")
+SASL_SSL_OVERLAYS = ("gpu-sasl-ssl", "gpu-sasl-ssl-backfill")
+# librdkafka's sasl.mechanism -> the name KEDA's kafka scaler gives it (its `sasl` parameter)
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
+             "GSSAPI": "gssapi", "OAUTHBEARER": "oauthbearer"}
 CLOSE_MARGIN_S = 15          # grace period >= drain + this (closing the Kafka/Milvus clients)
 PROMETHEUS_SERIES = {"up"}   # made by Prometheus for every target, not by the worker
 
@@ -79,11 +83,12 @@ def test_validate_manifests_passes(validated):
     assert s["kubernetes_version"] == "1.30"
     kinds = s["kinds"]
     for kind in ("Deployment", "Job", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
-                 "ServiceAccount", "ScaledObject", "ServiceMonitor", "PrometheusRule"):
+                 "ServiceAccount", "ScaledObject", "ServiceMonitor", "PrometheusRule", "TriggerAuthentication"):
         assert kinds.get(kind), f"no {kind} rendered"
     # every document went through a schema: the built-in ones against Kubernetes, the CRDs against deploy/schemas
     assert s["kubernetes_schema_ok"] + s["crd_schema_ok"] == s["documents"]
-    assert s["crd_schema_ok"] == kinds["ScaledObject"] + kinds["ServiceMonitor"] + kinds["PrometheusRule"]
+    assert s["crd_schema_ok"] == (kinds["ScaledObject"] + kinds["ServiceMonitor"] + kinds["PrometheusRule"]
+                                  + kinds["TriggerAuthentication"])
     assert s["promql_parsed"] > 20
     ck = s["checkov"]
     assert ck["failed"] == 0 and ck["parsing_errors"] == 0 and ck["passed"] > 100, ck["failed_checks"]
@@ -112,12 +117,15 @@ def test_validator_rejects_an_unknown_field_a_bad_crd_field_and_bad_promql(valid
     so.write_text(so.read_text().replace("lagThreshold:", "lagTreshold:"))
     pr = repo_copy / "deploy" / "components" / "monitoring" / "prometheusrule.yaml"
     pr.write_text(pr.read_text().replace("absent(up{", "absent(up{{"))
+    ta = repo_copy / "deploy" / "components" / "keda-kafka-sasl-ssl" / "triggerauthentication.yaml"
+    ta.write_text(ta.read_text().replace("parameter: password", "parameter: pasword"))
     p = _run([repo_copy / "scripts" / SCRIPT.name, "--no-checkov", "--out", repo_copy / "out"], cwd=repo_copy)
     log = p.stdout + p.stderr
     assert p.returncode != 0
     assert "'terminationGracePeriod' was unexpected" in log
     assert "lagTreshold" in log
     assert "NotellmWorkerDown: PromQL does not parse" in log
+    assert "'pasword' is not one of" in log
 
 
 def test_validator_fails_on_a_checkov_finding_without_a_skip(validated, repo_copy):
@@ -252,8 +260,9 @@ def test_pdb_service_and_servicemonitor_select_the_worker_pods_only(rendered):
 
 
 def test_network_policies(rendered):
-    egress_ports = {(53, "UDP"), (53, "TCP"), (9092, "TCP"), (19530, "TCP")}
     for name, docs in rendered.items():
+        kafka_port = 9093 if name in SASL_SSL_OVERLAYS else 9092
+        egress_ports = {(53, "UDP"), (53, "TCP"), (kafka_port, "TCP"), (19530, "TCP")}
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         for w in workloads(docs):
             labels = w["spec"]["template"]["metadata"]["labels"]
@@ -271,6 +280,53 @@ def test_network_policies(rendered):
             assert [p["containerPort"] for p in w["spec"]["template"]["spec"]["containers"][0]["ports"]] == [8088]
             (peer,) = rule["from"]
             assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+
+
+def test_sasl_ssl_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_credentials(rendered, monkeypatch):
+    docs = rendered["gpu-sasl-ssl"]
+    cm = one(docs, "ConfigMap", "notellm-worker")["data"]
+    assert cm["NOTELLM_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    ca_path = cm["NOTELLM_KAFKA__SSL_CA_LOCATION"]
+    kafka_port = int(cm["NOTELLM_KAFKA__BOOTSTRAP_SERVERS"].rsplit(":", 1)[1])
+    ca_refs = set()
+    for name in SASL_SSL_OVERLAYS:
+        for w in workloads(rendered[name]):
+            spec = w["spec"]["template"]["spec"]
+            (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if ca_path.startswith(m["mountPath"] + "/")]
+            assert mount["readOnly"] is True, name
+            (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+            (item,) = [i for i in vol["secret"]["items"] if i["path"] == ca_path[len(mount["mountPath"]) + 1:]]
+            ca_refs.add((vol["secret"]["secretName"], item["key"]))
+            (np,) = [d for d in rendered[name] if d["kind"] == "NetworkPolicy"
+                     and selects(d["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])]
+            assert kafka_port in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, name
+    (ca_ref,) = ca_refs
+    # KEDA's lag scaler: the same mechanism (in its own names), TLS, brokers, and the worker's own credentials
+    so = one(docs, "ScaledObject", "notellm-worker")
+    (t,) = so["spec"]["triggers"]
+    m = t["metadata"]
+    assert m["sasl"] == KEDA_SASL[cm["NOTELLM_KAFKA__SASL_MECHANISM"]] and m["tls"] == "enable"
+    assert m["bootstrapServers"] == cm["NOTELLM_KAFKA__BOOTSTRAP_SERVERS"]
+    ta = one(docs, "TriggerAuthentication", t["authenticationRef"]["name"])
+    assert t["authenticationRef"].get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+    pod = one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    visible = {**cm, **_container_env(worker)}  # what KEDA resolves: envFrom the ConfigMap, then env
+    assert {e["parameter"]: (e["containerName"], e["name"]) for e in ta["spec"]["env"]} == {
+        "username": (worker["name"], "NOTELLM_KAFKA__SASL_USERNAME"),
+        "password": (worker["name"], "NOTELLM_KAFKA__SASL_PASSWORD")}
+    assert all(e["name"] in visible for e in ta["spec"]["env"])
+    assert [(r["parameter"], r["name"], r["key"]) for r in ta["spec"]["secretTargetRef"]] == [("ca", *ca_ref)]
+    # the worker takes the settings as librdkafka properties
+    conf = _settings_from(monkeypatch, visible).kafka.common_config()
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == cm["NOTELLM_KAFKA__SASL_MECHANISM"]
+    assert conf["sasl.username"] == cm["NOTELLM_KAFKA__SASL_USERNAME"] and conf["ssl.ca.location"] == ca_path
+    assert conf["sasl.password"] == "secret-from-kafka-sasl-password"
+    # the overlays without it stay plaintext, with no authentication on the scaler
+    for name in set(WORKER_OVERLAYS) - set(SASL_SSL_OVERLAYS):
+        (t,) = one(rendered[name], "ScaledObject")["spec"]["triggers"]
+        assert "authenticationRef" not in t and "sasl" not in t["metadata"], name
+        assert "NOTELLM_KAFKA__SECURITY_PROTOCOL" not in one(rendered[name], "ConfigMap", "notellm-worker")["data"]
 
 
 # ----------------------------------------------------------------------------- configuration keys
