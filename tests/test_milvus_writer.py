@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from tests.conftest import MilvusBackend
 from tests.test_milvus_sink import DIM, MV, _enc, _note, _Proxy, _transient_fault
 from worker.milvus_writer import WriterGone, pack_rows, unpack_rows
 from worker.sinks import GiveUp
-from worker.sinks.milvus import MilvusSink, MilvusStore, build_row, classify
+from worker.sinks.milvus import SIMILAR_WAIT_S, MilvusSink, MilvusStore, build_row, classify
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -64,6 +65,40 @@ def test_writes_run_in_a_child_and_reads_see_them(wstore, writer_backend):
     sink.add(_enc([_note(f"n{i}") for i in range(30)]))
     assert sink.flush() == []
     assert wstore.count() == 30 and wstore.similar("n3", 2)["note"]["note_id"] == "n3"
+
+
+def test_reads_answer_beside_a_write_in_flight(wstore, monkeypatch):
+    """A long upsert holds the writer process only: `similar` (the worker's /similar) and the readiness
+    probe answer while it runs. Under the store lock, as an in-process client's writes are, `similar` waits
+    SIMILAR_WAIT_S and then raises StoreBusy (GPU-sized batches make writes long)."""
+    sink = MilvusSink(wstore, wstore.collection)
+    sink.add(_enc([_note(f"n{i}") for i in range(5)]))
+    assert sink.flush() == []
+    started, release = threading.Event(), threading.Event()
+    upsert = wstore.writer.upsert
+
+    def slow_upsert(*a, **kw):
+        started.set()
+        release.wait(60)
+        return upsert(*a, **kw)
+
+    monkeypatch.setattr(wstore.writer, "upsert", slow_upsert)
+    sink.add(_enc([_note("late")]))
+    flushed: list = []
+    writer = threading.Thread(target=lambda: flushed.append(sink.flush()))
+    writer.start()
+    try:
+        assert started.wait(10)
+        t0 = time.monotonic()
+        assert wstore.similar("n1", 2)["note"]["note_id"] == "n1"
+        assert wstore.get(["n2"], ["note_id"]) == [{"note_id": "n2"}]
+        assert wstore.reachable()
+        assert time.monotonic() - t0 < SIMILAR_WAIT_S
+        assert writer.is_alive() and not release.is_set()  # the write was in flight throughout
+    finally:
+        release.set()
+        writer.join(60)
+    assert flushed == [[]] and "late" in wstore.all_ids()
 
 
 def test_hostile_ids_through_the_writer(tmp_path):

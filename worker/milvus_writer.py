@@ -118,7 +118,8 @@ def _serve(conn, kw: dict[str, Any]) -> None:
 
 class MilvusWriter(PipedChild):
     """A child process with its own pymilvus client of `uri`; `upsert` and `delete` run there. Calls are
-    serialised (one request on the pipe at a time); `MilvusStore` makes them under its lock."""
+    serialised (one request on the pipe at a time) by the writer's own lock, not the store's: reads on the
+    worker's client run beside them."""
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:

@@ -249,8 +249,9 @@ class MilvusStore:
 
     `write_process`: upserts and deletes go through a child process with its own client
     (`worker.milvus_writer`), so that pymilvus's request building does not share this process's GIL;
-    reads stay here. It needs a server URI or `lite_process` (an embedded db cannot be written from
-    another process): ValueError otherwise."""
+    reads stay here, and run beside a write in flight instead of waiting for it (the writer serialises
+    its own calls; the store lock is this process's client's). It needs a server URI or `lite_process`
+    (an embedded db cannot be written from another process): ValueError otherwise."""
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong",
@@ -327,17 +328,38 @@ class MilvusStore:
             if not isinstance(e, (SinkError, StoreBusy, KeyError)):
                 self._last_ok = classify(e) != TRANSIENT
                 if self.lite_server is not None and not self.lite_server.alive():
-                    from worker.lite_server import LiteServerGone
-
                     self._last_ok = False
-                    raise LiteServerGone(f"the milvus-lite server process for {self.lite_server.data_dir} "
-                                         f"({self.lite_server.exit_status()}) is gone: {_message(e)}") from e
+                    raise self._lite_gone(e) from e
             raise
         finally:
             self._depth -= 1
             if self._depth == 0:
                 self._held_since = None
             self.lock.release()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """Around one write (yields this process's client, or None with a writer process). In this
+        process's client a write holds the store lock (`locked`). Through the writer process it does not:
+        the writer serialises its own calls, and reads on this process's client (`similar`, `/readyz`)
+        then answer beside a long upsert instead of waiting up to SIMILAR_WAIT_S for it. A write that fails
+        because the milvus-lite child serving the db has died raises LiteServerGone either way."""
+        if self.writer is None:
+            with self.locked() as c:
+                yield c
+            return
+        try:
+            yield None
+        except BaseException as e:
+            if not isinstance(e, SinkError) and self.lite_server is not None and not self.lite_server.alive():
+                raise self._lite_gone(e) from e
+            raise
+
+    def _lite_gone(self, e: BaseException) -> Exception:
+        from worker.lite_server import LiteServerGone
+
+        return LiteServerGone(f"the milvus-lite server process for {self.lite_server.data_dir} "
+                              f"({self.lite_server.exit_status()}) is gone: {_message(e)}")
 
     # -- collection management -------------------------------------------------------------------
     def resolve(self, name: str | None = None) -> str | None:
@@ -442,7 +464,7 @@ class MilvusStore:
 
     # -- writes (MilvusSink) ---------------------------------------------------------------------
     def upsert(self, collection: str, rows: list[dict]) -> None:
-        with self.locked() as c:
+        with self._writing() as c:
             if self.writer is not None:
                 self.writer.upsert(collection, rows, self.timeout_s)
             else:
@@ -452,7 +474,7 @@ class MilvusStore:
         """Delete the rows of `ids` (ids no row can have are skipped), IDS_PER_FILTER ids per call."""
         todo = [i for i in ids if _storable_id(i)]
         for part in _chunks(todo, IDS_PER_FILTER):
-            with self.locked() as c:
+            with self._writing() as c:
                 if self.writer is not None:
                     self.writer.delete(collection, id_filter("note_id", part), self.timeout_s)
                 else:
