@@ -358,6 +358,30 @@ def _transient_fault(store: MilvusStore, outage) -> None:
     assert sink.flush() == []
 
 
+def test_after_a_long_outage_the_store_is_back_within_seconds(milvus_server_backend):
+    """Every client's gRPC reconnect backoff is capped at 5 s (mv.GRPC_OPTIONS): after 30 s of outage,
+    probed throughout as the sink's retries and the readiness probe do, a call succeeds within a few
+    seconds of Milvus being back. With gRPC's default backoff (growing to 120 s) the first success came
+    13-25 s after it here (`GRPC_OPTIONS`' comment)."""
+    proxy = _Proxy(milvus_server_backend.uri)
+    store = MilvusStore(proxy.uri, alias=milvus_server_backend.alias, timeout_s=2.0)
+    try:
+        assert store.client._get_connection()._grpc_options == mv.GRPC_OPTIONS
+        assert store.reachable()
+        restart = proxy.cut()
+        down = time.monotonic()
+        while time.monotonic() - down < 30:
+            assert store.reachable() is False
+            time.sleep(0.5)
+        restart()
+        back = time.monotonic()
+        while not store.reachable():
+            assert time.monotonic() - back < 9, "no call succeeded within 9 s of Milvus being back"
+            time.sleep(0.1)
+    finally:
+        store.close()
+
+
 def test_errors_are_classified_by_whose_fault_they_are():
     from pymilvus.exceptions import DataNotMatchException, DescribeCollectionException, MilvusException, ParamError
 

@@ -123,7 +123,9 @@ class MilvusWriter(PipedChild):
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
-        kw: dict[str, Any] = {"uri": uri}
+        from worker.sinks.milvus import GRPC_OPTIONS
+
+        kw: dict[str, Any] = {"uri": uri, "grpc_options": dict(GRPC_OPTIONS)}
         if token:
             kw["token"] = token
         if db_name:
