@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import worker.sinks.milvus as mv
+from bench.relay import Relay
 from worker.records import Batch, Encoded, Note, Tombstone
 from worker.sinks import GiveUp, RetryLater
 from worker.sinks.milvus import BadRow, MilvusSink, MilvusStore, StoreBusy, build_row, classify, id_filter, quote
@@ -259,62 +259,9 @@ def _stop_server(uri: str):
     return restart
 
 
-class _Proxy:
-    """A TCP relay to a Milvus server that can be cut (listener and every connection closed: the client
-    sees the server gone) and resumed on the same port: a real outage without stopping the shared server."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.split("://", 1)[-1].rsplit(":", 1)
-        self.target = (host, int(port))
-        self.conns: list[socket.socket] = []
-        self._listen(0)
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def _listen(self, port: int) -> None:
-        self.lsock = socket.create_server(("127.0.0.1", port))
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._accept, args=(self.lsock,), daemon=True).start()
-
-    def _accept(self, lsock: socket.socket) -> None:
-        while True:
-            try:
-                down, _ = lsock.accept()
-                up = socket.create_connection(self.target)
-            except OSError:
-                return
-            self.conns += [down, up]
-            for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        for x in (a, b):
-            try:
-                x.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self):
-        self.lsock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone would not)
-        self.lsock.close()
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        self.conns.clear()
-        return lambda: self._listen(self.port)
-
-
 def test_a_transient_fault_keeps_staged_work_for_the_retry(store, milvus_backend):
     if milvus_backend.is_server:  # the same store, reached through a relay that the test cuts
-        proxy = _Proxy(milvus_backend.uri)
+        proxy = Relay(milvus_backend.uri)
         store = MilvusStore(proxy.uri, alias=milvus_backend.alias, timeout_s=5.0)
         store.collection = store.resolve()
         outage = proxy.cut
@@ -361,9 +308,9 @@ def _transient_fault(store: MilvusStore, outage) -> None:
 def test_after_a_long_outage_the_store_is_back_within_seconds(milvus_server_backend):
     """Every client's gRPC reconnect backoff is capped at 5 s (mv.GRPC_OPTIONS): after 30 s of outage,
     probed throughout as the sink's retries and the readiness probe do, a call succeeds within a few
-    seconds of Milvus being back. With gRPC's default backoff (growing to 120 s) this fails: 19-25 s after
-    outages of 45-90 s here (`GRPC_OPTIONS`' comment)."""
-    proxy = _Proxy(milvus_server_backend.uri)
+    seconds of Milvus being back. With gRPC's default backoff (growing to 120 s) the wait is a lottery up to
+    its current step (2-25 s after outages of 45-90 s, bench/reconnect.py); this test failed with it here."""
+    proxy = Relay(milvus_server_backend.uri)
     store = MilvusStore(proxy.uri, alias=milvus_server_backend.alias, timeout_s=2.0)
     try:
         assert store.client._get_connection()._grpc_options == mv.GRPC_OPTIONS

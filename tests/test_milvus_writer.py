@@ -15,7 +15,8 @@ import pytest
 
 import tests.test_milvus_sink as sink_tests
 from tests.conftest import MilvusBackend
-from tests.test_milvus_sink import DIM, MV, _enc, _note, _Proxy, _transient_fault
+from bench.relay import Relay
+from tests.test_milvus_sink import DIM, MV, _enc, _note, _transient_fault
 from worker.milvus_writer import WriterGone, pack_rows, unpack_rows
 from worker.sinks import GiveUp
 from worker.sinks.milvus import SIMILAR_WAIT_S, MilvusSink, MilvusStore, build_row, classify
@@ -121,7 +122,7 @@ def test_a_transient_fault_through_the_writer_is_retried(milvus_server_backend):
     base = MilvusStore(milvus_server_backend.uri, alias=milvus_server_backend.alias)
     base.ensure(DIM, MV)
     base.close()
-    proxy = _Proxy(milvus_server_backend.uri)
+    proxy = Relay(milvus_server_backend.uri)
     store = MilvusStore(proxy.uri, alias=milvus_server_backend.alias, timeout_s=5.0, write_process=True)
     try:
         store.collection = store.resolve()

@@ -53,10 +53,10 @@ SIMILAR_WAIT_S = 3.0     # similar(): longest wait for the store lock, then Stor
 PROBE_TIMEOUT_S = 1.0    # reachable(): the probe call's own timeout
 OVERDUE_GRACE_S = 5.0    # reachable(): a call holding the lock longer than its timeout + this is stuck
 # gRPC channel options of every Milvus client here (the store's, the writer's, the visibility probe's). After
-# an outage a channel reconnects on gRPC's backoff, which grows to 120 s by default: the first call could
-# succeed half a minute after Milvus was back (measured through a relay cut for 10 / 45 / 90 s, calls
-# retried throughout: 7.0 / 24.8 / 21.7 s; 3.9 / 0.2 / 4.0 s with this cap), while the sink's own retry
-# waits at most NOTELLM_RETRY__MAX_WAIT_S (5 s).
+# an outage a channel reconnects on gRPC's backoff, which grows to 120 s by default, so the first call
+# succeeds at the next step of it after Milvus is back: up to ~25 s later after outages of 45-90 s
+# (bench/reconnect.py, a relay cut, calls retried throughout: 2.3-24.8 s; 0.2-4.0 s with this cap), while
+# the sink's own retry waits at most NOTELLM_RETRY__MAX_WAIT_S (5 s).
 GRPC_OPTIONS = {"grpc.max_reconnect_backoff_ms": 5000}
 
 
