@@ -297,6 +297,7 @@ def test_sasl_ssl_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_cred
             (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
             (item,) = [i for i in vol["secret"]["items"] if i["path"] == ca_path[len(mount["mountPath"]) + 1:]]
             ca_refs.add((vol["secret"]["secretName"], item["key"]))
+            assert vol["secret"]["defaultMode"] == 0o444, name  # read-only for everyone, not YAML's decimal 444
             (np,) = [d for d in rendered[name] if d["kind"] == "NetworkPolicy"
                      and selects(d["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])]
             assert kafka_port in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, name
