@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     from pydantic import ValidationError
 
+    from worker.sinks.milvus import MilvusConfigError
+
     try:
         return int(module.run(args) or 0)
     except ValidationError as e:
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         from worker.config import settings_error_text
 
         print(f"notellm {name}: {settings_error_text(e)} (see docs/configuration.md)", file=sys.stderr)
+        return 2
+    except MilvusConfigError as e:  # a TLS file missing, a certificate not trusted: retrying cannot help
+        print(f"notellm {name}: {e} (check NOTELLM_MILVUS__URI and NOTELLM_MILVUS__TLS_*)", file=sys.stderr)
         return 2
 
 

@@ -152,7 +152,13 @@ def _sample(path, info) -> tuple[str, Any]:
 
 
 # settings whose sample value is valid only with another one set (a model validator checks the pair)
-_COMPANIONS = {("milvus", "write_process"): {"NOTELLM_MILVUS__URI": "http://milvus.example:19530"}}
+_HTTPS = {"NOTELLM_MILVUS__URI": "https://milvus.example:19530"}
+_COMPANIONS = {("milvus", "write_process"): {"NOTELLM_MILVUS__URI": "http://milvus.example:19530"},
+               ("milvus", "tls_ca_path"): _HTTPS, ("milvus", "tls_server_name"): _HTTPS,
+               ("milvus", "tls_client_cert_path"): {**_HTTPS, "NOTELLM_MILVUS__TLS_CA_PATH": "/ca.pem",
+                                                    "NOTELLM_MILVUS__TLS_CLIENT_KEY_PATH": "/c.key"},
+               ("milvus", "tls_client_key_path"): {**_HTTPS, "NOTELLM_MILVUS__TLS_CA_PATH": "/ca.pem",
+                                                   "NOTELLM_MILVUS__TLS_CLIENT_CERT_PATH": "/c.pem"}}
 
 
 @pytest.mark.parametrize("path", [p for p, _ in ref._leaves(Settings)], ids=".".join)

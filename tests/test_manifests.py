@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "validate-manifests"
 VENV_PY = REPO / ".local" / "venv-validate" / "bin" / "python"
 DASHBOARD = REPO / "deploy" / "components" / "monitoring" / "grafana-dashboard.json"
-WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc", "gpu-sasl-ssl")
-JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill", "gpu-sasl-ssl-backfill")
-GPU_OVERLAYS = ("gpu", "gpu-backfill", "gpu-sasl-ssl", "gpu-sasl-ssl-backfill")
-SASL_SSL_OVERLAYS = ("gpu-sasl-ssl", "gpu-sasl-ssl-backfill")
+WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc", "gpu-secured")
+JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill", "gpu-secured-backfill")
+GPU_OVERLAYS = ("gpu", "gpu-backfill", "gpu-secured", "gpu-secured-backfill")
+SECURED_OVERLAYS = ("gpu-secured", "gpu-secured-backfill")  # Kafka over SASL_SSL, Milvus over TLS
 # librdkafka's sasl.mechanism -> the name KEDA's kafka scaler gives it (its `sasl` parameter)
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
              "GSSAPI": "gssapi", "OAUTHBEARER": "oauthbearer"}
@@ -261,7 +261,7 @@ def test_pdb_service_and_servicemonitor_select_the_worker_pods_only(rendered):
 
 def test_network_policies(rendered):
     for name, docs in rendered.items():
-        kafka_port = 9093 if name in SASL_SSL_OVERLAYS else 9092
+        kafka_port = 9093 if name in SECURED_OVERLAYS else 9092
         egress_ports = {(53, "UDP"), (53, "TCP"), (kafka_port, "TCP"), (19530, "TCP")}
         policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         for w in workloads(docs):
@@ -282,26 +282,18 @@ def test_network_policies(rendered):
             assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
-def test_sasl_ssl_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_credentials(rendered, monkeypatch):
-    docs = rendered["gpu-sasl-ssl"]
+def test_secured_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_credentials(rendered, monkeypatch):
+    docs = rendered["gpu-secured"]
     cm = one(docs, "ConfigMap", "notellm-worker")["data"]
     assert cm["NOTELLM_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
     ca_path = cm["NOTELLM_KAFKA__SSL_CA_LOCATION"]
     kafka_port = int(cm["NOTELLM_KAFKA__BOOTSTRAP_SERVERS"].rsplit(":", 1)[1])
-    ca_refs = set()
-    for name in SASL_SSL_OVERLAYS:
+    ca_ref = _mounted_secret_file(rendered, ca_path)
+    for name in SECURED_OVERLAYS:
         for w in workloads(rendered[name]):
-            spec = w["spec"]["template"]["spec"]
-            (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if ca_path.startswith(m["mountPath"] + "/")]
-            assert mount["readOnly"] is True, name
-            (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-            (item,) = [i for i in vol["secret"]["items"] if i["path"] == ca_path[len(mount["mountPath"]) + 1:]]
-            ca_refs.add((vol["secret"]["secretName"], item["key"]))
-            assert vol["secret"]["defaultMode"] == 0o444, name  # read-only for everyone, not YAML's decimal 444
             (np,) = [d for d in rendered[name] if d["kind"] == "NetworkPolicy"
                      and selects(d["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])]
             assert kafka_port in {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}, name
-    (ca_ref,) = ca_refs
     # KEDA's lag scaler: the same mechanism (in its own names), TLS, brokers, and the worker's own credentials
     so = one(docs, "ScaledObject", "notellm-worker")
     (t,) = so["spec"]["triggers"]
@@ -319,15 +311,40 @@ def test_sasl_ssl_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_cred
     assert all(e["name"] in visible for e in ta["spec"]["env"])
     assert [(r["parameter"], r["name"], r["key"]) for r in ta["spec"]["secretTargetRef"]] == [("ca", *ca_ref)]
     # the worker takes the settings as librdkafka properties
-    conf = _settings_from(monkeypatch, visible).kafka.common_config()
+    s = _settings_from(monkeypatch, visible)
+    conf = s.kafka.common_config()
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanism"] == cm["NOTELLM_KAFKA__SASL_MECHANISM"]
     assert conf["sasl.username"] == cm["NOTELLM_KAFKA__SASL_USERNAME"] and conf["ssl.ca.location"] == ca_path
     assert conf["sasl.password"] == "secret-from-kafka-sasl-password"
+    # Milvus over TLS: an https:// URI, the CA a read-only file in the worker and the Job, a MilvusTLS
+    from worker.sinks.milvus import MilvusTLS
+
+    assert s.milvus.uri.startswith("https://") and s.milvus.uri != base_configmap()["NOTELLM_MILVUS__URI"]
+    assert MilvusTLS.from_settings(s.milvus) == MilvusTLS(ca_path=cm["NOTELLM_MILVUS__TLS_CA_PATH"])
+    assert _mounted_secret_file(rendered, cm["NOTELLM_MILVUS__TLS_CA_PATH"]) == ("notellm-milvus-ca", "ca.crt")
     # the overlays without it stay plaintext, with no authentication on the scaler
-    for name in set(WORKER_OVERLAYS) - set(SASL_SSL_OVERLAYS):
+    for name in set(WORKER_OVERLAYS) - set(SECURED_OVERLAYS):
         (t,) = one(rendered[name], "ScaledObject")["spec"]["triggers"]
         assert "authenticationRef" not in t and "sasl" not in t["metadata"], name
-        assert "NOTELLM_KAFKA__SECURITY_PROTOCOL" not in one(rendered[name], "ConfigMap", "notellm-worker")["data"]
+        data = one(rendered[name], "ConfigMap", "notellm-worker")["data"]
+        assert "NOTELLM_KAFKA__SECURITY_PROTOCOL" not in data and "NOTELLM_MILVUS__TLS_CA_PATH" not in data, name
+        assert data["NOTELLM_MILVUS__URI"].startswith("http://"), name
+
+
+def _mounted_secret_file(rendered, path: str) -> tuple[str, str]:
+    """The (Secret, key) that every workload of the secured overlays mounts read-only (mode 0444) at `path`."""
+    refs = set()
+    for name in SECURED_OVERLAYS:
+        for w in workloads(rendered[name]):
+            spec = w["spec"]["template"]["spec"]
+            (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+            assert mount["readOnly"] is True, name
+            (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+            (item,) = [i for i in vol["secret"]["items"] if i["path"] == path[len(mount["mountPath"]) + 1:]]
+            assert vol["secret"]["defaultMode"] == 0o444, name  # read-only for everyone, not YAML's decimal 444
+            refs.add((vol["secret"]["secretName"], item["key"]))
+    (ref,) = refs
+    return ref
 
 
 # ----------------------------------------------------------------------------- configuration keys
@@ -369,7 +386,7 @@ def test_configmap_and_env_keys_parse_with_the_worker_settings(rendered, monkeyp
             assert s.http.port == 8088 and s.http.host == "0.0.0.0"
             assert s.kafka.sasl_password.get_secret_value() == "secret-from-kafka-sasl-password"
             assert s.milvus.token.get_secret_value() == "secret-from-milvus-token"
-            assert s.milvus.uri.startswith("http://"), "a Milvus server: milvus-lite is one process per db"
+            assert not s.milvus.is_lite, "a Milvus server: milvus-lite is one process per db"
 
 
 def test_a_misspelt_configmap_key_is_caught(monkeypatch):

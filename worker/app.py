@@ -35,7 +35,7 @@ from worker.ownership import Ownership
 from worker.pipeline import Pipeline
 from worker.records import Batch, Note
 from worker.sinks.kafka import DeadLetterSink, TagsSink
-from worker.sinks.milvus import CollectionMismatch, MilvusSink, MilvusStore
+from worker.sinks.milvus import CollectionMismatch, MilvusConfigError, MilvusSink, MilvusStore, shown
 from worker.source import KafkaSource
 from worker.visibility import VisibilityProbe
 
@@ -129,7 +129,7 @@ class WorkerApp:
                 ls = self._store.lite_server
                 self.log.info("milvus_lite_server_started", pid=ls.pid, uri=ls.uri, db=ls.data_dir)
             if self._store.writer is not None:
-                self.log.info("milvus_writer_started", pid=self._store.writer.pid, uri=self._store.writer.uri)
+                self.log.info("milvus_writer_started", pid=self._store.writer.pid, uri=shown(self._store.writer.uri))
         self.store = self._store
         # A dimension / model_version mismatch raises CollectionMismatch here: a clear startup error.
         self.collection = self.store.ensure(enc.dim, enc.model_version, collection=self._collection,
@@ -166,10 +166,8 @@ class WorkerApp:
         self._opened.append(self._close_source)
         self.probe = None
         if s.milvus.visibility_probe:
-            mv = s.milvus
-            self.probe = VisibilityProbe(self.store.client_uri, self.collection,
-                                         token=mv.token.get_secret_value() if mv.token else None, db_name=mv.db_name,
-                                         consistency_level=mv.read_consistency, metrics=self.metrics, log=self.log)
+            self.probe = VisibilityProbe(self.store, self.collection, consistency_level=s.milvus.read_consistency,
+                                         metrics=self.metrics, log=self.log)
             self._opened.append(self.probe.close)
         r = s.retry
         self.checkpoint = Checkpoint(commit=self.source.commit, ownership=self.ownership,
@@ -293,6 +291,10 @@ class WorkerApp:
         except CollectionMismatch as e:
             self.log.error("collection_mismatch", error=str(e))
             rc, self.exit_reason = 2, f"collection mismatch: {e}"
+        except MilvusConfigError as e:  # a TLS file missing, a certificate not trusted: retrying cannot help
+            self.log.error("milvus_config_error", error=str(e), uri=shown(self.s.milvus.uri),
+                           hint="check NOTELLM_MILVUS__URI and the NOTELLM_MILVUS__TLS_* settings")
+            rc, self.exit_reason = 2, f"Milvus configuration: {e}"
         except KafkaSecurityError as e:  # credentials refused / certificate untrusted: retrying cannot help
             e.report(self.log, self.s.kafka.bootstrap_servers, security_protocol=self.s.kafka.security_protocol)
             rc, self.exit_reason = 2, f"Kafka {e.cause}"

@@ -134,6 +134,16 @@ class MilvusSettings(BaseModel):
                                 "(worker/milvus_writer.py), so that pymilvus's request building (~55 µs a row) does "
                                 "not share the worker's GIL: for an embed-only encoder as fast as a GPU's. Needs a "
                                 "server URI or lite_process")
+    # TLS to a Milvus server (its common.security.tlsMode 1 or 2): an https:// uri. Unset, an https:// uri
+    # verifies the server against the system's roots.
+    tls_ca_path: str | None = Field(None, description="https:// uri only: PEM of the CA that signed the server's "
+                                    "certificate (a private CA), instead of the system's roots")
+    tls_server_name: str | None = Field(None, description="https:// uri only: the name the server's certificate is "
+                                        "checked against, when it is not the uri's host (an IP, another alias)")
+    tls_client_cert_path: str | None = Field(None, description="mutual TLS (the server's tlsMode 2): this client's "
+                                             "certificate (PEM); needs tls_client_key_path and tls_ca_path")
+    tls_client_key_path: str | None = Field(None, description="mutual TLS: this client's private key (PEM, "
+                                            "unencrypted)")
 
     @property
     def is_lite(self) -> bool:
@@ -145,6 +155,20 @@ class MilvusSettings(BaseModel):
             raise ValueError("milvus.write_process needs a Milvus server uri (http://host:19530) or "
                              "milvus.lite_process=true: an embedded milvus-lite db cannot be written from another "
                              "process")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> "MilvusSettings":
+        given = [n for n in ("tls_ca_path", "tls_server_name", "tls_client_cert_path", "tls_client_key_path")
+                 if getattr(self, n)]
+        if given and not self.uri.startswith("https://"):
+            raise ValueError(f"milvus.{given[0]} is set but milvus.uri is not https://: TLS to Milvus needs an "
+                             "https://host:port uri")
+        if bool(self.tls_client_cert_path) != bool(self.tls_client_key_path):
+            raise ValueError("milvus.tls_client_cert_path and milvus.tls_client_key_path come together (mutual TLS)")
+        if self.tls_client_cert_path and not self.tls_ca_path:
+            raise ValueError("mutual TLS to Milvus (milvus.tls_client_cert_path) needs milvus.tls_ca_path: the "
+                             "client (pymilvus) verifies the server only against a given CA in that mode")
         return self
 
 
@@ -274,20 +298,16 @@ class Settings(BaseSettings):
         return v
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        elif v is not None:
-            out[k] = v
-    return out
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides without their None values (a CLI flag not given), nested sections included."""
+    return {k: _given(v) if isinstance(v, dict) else v for k, v in overrides.items() if v is not None}
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from env (`NOTELLM_*`), then CLI overrides (nested dict; None values are ignored)."""
-    from_env = Settings().model_dump()
-    return Settings.model_validate(_deep_merge(from_env, overrides or {}))
+    """Settings from env (`NOTELLM_*`) and CLI overrides (nested dict; None values are ignored), the
+    overrides winning. Validated once, together: a check across settings sees the flags' values (e.g.
+    NOTELLM_MILVUS__TLS_CA_PATH from the environment with `--milvus-uri https://...`)."""
+    return Settings(**_given(overrides or {}))
 
 
 def settings_error_text(e: Any) -> str:

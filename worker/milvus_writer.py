@@ -121,18 +121,14 @@ class MilvusWriter(PipedChild):
     serialised (one request on the pipe at a time) by the writer's own lock, not the store's: reads on the
     worker's client run beside them."""
 
-    def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
+    def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None, tls=None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
-        from worker.sinks.milvus import GRPC_OPTIONS
+        from worker.sinks.milvus import client_kwargs, shown
 
-        kw: dict[str, Any] = {"uri": uri, "grpc_options": dict(GRPC_OPTIONS)}
-        if token:
-            kw["token"] = token
-        if db_name:
-            kw["db_name"] = db_name
+        kw = client_kwargs(uri, token=token, db_name=db_name, tls=tls)
         self.uri = uri
         self._lock = threading.Lock()
-        super().__init__(_serve, (kw,), name="notellm-milvus-writer", what=f"the Milvus writer process for {uri}",
+        super().__init__(_serve, (kw,), name="notellm-milvus-writer", what=f"the Milvus writer process for {shown(uri)}",
                          error=WriterError, start_timeout_s=start_timeout_s)
 
     def upsert(self, collection: str, rows: list[dict], timeout_s: float) -> None:

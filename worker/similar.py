@@ -36,10 +36,12 @@ def via_http(base: str, note_id: str, k: int, timeout: float = 10.0) -> dict | N
         return None
 
 
-def via_milvus(uri: str, collection: str, note_id: str, k: int) -> dict:
-    from worker.sinks.milvus import MilvusStore
+def via_milvus(m, note_id: str, k: int) -> dict:
+    """The answer read from the Milvus `m` (the worker's `MilvusSettings`: address, credentials, TLS)."""
+    from worker.sinks.milvus import MilvusStore, MilvusTLS
 
-    store = MilvusStore(uri, alias=collection)
+    store = MilvusStore(m.uri, token=m.token.get_secret_value() if m.token else None, db_name=m.db_name,
+                        alias=m.collection, timeout_s=m.timeout_s, tls=MilvusTLS.from_settings(m))
     try:
         return store.similar(note_id, k)
     finally:
@@ -68,7 +70,7 @@ def run(args) -> int:
         # (any number of readers), unless a worker URL was given explicitly.
         ans = via_http(base, args.note_id, args.k) if (s.milvus.is_lite or args.url) else None
         if ans is None:
-            ans = via_milvus(s.milvus.uri, s.milvus.collection, args.note_id, args.k)
+            ans = via_milvus(s.milvus, args.note_id, args.k)
     except KeyError:
         print(f"notellm similar: note {args.note_id!r} is not in the collection", file=sys.stderr)
         return 1

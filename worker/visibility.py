@@ -18,11 +18,10 @@ from worker.sinks.milvus import MilvusStore
 
 
 class VisibilityProbe:
-    def __init__(self, uri: str, collection: str, *, token: str | None = None, db_name: str | None = None,
-                 consistency_level: str = "Bounded", metrics=None, interval_s: float = 0.05,
-                 give_up_s: float = 60.0, min_gap_s: float = 1.0, log=None) -> None:
-        self.store = MilvusStore(uri, token=token, db_name=db_name, alias=collection, timeout_s=5.0,
-                                 consistency_level=consistency_level)
+    def __init__(self, store: MilvusStore, collection: str, *, consistency_level: str = "Bounded", metrics=None,
+                 interval_s: float = 0.05, give_up_s: float = 60.0, min_gap_s: float = 1.0, log=None) -> None:
+        # a client of its own on the worker's Milvus (address, credentials, TLS), reading as readers do
+        self.store = store.reader(collection, consistency_level=consistency_level, timeout_s=5.0)
         self.metrics = metrics
         self.interval_s = interval_s
         self.give_up_s = give_up_s

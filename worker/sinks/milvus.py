@@ -8,6 +8,10 @@ at `consistency_level` (default "Strong": see MilvusStore).
 One store may be shared by several sinks in one process (milvus-lite locks its db to one process);
 calls are serialised by `lock`. `reachable()` never waits more than ~0.1 s for it, `similar()` a few
 seconds (then `StoreBusy`).
+Every Milvus client takes its arguments from `client_kwargs()`: the same address, credentials, gRPC
+options and TLS (`MilvusTLS`: a private CA, a server name, mutual TLS) for the store, the writer process
+and the visibility probe. `open_client()` makes the store's: TLS that cannot work is a `MilvusConfigError`
+naming why (not retried).
 
 Data never becomes code: a filter naming ids is built only by `id_filter()`, which escapes every id
 into a string literal that both expression parsers in use read back as exactly that id (see there).
@@ -20,6 +24,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -58,6 +63,146 @@ OVERDUE_GRACE_S = 5.0    # reachable(): a call holding the lock longer than its 
 # (bench/reconnect.py, a relay cut, calls retried throughout: 2.3-24.8 s; 0.2-4.0 s with this cap), while
 # the sink's own retry waits at most NOTELLM_RETRY__MAX_WAIT_S (5 s).
 GRPC_OPTIONS = {"grpc.max_reconnect_backoff_ms": 5000}
+
+
+class MilvusConfigError(ValueError):
+    """Milvus cannot be reached as configured, and retrying cannot help: a TLS file missing or not PEM, the
+    server's certificate not trusted or not for that name, this client's certificate refused."""
+
+
+@dataclass(frozen=True)
+class MilvusTLS:
+    """TLS to a Milvus server beyond what an https:// uri does by itself (verify the server against the
+    system's roots): a private CA (`ca_path`), another name to check the certificate against
+    (`server_name`), a client certificate for mutual TLS (`client_cert_path` + `client_key_path`, with
+    `ca_path`). Every path is PEM."""
+    ca_path: str | None = None
+    server_name: str | None = None
+    client_cert_path: str | None = None
+    client_key_path: str | None = None
+
+    @classmethod
+    def from_settings(cls, m: Any) -> "MilvusTLS | None":
+        """The TLS `m` (the worker's `MilvusSettings`) configures; None without any TLS setting."""
+        t = cls(m.tls_ca_path, m.tls_server_name, m.tls_client_cert_path, m.tls_client_key_path)
+        return t if any((t.ca_path, t.server_name, t.client_cert_path, t.client_key_path)) else None
+
+    def check_files(self) -> None:
+        """MilvusConfigError naming the setting when a file is missing, unreadable or not PEM (gRPC would
+        only say that the server is unavailable)."""
+        for setting, path, marker in (("tls_ca_path", self.ca_path, b"CERTIFICATE"),
+                                      ("tls_client_cert_path", self.client_cert_path, b"CERTIFICATE"),
+                                      ("tls_client_key_path", self.client_key_path, b"PRIVATE KEY")):
+            if not path:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(1 << 20)
+            except OSError as e:
+                raise MilvusConfigError(f"milvus.{setting}: cannot read {path}: {e.strerror or e}") from None
+            if b"-----BEGIN" not in head or marker not in head:
+                raise MilvusConfigError(f"milvus.{setting}: {path} holds no PEM {marker.decode().lower()}")
+
+    def client_kwargs(self) -> dict[str, str]:
+        """pymilvus's names: one-way TLS takes the CA as `server_pem_path`; mutual TLS takes it as
+        `ca_pem_path` beside the client's pair (pymilvus reads the client pair only without
+        `server_pem_path`)."""
+        kw: dict[str, str] = {}
+        if self.server_name:
+            kw["server_name"] = self.server_name
+        if self.client_cert_path:
+            kw.update(ca_pem_path=self.ca_path or "", client_pem_path=self.client_cert_path,
+                      client_key_path=self.client_key_path or "")
+        elif self.ca_path:
+            kw["server_pem_path"] = self.ca_path
+        return kw
+
+    def describe(self) -> str:
+        parts = [f"CA {self.ca_path}" if self.ca_path else "the system's CAs"]
+        if self.server_name:
+            parts.append(f"name {self.server_name}")
+        if self.client_cert_path:
+            parts.append(f"client certificate {self.client_cert_path}")
+        return ", ".join(parts)
+
+
+def shown(uri: str) -> str:
+    """`uri` fit for logs and messages: without user:password@ (pymilvus takes credentials in the uri too)."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1***@", uri, flags=re.IGNORECASE)
+
+
+def client_kwargs(uri: str, *, token: str | None = None, db_name: str | None = None,
+                  tls: MilvusTLS | None = None) -> dict[str, Any]:
+    """MilvusClient's keyword arguments for `uri`: the same for every client of one store (the store's own,
+    the writer process's, the visibility probe's)."""
+    kw: dict[str, Any] = {"uri": uri, "grpc_options": dict(GRPC_OPTIONS)}
+    if token:
+        kw["token"] = token
+    if db_name:
+        kw["db_name"] = db_name
+    if tls is not None:
+        kw.update(tls.client_kwargs())
+    return kw
+
+
+def open_client(uri: str, *, token: str | None = None, db_name: str | None = None,
+                tls: MilvusTLS | None = None):
+    """A MilvusClient of `uri` (pymilvus connects here). MilvusConfigError when the TLS settings cannot work:
+    a file missing or not PEM, TLS settings without an https:// uri, a failed handshake (`tls_problem`)."""
+    from pymilvus import MilvusClient
+
+    if tls is not None and not uri.startswith("https://"):
+        raise MilvusConfigError(f"TLS settings ({tls.describe()}) need an https:// Milvus uri, not {shown(uri)!r}")
+    if tls is not None:
+        tls.check_files()
+    try:
+        return MilvusClient(**client_kwargs(uri, token=token, db_name=db_name, tls=tls))
+    except Exception as e:
+        problem = tls_problem(uri, tls) if uri.startswith("https://") else None
+        if problem is not None:
+            raise MilvusConfigError(f"Milvus at {shown(uri)}: {problem}") from e
+        raise
+
+
+def tls_problem(uri: str, tls: MilvusTLS | None, timeout_s: float = 5.0) -> str | None:
+    """Why a TLS handshake with the server at https:// `uri` fails, as configured (the certificate not
+    trusted, not for the name, this client's certificate refused); None when it succeeds or when the server
+    cannot be reached at all (that is not a TLS problem). gRPC logs the handshake's error only to stderr and
+    tells pymilvus "server unavailable", so after a failed connect the store asks here."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    u = urlsplit(uri)
+    if u.scheme != "https" or not u.hostname:
+        return None
+    tls = tls or MilvusTLS()
+    ctx = ssl.create_default_context(cafile=tls.ca_path or None)
+    ctx.set_alpn_protocols(["h2"])  # gRPC's servers may refuse a handshake without it
+    if tls.client_cert_path:
+        ctx.load_cert_chain(tls.client_cert_path, tls.client_key_path)
+    try:
+        with socket.create_connection((u.hostname, u.port or 443), timeout=timeout_s) as raw:
+            with ctx.wrap_socket(raw, server_hostname=tls.server_name or u.hostname) as t:
+                # TLS 1.3: a server that refuses this client's certificate says so after the handshake
+                t.settimeout(min(timeout_s, 1.0))
+                try:
+                    t.recv(1)
+                except (TimeoutError, socket.timeout):
+                    pass
+    except ssl.SSLCertVerificationError as e:
+        return f"the server's certificate was not accepted: {e.verify_message} (checked against " \
+               f"{tls.describe()})"
+    except ssl.SSLError as e:
+        why = str(e.reason or e)
+        if "ALERT" in why and "CERTIFICATE" in why:  # the server's alert: this client's certificate
+            why += (" (the server refused this client's certificate, " + tls.client_cert_path + ")"
+                    if tls.client_cert_path else " (the server asks for a client certificate: mutual TLS "
+                    "needs milvus.tls_client_cert_path and milvus.tls_client_key_path)")
+        return f"the TLS handshake failed: {why}"
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class CollectionMismatch(RuntimeError):
@@ -261,13 +406,12 @@ class MilvusStore:
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong",
-                 lite_process: bool = False, write_process: bool = False) -> None:
-        from pymilvus import MilvusClient
-
+                 lite_process: bool = False, write_process: bool = False, tls: MilvusTLS | None = None) -> None:
         if consistency_level not in CONSISTENCY_LEVELS:
             raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, "
                              f"got {consistency_level!r}")
         self.uri = uri
+        self._token, self._db_name = token, db_name
         self.alias = alias
         self.timeout_s = timeout_s
         self.consistency_level = consistency_level
@@ -275,26 +419,21 @@ class MilvusStore:
         if write_process and self.is_lite and not lite_process:
             raise ValueError("write_process needs a Milvus server URI or lite_process: an embedded milvus-lite db "
                              "belongs to this process and cannot be written from another")
+        self.tls = tls
         self.lite_server = None
         self.writer = None
-        kw: dict[str, Any] = {"uri": uri, "grpc_options": dict(GRPC_OPTIONS)}
         if self.is_lite:
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
             if lite_process:
                 from worker.lite_server import LiteServer
 
                 self.lite_server = LiteServer(uri)
-                kw["uri"] = self.lite_server.uri
-        if token:
-            kw["token"] = token
-        if db_name:
-            kw["db_name"] = db_name
         try:
-            self.client = MilvusClient(**kw)
+            self.client = open_client(self.client_uri, token=token, db_name=db_name, tls=tls)
             if write_process:
                 from worker.milvus_writer import MilvusWriter
 
-                self.writer = MilvusWriter(kw["uri"], token=token, db_name=db_name)
+                self.writer = MilvusWriter(self.client_uri, token=token, db_name=db_name, tls=tls)
         except BaseException:
             if self.lite_server is not None:
                 self.lite_server.close()
@@ -309,7 +448,13 @@ class MilvusStore:
         """The store `m` (the worker's `MilvusSettings`) configures: the worker's and the backfill's."""
         return cls(m.uri, token=m.token.get_secret_value() if m.token else None, db_name=m.db_name,
                    alias=m.collection, timeout_s=m.timeout_s, lite_process=m.lite_process,
-                   write_process=m.write_process)
+                   write_process=m.write_process, tls=MilvusTLS.from_settings(m))
+
+    def reader(self, alias: str, *, consistency_level: str, timeout_s: float) -> "MilvusStore":
+        """Another store on the same Milvus with a client of its own (the same address, credentials and
+        TLS), reading `alias` at `consistency_level`: the visibility probe's."""
+        return MilvusStore(self.client_uri, token=self._token, db_name=self._db_name, alias=alias,
+                           timeout_s=timeout_s, consistency_level=consistency_level, tls=self.tls)
 
     @property
     def client_uri(self) -> str:
