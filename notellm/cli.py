@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -36,6 +37,10 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gRPC's C core (pymilvus's transport) writes its own INFO lines to stderr, e.g. each failed TLS
+    # handshake, between the JSON log lines; errors reach the logs through pymilvus's exceptions. Set
+    # GRPC_VERBOSITY yourself to see them. Before anything imports grpc (child processes inherit it).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):

@@ -245,6 +245,7 @@ def test_the_worker_exits_2_with_one_line_naming_the_cause(kafka_bootstrap, tls_
     assert [e["event"] for e in errors] == ["milvus_config_error"], errors
     assert "not accepted" in errors[0]["error"] and "client.pem" in errors[0]["error"]
     assert "Traceback" not in p.stderr + p.stdout
+    assert all(x.startswith("{") for x in p.stderr.splitlines()), p.stderr  # gRPC's own lines kept out of the logs
 
 
 @pytest.mark.parametrize("given, says", [
