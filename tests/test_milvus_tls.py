@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,33 +20,18 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import _free_port_block
 from tests.test_worker_e2e import settings_for, topics  # noqa: F401 - fixture
 from tests.worker_support import encoder, tiny_dir  # noqa: F401 - fixtures
+from tests.test_milvus_sink import DIM, MV, _enc, _note
 from tests.worker_support import AppThread, note_doc, produce_notes, tiny_model_dir, wait_committed_to_end
 from worker.config import MilvusSettings
-from tests.test_milvus_sink import DIM, MV, _enc, _note
 from worker.sinks.milvus import MilvusConfigError, MilvusSink, MilvusStore, MilvusTLS
 
 REPO = Path(__file__).resolve().parent.parent
 MILVUS = str(REPO / "scripts" / "milvus")
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free (etcd's client and peer ports)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p < 65000:
-            try:
-                with socket.socket() as s2:
-                    s2.bind(("127.0.0.1", p + 1))
-                return p
-            except OSError:
-                continue
-    raise RuntimeError("no two adjacent free ports")
 
 
 class TLSServers:
@@ -59,8 +43,8 @@ class TLSServers:
         self.uris: dict[int, str] = {}
         # One after the other: two wrappers starting at once race for the coordinators' default ports.
         for mode in (1, 2):
-            args = ["--dir", str(root / f"mode{mode}"), "--port", str(_free_port_pair()),
-                    "--etcd-port", str(_free_port_pair()), "--tls-dir", str(self.certs), "--tls-mode", str(mode)]
+            args = ["--dir", str(root / f"mode{mode}"), "--port", str(_free_port_block(2)),
+                    "--etcd-port", str(_free_port_block(2)), "--tls-dir", str(self.certs), "--tls-mode", str(mode)]
             r = subprocess.run([MILVUS, "start", *args], capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 self.stop()
@@ -107,10 +91,11 @@ def test_the_script_serves_tls_only(tls_servers):
         MilvusStore(tls_servers.uris[1].replace("https://", "http://"), alias="plain")
 
 
-@pytest.mark.parametrize("write_process", [False, True], ids=["in-process", "writer-process"])
-def test_worker_over_tls_with_a_private_ca(kafka_bootstrap, topics, tls_servers, encoder, write_process):
-    """The worker's settings (NOTELLM_MILVUS__TLS_CA_PATH and _SERVER_NAME) reach every client it makes:
-    notes land once each, `similar` answers, the visibility probe (a client of its own) reads them."""
+def test_worker_over_tls_with_a_private_ca(kafka_bootstrap, topics, tls_servers, encoder):
+    """The worker's settings (NOTELLM_MILVUS__TLS_CA_PATH and _SERVER_NAME) reach every client it makes, the
+    writer process's included: notes land once each, `similar` answers, the visibility probe reads them.
+    (The in-process client over TLS: the reader here, `notellm similar` below.)"""
+    write_process = True
     alias = f"notes_{uuid.uuid4().hex[:8]}"
     s = settings_for(kafka_bootstrap, topics, tls_servers.uris[1], model={"generate": "none"},
                      milvus={"collection": alias, "read_consistency": "Bounded", "write_process": write_process,
@@ -180,6 +165,8 @@ CASES = {
     "a key as the CA": (1, {"ca_path": "ca.key"}, "holds no PEM certificate"),
     "a certificate as the key": (2, {"ca_path": "ca.pem", "client_cert_path": "client.pem",
                                      "client_key_path": "client.pem"}, "milvus.tls_client_key_path"),
+    "another certificate's key": (2, {"ca_path": "ca.pem", "client_cert_path": "client.pem",
+                                      "client_key_path": "server.key"}, "do not load together"),
 }
 
 
@@ -224,7 +211,7 @@ def test_a_tls_misconfiguration_is_named_within_seconds(misconfigured, case):
 
 def test_an_unreachable_tls_server_is_not_a_config_error(tls_servers):
     """Nothing listens: pymilvus's own error (the worker exits 1 and is restarted), not a TLS diagnosis."""
-    port = _free_port_pair()
+    port = _free_port_block(1)
     with pytest.raises(Exception) as e:
         MilvusStore(f"https://127.0.0.1:{port}", alias="never", tls=tls_servers.tls())
     assert not isinstance(e.value, MilvusConfigError)

@@ -177,10 +177,17 @@ def tls_problem(uri: str, tls: MilvusTLS | None, timeout_s: float = 5.0) -> str 
     if u.scheme != "https" or not u.hostname:
         return None
     tls = tls or MilvusTLS()
-    ctx = ssl.create_default_context(cafile=tls.ca_path or None)
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_path or None)
+    except ssl.SSLError as e:
+        return f"the CA file {tls.ca_path} does not load: {e.reason or e}"
     ctx.set_alpn_protocols(["h2"])  # gRPC's servers may refuse a handshake without it
     if tls.client_cert_path:
-        ctx.load_cert_chain(tls.client_cert_path, tls.client_key_path)
+        try:
+            ctx.load_cert_chain(tls.client_cert_path, tls.client_key_path)
+        except ssl.SSLError as e:
+            return (f"this client's certificate {tls.client_cert_path} and key {tls.client_key_path} do not "
+                    f"load together: {e.reason or e}")
     try:
         with socket.create_connection((u.hostname, u.port or 443), timeout=timeout_s) as raw:
             with ctx.wrap_socket(raw, server_hostname=tls.server_name or u.hostname) as t:
