@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     from pydantic import ValidationError
 
-    from worker.sinks.milvus import MilvusConfigError
+    from worker.sinks.milvus import MilvusConfigError, MilvusUnreachable
 
     try:
         return int(module.run(args) or 0)
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except MilvusConfigError as e:  # a TLS file missing, a certificate not trusted: retrying cannot help
         print(f"notellm {name}: {e} (check NOTELLM_MILVUS__URI and NOTELLM_MILVUS__TLS_*)", file=sys.stderr)
         return 2
+    except MilvusUnreachable as e:  # e.g. `backfill` started while Milvus is down: its Job retries
+        print(f"notellm {name}: {e} (is it running? check NOTELLM_MILVUS__URI)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

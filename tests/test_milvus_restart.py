@@ -66,3 +66,44 @@ def test_milvus_server_restart_mid_run_loses_nothing(kafka_bootstrap, topics, tm
         if t.alive():
             t.stop()
         _milvus("stop", "--dir", str(tmp_path / "milvus"))
+
+
+def test_a_worker_started_while_milvus_is_down_waits_and_starts_when_it_answers(kafka_bootstrap, topics,
+                                                                                 milvus_server_backend):
+    """No Milvus answers at start-up (a relay in front of the shared server, cut): the worker does not exit
+    into a crash loop's back-off. It logs `milvus_unreachable` and tries again every few seconds, not
+    started; within seconds of Milvus answering it starts and stores the notes waiting in the topic."""
+    import structlog
+
+    from bench.relay import Relay
+
+    proxy = Relay(milvus_server_backend.uri)
+    resume = proxy.cut()
+    s = settings_for(kafka_bootstrap, topics, proxy.uri, model={"generate": "none"},
+                     retry={"initial_s": 0.2, "max_wait_s": 1.0, "budget_s": 60},
+                     milvus={"collection": milvus_server_backend.alias, "timeout_s": 5})
+    ids = produce_notes(kafka_bootstrap, topics["notes"], [note_doc(i) for i in range(20)])
+    with structlog.testing.capture_logs() as logs:
+        app = WorkerApp(s, encoder=FakeEncoder(dim=16))
+        t = AppThread(app)
+        try:
+            time.sleep(4)
+            waiting = [e for e in logs if e["event"] == "milvus_unreachable"]
+            assert t.alive() and not app.started and len(waiting) >= 3, [e["event"] for e in logs]
+            assert "no Milvus answered at " + proxy.uri in waiting[-1]["error"]
+            resume()
+            back = time.monotonic()
+            while not app.started:
+                assert t.alive() and time.monotonic() - back < 15, "the worker did not start after Milvus was back"
+                time.sleep(0.1)
+            wait_committed_to_end(kafka_bootstrap, s.kafka.group_id, topics["notes"], timeout=60, alive=t.alive)
+            assert t.stop() == 0
+        finally:
+            if t.alive():
+                t.stop()
+            proxy.close()
+    store = milvus_server_backend.store()
+    try:
+        assert sorted(store.all_ids()) == sorted(ids)
+    finally:
+        store.close()

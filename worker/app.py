@@ -35,7 +35,7 @@ from worker.ownership import Ownership
 from worker.pipeline import Pipeline
 from worker.records import Batch, Note
 from worker.sinks.kafka import DeadLetterSink, TagsSink
-from worker.sinks.milvus import CollectionMismatch, MilvusConfigError, MilvusSink, MilvusStore, shown
+from worker.sinks.milvus import CollectionMismatch, MilvusConfigError, MilvusSink, MilvusStore, MilvusUnreachable, shown
 from worker.source import KafkaSource
 from worker.visibility import VisibilityProbe
 
@@ -113,6 +113,27 @@ class WorkerApp:
         if self._stop.is_set():
             raise StartupInterrupted()
 
+    def _open_store(self) -> MilvusStore:
+        """The configured store, once Milvus answers. While none answers at the address (a Milvus restart
+        or upgrade, a pod that starts first), wait and try again, every NOTELLM_RETRY__INITIAL_S doubling
+        to NOTELLM_RETRY__MAX_WAIT_S, one `milvus_unreachable` warning each, until it answers or a stop
+        is requested: back within seconds of Milvus, not after a crash loop's back-off (up to 5 min).
+        The startup probe bounds the wait. A configuration that cannot work (MilvusConfigError) is not
+        retried."""
+        s, r = self.s, self.s.retry
+        wait, t0, attempt = r.initial_s, time.monotonic(), 0
+        while True:
+            self._check_stop()
+            try:
+                return MilvusStore.from_settings(s.milvus)
+            except MilvusUnreachable as e:
+                attempt += 1
+                self.log.warning("milvus_unreachable", error=str(e), attempt=attempt,
+                                 waited_s=round(time.monotonic() - t0, 1), retry_in_s=round(wait, 1))
+                if self._stop.wait(wait):
+                    raise StartupInterrupted() from None
+                wait = min(wait * 2, r.max_wait_s)
+
     def start(self) -> None:
         s, k = self.s, self.s.kafka
         self._check_stop()
@@ -123,7 +144,7 @@ class WorkerApp:
         enc = self.encoder = self._encoder
         self._check_stop()
         if self._store is None:
-            self._store = MilvusStore.from_settings(s.milvus)
+            self._store = self._open_store()
             self._opened.append(self._store.close)
             if self._store.lite_server is not None:
                 ls = self._store.lite_server

@@ -6,7 +6,8 @@ flight, flushes, commits and exits 0 (1 when the final commit failed or the drai
 sink that stays down past its retry budget, or an encoder whose restarts are spent, exits 1 without
 committing (the batch is re-read on restart); a collection built for another model exits 2, and so does
 Kafka refusing the credentials or a broker certificate the configured CA does not verify (one
-`kafka_security_error` line naming the cause, within seconds, not retried).
+`kafka_security_error` line naming the cause, within seconds, not retried), and Milvus TLS that cannot
+work (`milvus_config_error`). A Milvus that does not answer at start-up is waited for (`milvus_unreachable`).
 SIGTERM/SIGINT are handled from the first moment (start-up included): they set one stop event that
 every command checks."""
 from __future__ import annotations

@@ -63,11 +63,17 @@ OVERDUE_GRACE_S = 5.0    # reachable(): a call holding the lock longer than its 
 # (bench/reconnect.py, a relay cut, calls retried throughout: 2.3-24.8 s; 0.2-4.0 s with this cap), while
 # the sink's own retry waits at most NOTELLM_RETRY__MAX_WAIT_S (5 s).
 GRPC_OPTIONS = {"grpc.max_reconnect_backoff_ms": 5000}
+CONNECT_FAILED = 2       # pymilvus's Status.CONNECT_FAILED: a client's first connection got no answer
 
 
 class MilvusConfigError(ValueError):
     """Milvus cannot be reached as configured, and retrying cannot help: a TLS file missing or not PEM, the
     server's certificate not trusted or not for that name, this client's certificate refused."""
+
+
+class MilvusUnreachable(ConnectionError):
+    """No Milvus answered at the configured address (nothing listens, or the network does not get there):
+    a client could not be made. Transient: the worker waits for it at start-up."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,9 @@ def open_client(uri: str, *, token: str | None = None, db_name: str | None = Non
         problem = tls_problem(uri, tls) if uri.startswith("https://") else None
         if problem is not None:
             raise MilvusConfigError(f"Milvus at {shown(uri)}: {problem}") from e
+        if getattr(e, "code", None) == CONNECT_FAILED:
+            # (not pymilvus's message: it names the address with any user:password in the uri)
+            raise MilvusUnreachable(f"no Milvus answered at {shown(uri)}") from e
         raise
 
 
