@@ -89,6 +89,11 @@ def test_the_script_serves_tls_only(tls_servers):
     assert all(u.startswith("https://127.0.0.1:") for u in tls_servers.uris.values())
     with pytest.raises(MilvusUnreachable, match="no Milvus answered at http://"):
         MilvusStore(tls_servers.uris[1].replace("https://", "http://"), alias="plain")
+    for args, says in ((["--tls-dir", "/nonexistent"], "no TLS directory /nonexistent"),
+                       (["--tls-mode", "2"], "--tls-mode needs --tls-dir"),
+                       (["--tls-dir", str(tls_servers.certs), "--tls-mode", "3"], "--tls-mode is 1 or 2")):
+        r = subprocess.run([MILVUS, "status", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
 
 
 def test_worker_over_tls_with_a_private_ca(kafka_bootstrap, topics, tls_servers, encoder):
