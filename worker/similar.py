@@ -38,10 +38,9 @@ def via_http(base: str, note_id: str, k: int, timeout: float = 10.0) -> dict | N
 
 def via_milvus(m, note_id: str, k: int) -> dict:
     """The answer read from the Milvus `m` (the worker's `MilvusSettings`: address, credentials, TLS)."""
-    from worker.sinks.milvus import MilvusStore, MilvusTLS
+    from worker.sinks.milvus import MilvusStore, connection_of
 
-    store = MilvusStore(m.uri, token=m.token.get_secret_value() if m.token else None, db_name=m.db_name,
-                        alias=m.collection, timeout_s=m.timeout_s, tls=MilvusTLS.from_settings(m))
+    store = MilvusStore(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s)
     try:
         return store.similar(note_id, k)
     finally:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.config import load_settings
     from worker.kafka_log import KafkaSecurityError, routed
     from worker.logs import configure_logging, get_logger
-    from worker.sinks.milvus import MilvusTLS, open_client
+    from worker.sinks.milvus import connection_of, open_client
 
     s = load_settings({"kafka": {"bootstrap_servers": args.bootstrap}, "milvus": {"uri": args.milvus_uri}})
     configure_logging(s.log.format, s.log.level)
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if s.milvus.is_lite:
         Path(s.milvus.uri).parent.mkdir(parents=True, exist_ok=True)
-    client = open_client(s.milvus.uri, token=s.milvus.token.get_secret_value() if s.milvus.token else None,
-                         db_name=s.milvus.db_name, tls=MilvusTLS.from_settings(s.milvus))
+    client = open_client(s.milvus.uri, **connection_of(s.milvus))
     name = "notellm_smoke"
     if client.has_collection(name):
         client.drop_collection(name)

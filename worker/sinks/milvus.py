@@ -137,6 +137,13 @@ def shown(uri: str) -> str:
     return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1***@", uri, flags=re.IGNORECASE)
 
 
+def connection_of(m: Any) -> dict[str, Any]:
+    """How to reach the Milvus of `m` (the worker's `MilvusSettings`) beside its uri: the token, the database
+    and the TLS, as keyword arguments of `MilvusStore` and `open_client`."""
+    return {"token": m.token.get_secret_value() if m.token else None, "db_name": m.db_name,
+            "tls": MilvusTLS.from_settings(m)}
+
+
 def client_kwargs(uri: str, *, token: str | None = None, db_name: str | None = None,
                   tls: MilvusTLS | None = None) -> dict[str, Any]:
     """MilvusClient's keyword arguments for `uri`: the same for every client of one store (the store's own,
@@ -462,9 +469,8 @@ class MilvusStore:
     @classmethod
     def from_settings(cls, m: Any) -> "MilvusStore":
         """The store `m` (the worker's `MilvusSettings`) configures: the worker's and the backfill's."""
-        return cls(m.uri, token=m.token.get_secret_value() if m.token else None, db_name=m.db_name,
-                   alias=m.collection, timeout_s=m.timeout_s, lite_process=m.lite_process,
-                   write_process=m.write_process, tls=MilvusTLS.from_settings(m))
+        return cls(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s,
+                   lite_process=m.lite_process, write_process=m.write_process)
 
     def reader(self, alias: str, *, consistency_level: str, timeout_s: float) -> "MilvusStore":
         """Another store on the same Milvus with a client of its own (the same address, credentials and
