@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "validate-manifests"
 VENV_PY = REPO / ".local" / "venv-validate" / "bin" / "python"
 DASHBOARD = REPO / "deploy" / "components" / "monitoring" / "grafana-dashboard.json"
-WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc", "gpu-secured")
-JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill", "gpu-secured-backfill")
-GPU_OVERLAYS = ("gpu", "gpu-backfill", "gpu-secured", "gpu-secured-backfill")
-SECURED_OVERLAYS = ("gpu-secured", "gpu-secured-backfill")  # Kafka over SASL_SSL, Milvus over TLS
+WORKER_OVERLAYS = ("cpu", "gpu", "cpu-model-pvc", "gpu-secured", "gpu-secured-mtls")
+JOB_OVERLAYS = ("cpu-backfill", "gpu-backfill", "gpu-secured-backfill", "gpu-secured-mtls-backfill")
+GPU_OVERLAYS = ("gpu", "gpu-backfill", "gpu-secured", "gpu-secured-backfill", "gpu-secured-mtls",
+                "gpu-secured-mtls-backfill")
+MTLS_OVERLAYS = ("gpu-secured-mtls", "gpu-secured-mtls-backfill")  # ... and mutual TLS to Milvus
+SECURED_OVERLAYS = ("gpu-secured", "gpu-secured-backfill", *MTLS_OVERLAYS)  # Kafka over SASL_SSL, Milvus over TLS
 # librdkafka's sasl.mechanism -> the name KEDA's kafka scaler gives it (its `sasl` parameter)
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
              "GSSAPI": "gssapi", "OAUTHBEARER": "oauthbearer"}
@@ -331,17 +333,49 @@ def test_secured_overlay_gives_the_worker_the_backfill_and_keda_one_set_of_crede
         assert data["NOTELLM_MILVUS__URI"].startswith("http://"), name
 
 
-def _mounted_secret_file(rendered, path: str) -> tuple[str, str]:
-    """The (Secret, key) that every workload of the secured overlays mounts read-only (mode 0444) at `path`."""
+def test_mtls_overlay_gives_the_worker_and_the_backfill_one_client_pair_readable_by_the_pod_only(rendered,
+                                                                                              monkeypatch):
+    from worker.sinks.milvus import MilvusTLS
+
+    cm = one(rendered["gpu-secured-mtls"], "ConfigMap", "notellm-worker")["data"]
+    s = _settings_from(monkeypatch, {**cm, **_container_env(one(rendered["gpu-secured-mtls"], "Deployment")
+                                                            ["spec"]["template"]["spec"]["containers"][0])})
+    tls = MilvusTLS.from_settings(s.milvus)
+    assert tls == MilvusTLS(ca_path=cm["NOTELLM_MILVUS__TLS_CA_PATH"],
+                            client_cert_path=cm["NOTELLM_MILVUS__TLS_CLIENT_CERT_PATH"],
+                            client_key_path=cm["NOTELLM_MILVUS__TLS_CLIENT_KEY_PATH"])
+    assert s.milvus.uri.startswith("https://")
+    # the pair: one Secret, group-readable (0440) by the pod's fsGroup, which is the worker's own group
+    assert _mounted_secret_file(rendered, tls.client_cert_path, MTLS_OVERLAYS, 0o440) == (
+        "notellm-milvus-client", "tls.crt")
+    assert _mounted_secret_file(rendered, tls.client_key_path, MTLS_OVERLAYS, 0o440) == (
+        "notellm-milvus-client", "tls.key")
+    assert _mounted_secret_file(rendered, tls.ca_path, MTLS_OVERLAYS) == ("notellm-milvus-ca", "ca.crt")
+    for name in MTLS_OVERLAYS:
+        for w in workloads(rendered[name]):
+            pod = w["spec"]["template"]["spec"]["securityContext"]
+            assert pod["fsGroup"] == pod["runAsGroup"] and pod["runAsUser"] != 0, name
+    # the other overlays present no client certificate
+    for name in set(WORKER_OVERLAYS) - set(MTLS_OVERLAYS):
+        data = one(rendered[name], "ConfigMap", "notellm-worker")["data"]
+        assert not any(k.startswith("NOTELLM_MILVUS__TLS_CLIENT") for k in data), name
+    for name in set(rendered) - set(MTLS_OVERLAYS):
+        for w in workloads(rendered[name]):
+            assert "milvus-client" not in {v["name"] for v in w["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def _mounted_secret_file(rendered, path: str, overlays=SECURED_OVERLAYS, mode: int = 0o444) -> tuple[str, str]:
+    """The (Secret, key) that every workload of `overlays` mounts read-only with `mode` (default 0444, readable
+    by everyone) at `path`."""
     refs = set()
-    for name in SECURED_OVERLAYS:
+    for name in overlays:
         for w in workloads(rendered[name]):
             spec = w["spec"]["template"]["spec"]
             (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
             assert mount["readOnly"] is True, name
             (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
             (item,) = [i for i in vol["secret"]["items"] if i["path"] == path[len(mount["mountPath"]) + 1:]]
-            assert vol["secret"]["defaultMode"] == 0o444, name  # read-only for everyone, not YAML's decimal 444
+            assert vol["secret"]["defaultMode"] == mode, name  # octal, not YAML's decimal 444
             refs.add((vol["secret"]["secretName"], item["key"]))
     (ref,) = refs
     return ref
