@@ -68,8 +68,8 @@ class TLSServers:
 
 @pytest.fixture(scope="module")
 def tls_servers(tmp_path_factory, kafka_bootstrap):
-    # The broker first: a Milvus wrapper takes the first free health port from 9091 up, and a third server
-    # (with the shared one) would take the broker's 9092 if the broker were not listening yet.
+    # The broker first (scripts/milvus now starts each server's health-port search at its gRPC port + 100,
+    # away from the broker's 9092, where the wrapper's own 9091 walked up to; kept as a second guard).
     servers = TLSServers(tmp_path_factory.mktemp("milvus-tls"))
     yield servers
     servers.stop()
