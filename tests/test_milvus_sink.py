@@ -416,6 +416,53 @@ def test_similar_bounds_k_and_reports_absent_notes(store):
     assert ans["note"]["category"] is None and [h["note_id"] for h in ans["neighbours"]] == ["n2"]
 
 
+def test_similar_searches_with_the_settings_ef_raised_to_k(milvus_backend):
+    """NOTELLM_MILVUS__SEARCH_EF reaches the search (HNSW's candidate list on a server, and milvus-lite's
+    faiss HNSW), raised to k+1 when smaller; 0 leaves Milvus's default; the answers stay the exact top-k."""
+    from worker.config import MilvusSettings
+
+    m = MilvusSettings(uri=milvus_backend.uri, collection=milvus_backend.alias)
+    assert m.search_ef == 128
+    vecs = np.stack([_vec(i) for i in range(30)])
+    s = MilvusStore.from_settings(m.model_copy(update={"search_ef": 8}))
+    try:
+        assert s.search_ef == 8
+        coll = s.ensure(DIM, MV)
+        sink = MilvusSink(s, coll)
+        sink.add(_enc([_note(f"n{i}") for i in range(30)], vecs))
+        assert sink.flush() == []
+        seen = []
+        real = s.client.search
+
+        def spy(*a, **kw):
+            seen.append(kw.get("search_params"))
+            return real(*a, **kw)
+
+        s.client.search = spy
+        sims = vecs[1] @ vecs.T
+        exact = [f"n{i}" for i in np.argsort(-sims) if i != 1]
+        for k, ef in ((5, 8), (20, 21)):
+            ans = s.similar("n1", k)
+            assert seen[-1] == {"params": {"ef": ef}}
+            assert [h["note_id"] for h in ans["neighbours"]] == exact[:k]
+        r = s.reader(s.alias, consistency_level="Strong", timeout_s=10)
+        try:
+            assert r.search_ef == 8 and r.search_kwargs(11) == {"search_params": {"params": {"ef": 11}}}
+        finally:
+            r.close()
+    finally:
+        s.close()
+    d = MilvusStore.from_settings(m.model_copy(update={"search_ef": 0}))
+    try:
+        assert d.search_ef is None and d.search_kwargs(11) == {}
+        assert [h["note_id"] for h in d.similar("n1", 5, coll)["neighbours"]] == exact[:5]
+    finally:
+        d.close()
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="search_ef"):
+            MilvusStore(milvus_backend.uri, alias=milvus_backend.alias, search_ef=bad)
+
+
 # -- the model guard and the alias -------------------------------------------------------------------
 def test_the_collection_guards_its_model_and_the_alias_switches_to_a_backfilled_one(milvus_backend):
     from worker.sinks.milvus import CollectionMismatch, physical_name

@@ -126,6 +126,10 @@ class MilvusSettings(BaseModel):
     read_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
         "Bounded", description="the level the readers search with; the freshness probe reads new notes at it "
                                "(notellm_visible_seconds)")
+    search_ef: int = Field(128, ge=0, le=32768, description="the HNSW candidate list `/similar` and `notellm "
+                           "similar` search with (a server's HNSW index; milvus-lite's AUTOINDEX, faiss HNSW), "
+                           "raised to k+1 when smaller; more is better recall and slower. 0: Milvus's default. "
+                           "Recall and latency per ef: docs/design-notes.md (bench/search_recall.py)")
     visibility_probe: bool = Field(True, description="sample publish -> visible to a reader (one read a second)")
     lite_process: bool = Field(False, description="milvus-lite only: serve the db from a child process "
                                "(worker/lite_server.py) instead of inside the worker, whose GIL its pure-Python "

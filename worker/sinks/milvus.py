@@ -429,7 +429,8 @@ class MilvusStore:
 
     def __init__(self, uri: str, *, token: str | None = None, db_name: str | None = None,
                  alias: str = "notes", timeout_s: float = 30.0, consistency_level: str = "Strong",
-                 lite_process: bool = False, write_process: bool = False, tls: MilvusTLS | None = None) -> None:
+                 lite_process: bool = False, write_process: bool = False, tls: MilvusTLS | None = None,
+                 search_ef: int | None = None) -> None:
         if consistency_level not in CONSISTENCY_LEVELS:
             raise ValueError(f"consistency_level must be one of {', '.join(CONSISTENCY_LEVELS)}, "
                              f"got {consistency_level!r}")
@@ -438,6 +439,9 @@ class MilvusStore:
         self.alias = alias
         self.timeout_s = timeout_s
         self.consistency_level = consistency_level
+        if search_ef is not None and (isinstance(search_ef, bool) or not isinstance(search_ef, int) or search_ef < 1):
+            raise ValueError(f"search_ef must be a positive integer or None, got {search_ef!r}")
+        self.search_ef = search_ef
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
         if write_process and self.is_lite and not lite_process:
             raise ValueError("write_process needs a Milvus server URI or lite_process: an embedded milvus-lite db "
@@ -470,13 +474,14 @@ class MilvusStore:
     def from_settings(cls, m: Any) -> "MilvusStore":
         """The store `m` (the worker's `MilvusSettings`) configures: the worker's and the backfill's."""
         return cls(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s,
-                   lite_process=m.lite_process, write_process=m.write_process)
+                   lite_process=m.lite_process, write_process=m.write_process, search_ef=m.search_ef or None)
 
     def reader(self, alias: str, *, consistency_level: str, timeout_s: float) -> "MilvusStore":
         """Another store on the same Milvus with a client of its own (the same address, credentials and
         TLS), reading `alias` at `consistency_level`: the visibility probe's."""
         return MilvusStore(self.client_uri, token=self._token, db_name=self._db_name, alias=alias,
-                           timeout_s=timeout_s, consistency_level=consistency_level, tls=self.tls)
+                           timeout_s=timeout_s, consistency_level=consistency_level, tls=self.tls,
+                           search_ef=self.search_ef)
 
     @property
     def client_uri(self) -> str:
@@ -681,7 +686,8 @@ class MilvusStore:
                 raise KeyError(note_id)
             me = got[0]
             hits = self.client.search(coll, data=[list(me["embedding"])], limit=k + 1, output_fields=fields,
-                                      timeout=self.timeout_s, consistency_level=self.consistency_level)[0]
+                                      timeout=self.timeout_s, consistency_level=self.consistency_level,
+                                      **self.search_kwargs(k + 1))[0]
         out = []
         for h in hits:
             hid = h.get("id", h.get("note_id"))
@@ -694,6 +700,15 @@ class MilvusStore:
         q["category"] = q["category"] or None
         q["note_id"] = note_id
         return {"note": q, "neighbours": out[:k]}
+
+    def search_kwargs(self, limit: int) -> dict[str, Any]:
+        """The search parameters of a top-`limit` search: the HNSW candidate list `ef` is `search_ef`, raised
+        to `limit` (HNSW returns at most ef hits); none when `search_ef` is None (Milvus's default). This
+        store indexes a server's collections with HNSW and milvus-lite's with AUTOINDEX, which milvus-lite
+        builds as a faiss HNSW (exact search without faiss, which ignores ef)."""
+        if self.search_ef is None:
+            return {}
+        return {"search_params": {"params": {"ef": max(self.search_ef, limit)}}}
 
     def count(self, collection: str | None = None) -> int:
         with self.locked() as c:
