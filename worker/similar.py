@@ -40,8 +40,7 @@ def via_milvus(m, note_id: str, k: int) -> dict:
     """The answer read from the Milvus `m` (the worker's `MilvusSettings`: address, credentials, TLS)."""
     from worker.sinks.milvus import MilvusStore, connection_of
 
-    store = MilvusStore(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s,
-                        search_ef=m.search_ef or None)
+    store = MilvusStore(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s, search_ef=m.search_ef)
     try:
         return store.similar(note_id, k)
     finally:

@@ -439,9 +439,9 @@ class MilvusStore:
         self.alias = alias
         self.timeout_s = timeout_s
         self.consistency_level = consistency_level
-        if search_ef is not None and (isinstance(search_ef, bool) or not isinstance(search_ef, int) or search_ef < 1):
-            raise ValueError(f"search_ef must be a positive integer or None, got {search_ef!r}")
-        self.search_ef = search_ef
+        if search_ef is not None and (isinstance(search_ef, bool) or not isinstance(search_ef, int) or search_ef < 0):
+            raise ValueError(f"search_ef must be an integer >= 0 (0 or None: Milvus's default), got {search_ef!r}")
+        self.search_ef = search_ef or None
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
         if write_process and self.is_lite and not lite_process:
             raise ValueError("write_process needs a Milvus server URI or lite_process: an embedded milvus-lite db "
@@ -474,7 +474,7 @@ class MilvusStore:
     def from_settings(cls, m: Any) -> "MilvusStore":
         """The store `m` (the worker's `MilvusSettings`) configures: the worker's and the backfill's."""
         return cls(m.uri, **connection_of(m), alias=m.collection, timeout_s=m.timeout_s,
-                   lite_process=m.lite_process, write_process=m.write_process, search_ef=m.search_ef or None)
+                   lite_process=m.lite_process, write_process=m.write_process, search_ef=m.search_ef)
 
     def reader(self, alias: str, *, consistency_level: str, timeout_s: float) -> "MilvusStore":
         """Another store on the same Milvus with a client of its own (the same address, credentials and
