@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.topology import drop  # noqa: E402
 from worker.sinks.milvus import MilvusStore  # noqa: E402
 
 CHUNK = 2048
@@ -108,13 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
             out["results"].append(res)
             print(json.dumps(res), file=sys.stderr)
     finally:
-        with store.locked() as c:
-            for name in c.list_collections():
-                if name.startswith(alias):
-                    for al in c.describe_collection(name).get("aliases") or []:
-                        c.drop_alias(al)
-                    c.drop_collection(name)
         store.close()
+        drop(a.milvus_uri, alias)
     print(json.dumps(out, indent=2))
     return out
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from worker.batcher import Batcher
 from worker.checkpoint import Checkpoint, RetryPolicy
@@ -120,19 +121,23 @@ class WorkerApp:
         is requested: back within seconds of Milvus, not after a crash loop's back-off (up to 5 min).
         The startup probe bounds the wait. A configuration that cannot work (MilvusConfigError) is not
         retried."""
-        s, r = self.s, self.s.retry
-        wait, t0, attempt = r.initial_s, time.monotonic(), 0
-        while True:
-            self._check_stop()
-            try:
-                return MilvusStore.from_settings(s.milvus)
-            except MilvusUnreachable as e:
-                attempt += 1
-                self.log.warning("milvus_unreachable", error=str(e), attempt=attempt,
-                                 waited_s=round(time.monotonic() - t0, 1), retry_in_s=round(wait, 1))
-                if self._stop.wait(wait):
-                    raise StartupInterrupted() from None
-                wait = min(wait * 2, r.max_wait_s)
+        r, t0 = self.s.retry, time.monotonic()
+
+        def sleep(seconds: float) -> None:  # a stop request ends the wait
+            if self._stop.wait(seconds):
+                raise StartupInterrupted()
+
+        def warn(state) -> None:
+            self.log.warning("milvus_unreachable", error=str(state.outcome.exception()),
+                             attempt=state.attempt_number, waited_s=round(time.monotonic() - t0, 1),
+                             retry_in_s=round(state.next_action.sleep, 1))
+
+        for attempt in Retrying(retry=retry_if_exception_type(MilvusUnreachable), before_sleep=warn, sleep=sleep,
+                                wait=wait_exponential(multiplier=r.initial_s, max=r.max_wait_s), reraise=True):
+            with attempt:
+                self._check_stop()
+                return MilvusStore.from_settings(self.s.milvus)
+        raise AssertionError("unreachable: Retrying returns or raises")
 
     def start(self) -> None:
         s, k = self.s, self.s.kafka
